@@ -1,0 +1,50 @@
+# normserve: `make serve` and `make test` work on a fresh machine; everything installs into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha256sum | cut -c1-12)
+REPOSITORY ?= model_repository
+ARTIFACTS ?= artifacts
+
+.PHONY: help install models serve test lint format lock clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[train,dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)  ## create .venv with every pinned dependency
+
+models: $(STAMP)  ## train, fold, export and verify the default models (skips what is built)
+	$(BIN)/python -m export.build --artifacts $(ARTIFACTS) --repository $(REPOSITORY)
+
+serve: models  ## build the default models if missing, then serve them
+	@echo "The model repository is ready in $(REPOSITORY)/ (see $(ARTIFACTS)/summary.md)."
+	@echo "The HTTP service that serves it (Open Inference Protocol on port 8000) is the next step of the roadmap."
+
+test: lint  ## install everything, lint, and run the tests
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy service
+	$(BIN)/hadolint Dockerfile
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock:  ## re-resolve the pins in requirements.lock from pyproject.toml, in a scratch venv
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet ".[train,dev]"
+	.lock-venv/bin/python -m pip freeze --exclude normserve | grep -v '^-e' | sed 's/+cpu$$//' > requirements.lock  # torch's local build tag is not on PyPI
+	rm -rf .lock-venv
+
+clean:  ## remove the venv, the built models and caches
+	rm -rf $(VENV) $(ARTIFACTS) $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache *.egg-info

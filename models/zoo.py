@@ -1,0 +1,88 @@
+"""The default model set and how to rebuild a model from its stored config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from models.cnn import RESNET18, CNNConfig, ResNet
+from models.vit import ViT, ViTConfig
+
+__all__ = ["TrainConfig", "ModelSpec", "DEFAULT_MODELS", "build_model", "config_to_dict"]
+
+ARCHS: dict[str, tuple[type, type[nn.Module]]] = {"cnn": (CNNConfig, ResNet), "vit": (ViTConfig, ViT)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    max_shift: int = 1  # augmentation: random translation by up to this many pixels
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: str
+    config: CNNConfig | ViTConfig
+    train: TrainConfig | None  # None: untrained, random weights with calibrated BatchNorm statistics
+    max_batch_size: int = 64
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cnn(norm: str) -> ModelSpec:
+    return ModelSpec(
+        name=f"cnn-{norm}",
+        arch="cnn",
+        config=CNNConfig(norm=norm),
+        train=TrainConfig(epochs=30),
+        description=f"ResNet-style CNN (2 stages, 32/64 channels) with {norm.upper()} on 8x8 digits",
+    )
+
+
+def _vit(norm: str) -> ModelSpec:
+    return ModelSpec(
+        name=f"vit-{norm}",
+        arch="vit",
+        config=ViTConfig(norm=norm),
+        train=TrainConfig(epochs=60, lr=2e-3, weight_decay=5e-2, label_smoothing=0.1),
+        description=f"ViT (2x2 patches, dim 64, depth 4, pre-norm) with {norm.upper()} on 8x8 digits",
+    )
+
+
+DEFAULT_MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        *(_cnn(norm) for norm in ("bn", "gn", "in", "ln")),
+        _vit("ln"),
+        _vit("bn"),
+        ModelSpec(
+            name="resnet18-bn",
+            arch="cnn",
+            config=RESNET18,
+            train=None,
+            max_batch_size=32,
+            description="ResNet-18 with BatchNorm at 3x224x224, untrained (for latency work)",
+        ),
+    ]
+}
+
+
+def config_to_dict(config: CNNConfig | ViTConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from the ``arch`` name and config dict stored in a checkpoint."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
+    config_cls, model_cls = ARCHS[arch]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return model_cls(config_cls(**values))

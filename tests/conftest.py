@@ -1,0 +1,58 @@
+"""Tiny models shared by the tests: a few thousand parameters, seconds to train and export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from models.cnn import CNNConfig
+from models.vit import ViTConfig
+from models.zoo import ModelSpec, TrainConfig
+
+
+def tiny_cnn_spec(norm: str = "bn", steps_epochs: int = 1) -> ModelSpec:
+    return ModelSpec(
+        name=f"tiny-cnn-{norm}",
+        arch="cnn",
+        config=CNNConfig(widths=(8, 16), blocks=(1, 1), norm=norm, groups=4),
+        train=TrainConfig(epochs=steps_epochs, batch_size=32),
+        max_batch_size=16,
+        description="tiny test CNN",
+    )
+
+
+def tiny_vit_spec(norm: str = "bn") -> ModelSpec:
+    return ModelSpec(
+        name=f"tiny-vit-{norm}",
+        arch="vit",
+        config=ViTConfig(dim=16, depth=1, heads=2, norm=norm),
+        train=TrainConfig(epochs=1, batch_size=32),
+        max_batch_size=16,
+        description="tiny test ViT",
+    )
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g))
+                m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(c, generator=g))
+                m.bias.copy_(torch.randn(c, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def cnn_spec() -> ModelSpec:
+    return tiny_cnn_spec()
+
+
+@pytest.fixture
+def vit_spec() -> ModelSpec:
+    return tiny_vit_spec()

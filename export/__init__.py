@@ -1,0 +1,1 @@
+"""Fold BatchNorm, export ONNX, verify the graph against PyTorch and write the model repository."""

@@ -1,0 +1,242 @@
+"""
+Fold BatchNorm, export ONNX, verify and write the model repository.
+
+    python -m export.build                     # the default set: train what is missing, export what is missing
+    python -m export.build cnn-bn vit-bn       # some of the default set
+    python -m export.build --force             # export again even where the repository has the model
+    python -m export.build --retrain           # train again too
+    python -m export.build --checkpoint artifacts/cnn-bn/checkpoint.pt
+
+Each export is verified (export/verify.py: no BatchNormalization node, parity with the unfolded
+PyTorch model, batch invariance) and refused, writing nothing to the repository, if a check fails.
+The full report goes to <artifacts>/<name>/export_report.json either way, and into the
+repository beside model.onnx when the export is accepted. A summary table ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.fold import fold_batchnorms
+from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
+from export.repository import write_version
+from export.verify import VerificationError, verify_export
+from models.data import LABELS, load_splits
+from models.norms import ChannelLayerNorm
+from models.train import init_untrained, load_checkpoint, train_model
+from models.zoo import DEFAULT_MODELS
+from service.repository import REPORT_FILE, ModelConfig, ModelVersion, RepositoryError, TensorSpec, load_version
+
+__all__ = ["export_checkpoint", "export_model", "norm_layer_counts", "verification_inputs", "main"]
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+RANDOM_SAMPLES = 64
+DIGITS_INPUT = "8x8 grayscale digit, pixel intensities in [0, 1] (scikit-learn load_digits images / 16)"
+
+
+def norm_layer_counts(model: nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (*NORM_TYPES, ChannelLayerNorm)):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts
+
+
+def verification_inputs(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The inputs a model is verified on: the digits' held-out test split, or seeded random images."""
+    cfg = meta["config"]
+    if (cfg["in_channels"], cfg["image_size"]) == (1, 8):
+        data = load_splits()
+        return np.array(data.x_test), np.array(data.y_test), "digits test split"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((RANDOM_SAMPLES, cfg["in_channels"], cfg["image_size"], cfg["image_size"]))
+    return x.astype(np.float32), None, f"{RANDOM_SAMPLES} seeded standard-normal images"
+
+
+def _versions() -> dict[str, str]:
+    return {p: package_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime-gpu")}
+
+
+def export_model(
+    model: nn.Module, meta: dict[str, Any], repository: Path, version: str = "1"
+) -> tuple[ModelVersion, dict[str, Any]]:
+    """Fold, export, verify and write one model; raise VerificationError (writing nothing) on failure.
+
+    Args:
+        model: the trained model, unfolded, as loaded from its checkpoint.
+        meta: the checkpoint without its weights (name, arch, config, trained, metrics, ...).
+        repository: the repository's root folder.
+        version: the version folder to write.
+
+    Returns:
+        The written version, read back, and the full report.
+    """
+    start = time.perf_counter()
+    name = meta["name"]
+    x, y, inputs_desc = verification_inputs(meta)
+    example = torch.tensor(x[:2])
+    model = model.eval()
+    folded = fold_batchnorms(model, example)
+    served = export_onnx(folded.model, example)
+    ops_unfolded = op_histogram(export_onnx(model, example, optimize=False))
+    ops_folded = op_histogram(export_onnx(folded.model, example, optimize=False))
+    verification = verify_export(served, model, x)
+    accuracy = None if y is None else float((verification.outputs.argmax(1) == y).mean())
+    report: dict[str, Any] = {
+        "model": name,
+        "version": version,
+        "trained": meta["trained"],
+        "description": meta["description"],
+        "verified_on": inputs_desc,
+        "checks": verification.as_dict(),
+        "test_accuracy": accuracy,
+        "test_accuracy_pytorch": meta["metrics"].get("test_accuracy"),
+        "folds": [vars(f) for f in folded.folds],
+        "unfoldable": [vars(u) for u in folded.unfoldable],
+        "opset": OPSET,
+        "ops": {
+            "unfolded": ops_unfolded,
+            "folded": ops_folded,
+            "served": op_histogram(served),
+            "note": "unfolded and folded: exporter optimizer off, so its own BatchNorm folding hides nothing; "
+            "served: the graph written as model.onnx (exporter optimizer on)",
+        },
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters_served": sum(t.numel() for t in folded.model.state_dict().values()),
+        "norm_layers": norm_layer_counts(model),
+        "versions": _versions(),
+        "export_seconds": round(time.perf_counter() - start, 2),
+    }
+    if not verification.passed:
+        raise VerificationError(name, [c for c in verification.checks if not c.passed], report)
+    cfg = meta["config"]
+    config = ModelConfig(
+        name=name,
+        max_batch_size=meta["max_batch_size"],
+        inputs=[
+            TensorSpec(
+                name=INPUT_NAME, datatype="FP32", shape=[-1, cfg["in_channels"], cfg["image_size"], cfg["image_size"]]
+            )
+        ],
+        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, cfg["num_classes"]])],
+        labels=LABELS if cfg["num_classes"] == len(LABELS) else [],
+        norm_layers=report["norm_layers"],
+        trained=meta["trained"],
+        description=meta["description"],
+        input_description=DIGITS_INPUT if y is not None else "image tensor (random weights: outputs carry no meaning)",
+    )
+    written = write_version(repository, config, version, served.SerializeToString(), report)
+    return written, written.report.model_dump()
+
+
+def export_checkpoint(
+    checkpoint: Path, repository: Path, version: str = "1", artifacts: Path | None = None
+) -> dict[str, Any]:
+    """Export one checkpoint; its report is also written to ``artifacts`` (default: beside the checkpoint)."""
+    model, meta = load_checkpoint(checkpoint)
+    out = (artifacts / meta["name"]) if artifacts else checkpoint.parent
+    try:
+        _, report = export_model(model, meta, repository, version)
+    except VerificationError as e:
+        if e.report is not None:
+            (out / "export_report.json").write_text(json.dumps(e.report, indent=2))
+        raise
+    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _summary_row(report: dict[str, Any]) -> str:
+    checks = report["checks"]
+    acc = report["test_accuracy"]
+    return (
+        f"| {report['model']} | {'yes' if report['trained'] else 'no'} | "
+        f"{'-' if acc is None else f'{acc:.2%}'} | {checks['parity']['figures']['max_abs_diff']:.2e} | "
+        f"{checks['batch_invariance']['figures']['max_abs_diff']:.2e} | {len(report['folds'])} | "
+        f"{len(report['unfoldable'])} | {sum(report['ops']['served'].values())} | {report['parameters']:,} |"
+    )
+
+
+def summary_table(reports: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | trained | test accuracy | parity max abs diff | batch invariance max abs diff | "
+        "BN folded | BN as affine | served ops | parameters |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    return "\n".join([head, *(_summary_row(r) for r in reports)])
+
+
+def build_defaults(
+    names: list[str], artifacts: Path, repository: Path, version: str, force: bool, retrain: bool
+) -> list[dict[str, Any]]:
+    reports = []
+    bar = tqdm(names, desc="models", unit="model")
+    for name in bar:
+        spec = DEFAULT_MODELS[name]
+        checkpoint = artifacts / name / "checkpoint.pt"
+        if not (force or retrain):
+            try:
+                existing = load_version(repository / name, version)
+                reports.append(json.loads((existing.path / REPORT_FILE).read_text()))
+                bar.write(f"{name}: already in {repository}, skipped (use --force to export again)")
+                continue
+            except RepositoryError:
+                pass
+        if retrain or not checkpoint.exists():
+            bar.set_postfix_str(f"{name}: training")
+            if spec.train is None:
+                init_untrained(spec, artifacts / name)
+            else:
+                train_model(spec, artifacts / name)
+        bar.set_postfix_str(f"{name}: exporting")
+        report = export_checkpoint(checkpoint, repository, version)
+        checks = report["checks"]
+        bar.write(f"{name}: written; " + "; ".join(c["detail"] for c in checks.values()))
+        reports.append(report)
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "names", nargs="*", help=f"models of the default set (default: all of {', '.join(DEFAULT_MODELS)})"
+    )
+    parser.add_argument("--checkpoint", type=Path, help="export this checkpoint instead of the default set")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="checkpoints and logs")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--version", default="1", help="version folder to write (a positive integer)")
+    parser.add_argument("--force", action="store_true", help="export even where the repository has the model")
+    parser.add_argument("--retrain", action="store_true", help="train again even where a checkpoint exists")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in DEFAULT_MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; expected names from {list(DEFAULT_MODELS)}")
+    start = time.perf_counter()
+    try:
+        if args.checkpoint:
+            reports = [export_checkpoint(args.checkpoint, args.repository, args.version)]
+        else:
+            names = args.names or list(DEFAULT_MODELS)
+            reports = build_defaults(names, args.artifacts, args.repository, args.version, args.force, args.retrain)
+    except VerificationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    table = summary_table(reports)
+    print(f"\n{table}\n\nmodel repository: {args.repository.resolve()} ({time.perf_counter() - start:.0f} s)")
+    args.artifacts.mkdir(parents=True, exist_ok=True)
+    (args.artifacts / "summary.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Fold every BatchNorm into the convolution or linear layer that feeds it.
+
+At inference a BatchNorm with running statistics is a fixed per-channel affine map,
+``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``, so when its input comes
+straight from a Conv or Linear it can be merged into that layer's weight and bias
+(``torch.nn.utils.fusion``). Pairs are found by tracing the model's dataflow with ``torch.fx``:
+a BatchNorm folds when its only input is the output of a Conv/Linear that nothing else reads.
+
+A BatchNorm with no such layer before it (for example after a residual add, as in a pre-norm
+transformer) is replaced by ``BatchNormAffine``, the same map as one multiply and one add, and
+named in the result, so no ``BatchNormalization`` node reaches an exported graph either way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from models.norms import bn_channel_dim
+
+__all__ = ["BatchNormAffine", "Fold", "FoldError", "FoldResult", "Unfoldable", "fold_batchnorms"]
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class FoldError(ValueError):
+    """The model cannot be folded for inference (for example a BatchNorm without running statistics)."""
+
+
+class BatchNormAffine(nn.Module):
+    """A BatchNorm frozen to its running statistics: ``y = x * scale + shift`` along its channel axis."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+        self.channel_dim = channel_dim
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm) -> BatchNormAffine:
+        mean, var = _running_stats(bn)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        return cls(scale.detach().clone(), shift.detach().clone(), bn_channel_dim(bn))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.ndim
+        shape[self.channel_dim] = -1
+        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Fold:
+    layer: str  # qualified name of the Conv/Linear that absorbed the BatchNorm
+    norm: str  # qualified name of the BatchNorm
+    kind: str  # for example "Conv2d+BatchNorm2d"
+
+
+@dataclass(frozen=True)
+class Unfoldable:
+    norm: str
+    reason: str
+    replaced_by: str = "BatchNormAffine (Mul, Add)"
+
+
+@dataclass
+class FoldResult:
+    model: nn.Module
+    folds: list[Fold] = field(default_factory=list)
+    unfoldable: list[Unfoldable] = field(default_factory=list)
+
+
+class _BatchNormLeafTracer(fx.Tracer):
+    """Keeps every BatchNorm, including subclasses defined outside torch.nn, as one graph node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+
+
+def _running_stats(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn.running_mean is None or bn.running_var is None:
+        raise FoldError(
+            f"{type(bn).__name__} has track_running_stats=False: it normalizes with batch statistics even at "
+            "inference, so a sample's output would depend on its batch; expected running statistics"
+        )
+    return bn.running_mean, bn.running_var
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+
+
+def _why_not_foldable(producer: fx.Node, bn: _BatchNorm, modules: dict[str, nn.Module]) -> str | None:
+    """None if ``bn`` can fold into the node that produces its input, else the reason it cannot."""
+    if producer.op != "call_module":
+        return f"its input comes from {producer.op} {producer.name!r}, not from a Conv or Linear layer"
+    layer = modules[str(producer.target)]
+    if len(producer.users) > 1:
+        return f"{producer.target!r} also feeds {len(producer.users) - 1} other node(s)"
+    if bn_channel_dim(bn) != 1:
+        return f"{type(bn).__name__} normalizes axis {bn_channel_dim(bn)}, not the channel axis 1"
+    if isinstance(layer, CONVS + TRANSPOSED_CONVS):
+        return None
+    if isinstance(layer, nn.Linear):
+        rank = len(producer.meta["tensor_meta"].shape)
+        if rank != 2:
+            return f"Linear {producer.target!r} outputs rank {rank}; folding needs (N, C) features"
+        return None
+    return f"its input comes from {type(layer).__name__} {producer.target!r}, not from a Conv or Linear layer"
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module, example: torch.Tensor) -> FoldResult:
+    """Return an eval-mode copy of ``model`` with every BatchNorm folded or frozen to an affine map.
+
+    Args:
+        model: any module whose forward ``torch.fx`` can trace; it is not modified.
+        example: an input batch, used to learn the rank of each Linear's output.
+
+    Returns:
+        FoldResult with the new model, the folds made and the BatchNorms that could not fold.
+
+    Raises:
+        FoldError: a BatchNorm keeps no running statistics, so it has no inference form.
+    """
+    model = copy.deepcopy(model).eval()
+    graph = _BatchNormLeafTracer().trace(model)
+    gm = fx.GraphModule(model, graph)
+    ShapeProp(gm).propagate(example)
+    modules = dict(model.named_modules())
+    result = FoldResult(model)
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[str(node.target)], _BatchNorm):
+            continue
+        name = str(node.target)
+        bn = modules[name]
+        _running_stats(bn)
+        producer = node.args[0]
+        reason = _why_not_foldable(producer, bn, modules)
+        if reason is None:
+            layer_name = str(producer.target)
+            layer = modules[layer_name]
+            if isinstance(layer, nn.Linear):
+                fused: nn.Module = fuse_linear_bn_eval(layer, bn)
+            else:
+                fused = fuse_conv_bn_eval(layer, bn, transpose=isinstance(layer, TRANSPOSED_CONVS))
+            _set_submodule(model, layer_name, fused)
+            _set_submodule(model, name, nn.Identity())
+            result.folds.append(Fold(layer_name, name, f"{type(layer).__name__}+{type(bn).__name__}"))
+        else:
+            _set_submodule(model, name, BatchNormAffine.from_batchnorm(bn))
+            result.unfoldable.append(Unfoldable(name, reason))
+    leftover = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if leftover:
+        raise FoldError(f"BatchNorm layers not reached by the trace (called outside forward's dataflow?): {leftover}")
+    return result

@@ -1,0 +1,87 @@
+"""Export a PyTorch model to ONNX with the dynamo exporter and a dynamic batch dimension."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import onnx
+import torch
+from torch import nn
+
+__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "op_histogram"]
+
+OPSET = 21  # GroupNorm exports as one GroupNormalization node from opset 21
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress prints and warnings about optional packages; errors still raise."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        onnx_logger.setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, *, optimize: bool = True, opset: int = OPSET
+) -> onnx.ModelProto:
+    """Export ``model`` (eval mode) to a self-contained ONNX model with input (batch, ...) -> output.
+
+    Args:
+        model: the module to export; it is put in eval mode.
+        example: an input with a batch of at least 2 rows (a batch of 1 would be specialized).
+        optimize: run the exporter's graph optimizer. It folds BatchNorm into a preceding
+            Conv/Gemm by itself, so export with ``optimize=False`` to see the graph as the model is.
+        opset: ONNX opset version.
+    """
+    if example.shape[0] < 2:
+        raise ValueError(f"example batch must have at least 2 rows to keep the batch dynamic, got {example.shape[0]}")
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            optimize=optimize,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Count the operators of the main graph, of its subgraphs and of its local functions."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def walk(nodes: list[onnx.NodeProto]) -> None:
+        for node in nodes:
+            counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(list(attr.g.node))
+                for g in attr.graphs:
+                    walk(list(g.node))
+
+    walk(list(model.graph.node))
+    for fn in model.functions:
+        walk(list(fn.node))
+    return dict(sorted(counts.items()))

@@ -1,0 +1,145 @@
+"""Prove that an exported graph is fit to serve: no BatchNorm left, same answers, batch-independent.
+
+Three checks, each of which returns its measured figures whether it passes or not:
+
+- ``no_batchnorm``: zero ``BatchNormalization`` nodes in the graph, its subgraphs and functions.
+- ``parity``: onnxruntime's output against the unfolded PyTorch model in eval mode, element-wise
+  ``|ort - ref| <= atol + rtol * |ref|`` (atol 1e-4, rtol 1e-5), and identical predicted classes.
+- ``batch_invariance``: each sample's output run alone against its row inside a batch of 64,
+  within 1e-5. Running statistics make this hold; batch statistics would not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from export.onnx_export import INPUT_NAME, op_histogram
+
+__all__ = [
+    "PARITY_ATOL",
+    "PARITY_RTOL",
+    "INVARIANCE_ATOL",
+    "INVARIANCE_BATCH",
+    "Check",
+    "Verification",
+    "VerificationError",
+    "cpu_session",
+    "verify_export",
+]
+
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-5
+INVARIANCE_ATOL = 1e-5
+INVARIANCE_BATCH = 64
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Verification:
+    checks: list[Check]
+    outputs: np.ndarray  # onnxruntime's outputs for every verification input, batched
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {c.name: asdict(c) for c in self.checks}
+
+
+class VerificationError(RuntimeError):
+    """An exported graph failed verification; it must not be written to the repository."""
+
+    def __init__(self, model: str, failed: list[Check], report: dict[str, Any] | None = None) -> None:
+        self.failed = failed
+        self.report = report
+        lines = "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        super().__init__(f"{model}: export refused, {len(failed)} check(s) failed: {lines}")
+
+
+def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime CPU session with full graph optimizations, as the service runs it."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_batched(session: ort.InferenceSession, x: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([session.run(None, {INPUT_NAME: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def check_no_batchnorm(model: onnx.ModelProto) -> Check:
+    ops = op_histogram(model)
+    count = ops.get("BatchNormalization", 0)
+    detail = "no BatchNormalization node" if count == 0 else f"{count} BatchNormalization node(s) left, expected 0"
+    return Check("no_batchnorm", count == 0, detail, {"batchnorm_nodes": count})
+
+
+def check_parity(outputs: np.ndarray, reference: np.ndarray) -> Check:
+    diff = np.abs(outputs.astype(np.float64) - reference.astype(np.float64))
+    allowed = PARITY_ATOL + PARITY_RTOL * np.abs(reference.astype(np.float64))
+    worst = float((diff / allowed).max())
+    mismatched = int((outputs.argmax(1) != reference.argmax(1)).sum())
+    figures = {
+        "samples": len(reference),
+        "max_abs_diff": float(diff.max()),
+        "max_abs_reference": float(np.abs(reference).max()),
+        "worst_diff_over_tolerance": worst,
+        "atol": PARITY_ATOL,
+        "rtol": PARITY_RTOL,
+        "mismatched_predictions": mismatched,
+    }
+    passed = worst <= 1.0 and mismatched == 0
+    detail = (
+        f"max |ort - torch| = {diff.max():.3g} over {len(reference)} samples, "
+        f"{worst:.3g} of the allowed {PARITY_ATOL:g} + {PARITY_RTOL:g} * |ref|, "
+        f"{mismatched} predicted class(es) differ (expected 0)"
+    )
+    return Check("parity", passed, detail, figures)
+
+
+def check_batch_invariance(session: ort.InferenceSession, x: np.ndarray) -> Check:
+    """Compare each sample alone with its row in a batch of ``INVARIANCE_BATCH`` (wrapping around x)."""
+    n = len(x)
+    alone = run_batched(session, x, 1)
+    worst = 0.0
+    for start in range(0, n, INVARIANCE_BATCH):
+        idx = (start + np.arange(INVARIANCE_BATCH)) % n
+        rows = session.run(None, {INPUT_NAME: x[idx]})[0]
+        k = min(INVARIANCE_BATCH, n - start)
+        worst = max(worst, float(np.abs(rows[:k] - alone[start : start + k]).max()))
+    passed = worst <= INVARIANCE_ATOL
+    detail = (
+        f"max |alone - in batch of {INVARIANCE_BATCH}| = {worst:.3g} over {n} samples, expected <= {INVARIANCE_ATOL:g}"
+    )
+    figures = {"samples": n, "batch": INVARIANCE_BATCH, "max_abs_diff": worst, "atol": INVARIANCE_ATOL}
+    return Check("batch_invariance", passed, detail, figures)
+
+
+@torch.no_grad()
+def verify_export(model: onnx.ModelProto, reference: nn.Module, x: np.ndarray) -> Verification:
+    """Run every check of ``model`` against the unfolded PyTorch ``reference`` on inputs ``x``."""
+    session = cpu_session(model)
+    outputs = run_batched(session, x, INVARIANCE_BATCH)
+    ref = torch.cat([reference.eval()(torch.tensor(x[i : i + 256])) for i in range(0, len(x), 256)]).numpy()
+    checks = [
+        check_no_batchnorm(model),
+        check_parity(outputs, ref),
+        check_batch_invariance(session, x),
+    ]
+    return Verification(checks, outputs)

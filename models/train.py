@@ -233,6 +233,7 @@ def train_model(
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
     log = {
         "name": spec.name,
+        "train_config": asdict(tc),
         "epochs": epochs,
         "best_val_accuracy": best_acc,
         "test_loss": test_loss,
@@ -285,16 +286,20 @@ def plot_learning_curves(log: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ep = [e["epoch"] for e in log["epochs"]]
+    tc = log["train_config"]
+    how = [f"shifts up to {tc['max_shift']} px"] if tc["max_shift"] else []
+    how += [f"label smoothing {tc['label_smoothing']:g}"] if tc["label_smoothing"] else []
+    train_label = f"train ({', '.join(how)})" if how else "train"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(ep, [e["train_loss"] for e in log["epochs"]], label="train")
+    ax1.plot(ep, [e["train_loss"] for e in log["epochs"]], label=train_label)
     ax1.plot(ep, [e["val_loss"] for e in log["epochs"]], label="validation")
     ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax2.plot(ep, [e["train_accuracy"] for e in log["epochs"]], label="train")
+    ax2.plot(ep, [e["train_accuracy"] for e in log["epochs"]], label=train_label)
     ax2.plot(ep, [e["val_accuracy"] for e in log["epochs"]], label="validation")
     ax2.set(xlabel="epoch", ylabel="accuracy", title=f"accuracy (test {log['test_accuracy']:.2%})")
-    for ax in (ax1, ax2):
+    for ax, where in ((ax1, "upper right"), (ax2, "lower right")):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc=where, fontsize="small")
     fig.suptitle(log["name"])
     fig.tight_layout()
     fig.savefig(path, dpi=100)

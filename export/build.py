@@ -19,11 +19,13 @@ import argparse
 import json
 import sys
 import time
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import onnxscript
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -36,7 +38,7 @@ from models.data import LABELS, load_splits
 from models.norms import ChannelLayerNorm
 from models.train import init_untrained, load_checkpoint, train_model
 from models.zoo import DEFAULT_MODELS
-from service.repository import REPORT_FILE, ModelConfig, ModelVersion, RepositoryError, TensorSpec, load_version
+from service.repository import ModelConfig, ModelVersion, RepositoryError, TensorSpec, load_version
 
 __all__ = ["export_checkpoint", "export_model", "norm_layer_counts", "verification_inputs", "main"]
 
@@ -65,7 +67,7 @@ def verification_inputs(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | 
 
 
 def _versions() -> dict[str, str]:
-    return {p: package_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime-gpu")}
+    return {m.__name__: m.__version__ for m in (torch, onnx, onnxscript, onnxruntime)}
 
 
 def export_model(
@@ -140,19 +142,17 @@ def export_model(
     return written, written.report.model_dump()
 
 
-def export_checkpoint(
-    checkpoint: Path, repository: Path, version: str = "1", artifacts: Path | None = None
-) -> dict[str, Any]:
-    """Export one checkpoint; its report is also written to ``artifacts`` (default: beside the checkpoint)."""
+def export_checkpoint(checkpoint: Path, repository: Path, version: str = "1") -> dict[str, Any]:
+    """Export one checkpoint; its report is also written beside it, as export_report.json."""
     model, meta = load_checkpoint(checkpoint)
-    out = (artifacts / meta["name"]) if artifacts else checkpoint.parent
+    report_file = checkpoint.parent / "export_report.json"
     try:
         _, report = export_model(model, meta, repository, version)
     except VerificationError as e:
         if e.report is not None:
-            (out / "export_report.json").write_text(json.dumps(e.report, indent=2))
+            report_file.write_text(json.dumps(e.report, indent=2))
         raise
-    (out / "export_report.json").write_text(json.dumps(report, indent=2))
+    report_file.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -186,8 +186,7 @@ def build_defaults(
         checkpoint = artifacts / name / "checkpoint.pt"
         if not (force or retrain):
             try:
-                existing = load_version(repository / name, version)
-                reports.append(json.loads((existing.path / REPORT_FILE).read_text()))
+                reports.append(load_version(repository / name, version).report.model_dump())
                 bar.write(f"{name}: already in {repository}, skipped (use --force to export again)")
                 continue
             except RepositoryError:

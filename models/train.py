@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ class BatchNormRecorder:
             h.remove()
         self._handles.clear()
 
-    def _before(self, name: str):  # type: ignore[no-untyped-def]
+    def _before(self, name: str) -> Callable[[_BatchNorm, tuple[torch.Tensor, ...]], None]:
         def hook(bn: _BatchNorm, args: tuple[torch.Tensor, ...]) -> None:
             if not bn.training:
                 return
@@ -89,11 +90,10 @@ class BatchNormRecorder:
 
         return hook
 
-    def _after(self, name: str):  # type: ignore[no-untyped-def]
+    def _after(self, name: str) -> Callable[[_BatchNorm, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(bn: _BatchNorm, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if not bn.training:
-                return
-            assert bn.running_mean is not None and bn.running_var is not None
+            if not bn.training or bn.running_mean is None or bn.running_var is None:
+                return  # a BatchNorm without running statistics has only batch statistics to record
             self.history[name]["running_mean"].append(bn.running_mean.detach().clone())
             self.history[name]["running_var"].append(bn.running_var.detach().clone())
 
@@ -191,7 +191,7 @@ def train_model(
         for epoch in bar:
             model.train()
             order = torch.randperm(len(x_train), generator=gen)
-            loss_sum, correct = 0.0, 0
+            loss_sum, correct, seen = 0.0, 0, 0
             for i in range(0, len(order), tc.batch_size):
                 idx = order[i : i + tc.batch_size]
                 if len(idx) < 2:  # BatchNorm needs more than one value per channel
@@ -205,10 +205,10 @@ def train_model(
                 sched.step()
                 loss_sum += loss.item() * len(idx)
                 correct += (logits.argmax(1) == yb).sum().item()
+                seen += len(idx)
                 step += 1
                 if max_steps is not None and step >= max_steps:
                     break
-            seen = min(len(order), step * tc.batch_size) if epoch == 0 else len(order)
             val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
             epochs.append(
                 {

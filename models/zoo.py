@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
@@ -34,7 +34,6 @@ class ModelSpec:
     train: TrainConfig | None  # None: untrained, random weights with calibrated BatchNorm statistics
     max_batch_size: int = 64
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _cnn(norm: str) -> ModelSpec:

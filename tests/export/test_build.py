@@ -5,6 +5,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 from torch import nn
 
 import export.build
@@ -50,8 +51,9 @@ def test_export_writes_a_verified_bn_free_version(tiny, tmp_path) -> None:
     assert "BatchNormalization" not in report["ops"]["served"]
     assert report["norm_layers"] == {"BatchNorm2d": 6}
     assert 0.0 <= report["test_accuracy"] <= 1.0
-    served = onnx.load(version.model_file)
+    served = onnx.load(version.model_file, load_external_data=False)
     assert served.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert not any(uses_external_data(t) for t in served.graph.initializer)  # one self-contained file
     assert load_version(tmp_path / "tiny-cnn-bn", "1").report.sha256 == report["sha256"]
     assert version.config.inputs[0].shape == [-1, 1, 8, 8] and version.config.max_batch_size == 16
 
@@ -116,3 +118,10 @@ def test_build_cli_trains_exports_then_skips_what_is_built(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "already in" in out and f"| {spec.name} | yes |" in out
     assert (tmp_path / "art" / "summary.md").read_text().count(spec.name) == 1
+
+
+def test_build_cli_rejects_unknown_model_names(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["cnn-xx"])
+    assert e.value.code == 2
+    assert "unknown model(s) ['cnn-xx']" in capsys.readouterr().err

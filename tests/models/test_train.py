@@ -8,7 +8,15 @@ from torch import nn
 
 from models.cnn import CNNConfig
 from models.data import load_splits
-from models.train import BatchNormRecorder, evaluate, init_untrained, load_checkpoint, random_shift, train_model
+from models.train import (
+    BatchNormRecorder,
+    evaluate,
+    init_untrained,
+    load_checkpoint,
+    main,
+    random_shift,
+    train_model,
+)
 from models.zoo import DEFAULT_MODELS, ModelSpec, build_model, config_to_dict
 from tests.conftest import tiny_cnn_spec
 
@@ -105,3 +113,12 @@ def test_untrained_model_gets_real_batchnorm_statistics(tmp_path) -> None:
 def test_build_model_rejects_unknown_arch() -> None:
     with pytest.raises(ValueError, match="expected one of"):
         build_model("mlp", {})
+
+
+def test_cli_lists_the_default_models_and_rejects_unknown_ones(capsys) -> None:
+    main(["--list"])
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(DEFAULT_MODELS)
+    with pytest.raises(SystemExit):
+        main(["cnn-xx"])
+    assert "expected one of cnn-bn" in capsys.readouterr().err

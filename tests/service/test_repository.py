@@ -1,5 +1,7 @@
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,9 @@ def test_a_broken_model_is_refused_with_the_reason(tmp_path, change, message) ->
 def test_config_is_read_and_validated(tmp_path) -> None:
     config = load_config(make_model(tmp_path))
     assert config.inputs[0].shape == [-1, 3] and config.platform == "onnxruntime_onnx"
+
+
+def test_the_serving_side_does_not_import_torch() -> None:
+    """The service installs without torch: nothing it imports may pull torch in."""
+    code = "import sys, service.repository; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0

@@ -14,6 +14,7 @@ named in the result, so no ``BatchNormalization`` node reaches an exported graph
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -102,11 +103,18 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent), child, module)
 
 
-def _why_not_foldable(producer: fx.Node, bn: _BatchNorm, modules: dict[str, nn.Module]) -> str | None:
-    """None if ``bn`` can fold into the node that produces its input, else the reason it cannot."""
+def _why_not_foldable(node: fx.Node, bn: _BatchNorm, modules: dict[str, nn.Module], calls: Counter[str]) -> str | None:
+    """None if the BatchNorm called at ``node`` can fold into the node that produces its input, else why not."""
+    if calls[str(node.target)] > 1:
+        return f"it is called at {calls[str(node.target)]} places"
+    producer = node.args[0]
+    if not isinstance(producer, fx.Node):
+        return f"its input is the constant {producer!r}"
     if producer.op != "call_module":
         return f"its input comes from {producer.op} {producer.name!r}, not from a Conv or Linear layer"
     layer = modules[str(producer.target)]
+    if calls[str(producer.target)] > 1:
+        return f"{producer.target!r} is called at {calls[str(producer.target)]} places; folding would change them all"
     if len(producer.users) > 1:
         return f"{producer.target!r} also feeds {len(producer.users) - 1} other node(s)"
     if bn_channel_dim(bn) != 1:
@@ -140,17 +148,19 @@ def fold_batchnorms(model: nn.Module, example: torch.Tensor) -> FoldResult:
     gm = fx.GraphModule(model, graph)
     ShapeProp(gm).propagate(example)
     modules = dict(model.named_modules())
+    calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     result = FoldResult(model)
+    done: set[str] = set()
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[str(node.target)], _BatchNorm):
-            continue
         name = str(node.target)
+        if node.op != "call_module" or not isinstance(modules[name], _BatchNorm) or name in done:
+            continue
+        done.add(name)
         bn = modules[name]
         _running_stats(bn)
-        producer = node.args[0]
-        reason = _why_not_foldable(producer, bn, modules)
+        reason = _why_not_foldable(node, bn, modules, calls)
         if reason is None:
-            layer_name = str(producer.target)
+            layer_name = str(node.args[0].target)
             layer = modules[layer_name]
             if isinstance(layer, nn.Linear):
                 fused: nn.Module = fuse_linear_bn_eval(layer, bn)

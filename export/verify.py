@@ -72,7 +72,7 @@ class VerificationError(RuntimeError):
 
 
 def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """An onnxruntime CPU session with full graph optimizations, as the service runs it."""
+    """An onnxruntime CPU session with every graph optimization on (the service's default level)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -95,6 +95,7 @@ def check_parity(outputs: np.ndarray, reference: np.ndarray) -> Check:
     allowed = PARITY_ATOL + PARITY_RTOL * np.abs(reference.astype(np.float64))
     worst = float((diff / allowed).max())
     mismatched = int((outputs.argmax(1) != reference.argmax(1)).sum())
+    non_finite = int((~np.isfinite(outputs)).sum())
     figures = {
         "samples": len(reference),
         "max_abs_diff": float(diff.max()),
@@ -103,40 +104,54 @@ def check_parity(outputs: np.ndarray, reference: np.ndarray) -> Check:
         "atol": PARITY_ATOL,
         "rtol": PARITY_RTOL,
         "mismatched_predictions": mismatched,
+        "non_finite_outputs": non_finite,
     }
-    passed = worst <= 1.0 and mismatched == 0
+    passed = non_finite == 0 and worst <= 1.0 and mismatched == 0
     detail = (
         f"max |ort - torch| = {diff.max():.3g} over {len(reference)} samples, "
         f"{worst:.3g} of the allowed {PARITY_ATOL:g} + {PARITY_RTOL:g} * |ref|, "
-        f"{mismatched} predicted class(es) differ (expected 0)"
+        f"{mismatched} predicted class(es) differ (expected 0), {non_finite} non-finite output(s)"
     )
     return Check("parity", passed, detail, figures)
 
 
 def check_batch_invariance(session: ort.InferenceSession, x: np.ndarray) -> Check:
-    """Compare each sample alone with its row in a batch of ``INVARIANCE_BATCH`` (wrapping around x)."""
+    """Compare each sample alone with its row in a batch of ``INVARIANCE_BATCH`` (wrapping around x).
+
+    A non-finite output fails the check: NaN compares as no difference otherwise.
+    """
     n = len(x)
     alone = run_batched(session, x, 1)
-    worst = 0.0
+    in_batch = np.empty_like(alone)
     for start in range(0, n, INVARIANCE_BATCH):
         idx = (start + np.arange(INVARIANCE_BATCH)) % n
-        rows = session.run(None, {INPUT_NAME: x[idx]})[0]
         k = min(INVARIANCE_BATCH, n - start)
-        worst = max(worst, float(np.abs(rows[:k] - alone[start : start + k]).max()))
-    passed = worst <= INVARIANCE_ATOL
+        in_batch[start : start + k] = session.run(None, {INPUT_NAME: x[idx]})[0][:k]
+    worst = float(np.abs(alone - in_batch).max())  # NaN propagates
+    non_finite = int((~np.isfinite(alone)).sum() + (~np.isfinite(in_batch)).sum())
+    passed = non_finite == 0 and worst <= INVARIANCE_ATOL
     detail = (
-        f"max |alone - in batch of {INVARIANCE_BATCH}| = {worst:.3g} over {n} samples, expected <= {INVARIANCE_ATOL:g}"
+        f"max |alone - in batch of {INVARIANCE_BATCH}| = {worst:.3g} over {n} samples, "
+        f"expected <= {INVARIANCE_ATOL:g}; {non_finite} non-finite value(s) (expected 0)"
     )
-    figures = {"samples": n, "batch": INVARIANCE_BATCH, "max_abs_diff": worst, "atol": INVARIANCE_ATOL}
+    figures = {
+        "samples": n,
+        "batch": INVARIANCE_BATCH,
+        "max_abs_diff": worst,
+        "atol": INVARIANCE_ATOL,
+        "non_finite_values": non_finite,
+    }
     return Check("batch_invariance", passed, detail, figures)
 
 
 @torch.no_grad()
 def verify_export(model: onnx.ModelProto, reference: nn.Module, x: np.ndarray) -> Verification:
-    """Run every check of ``model`` against the unfolded PyTorch ``reference`` on inputs ``x``."""
+    """Run every check of ``model`` against the unfolded PyTorch ``reference`` (in eval mode) on ``x``."""
+    if reference.training:
+        raise ValueError("the reference model is in training mode; expected eval mode (running statistics)")
     session = cpu_session(model)
     outputs = run_batched(session, x, INVARIANCE_BATCH)
-    ref = torch.cat([reference.eval()(torch.tensor(x[i : i + 256])) for i in range(0, len(x), 256)]).numpy()
+    ref = torch.cat([reference(torch.tensor(x[i : i + 256])) for i in range(0, len(x), 256)]).numpy()
     checks = [
         check_no_batchnorm(model),
         check_parity(outputs, ref),

@@ -86,3 +86,28 @@ def test_batchnorm_without_running_statistics_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
     with pytest.raises(FoldError, match="batch statistics even at inference"):
         fold_batchnorms(model, torch.randn(2, 1, 3, 3))
+
+
+class SharedModules(nn.Module):
+    """A conv called twice (BN after one call only) and a BN called after a conv and after an add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn_one_call = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.bn_two_calls = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.bn_one_call(self.conv(x)) + self.conv(x * 2)
+        return self.bn_two_calls(self.conv2(a)) + self.bn_two_calls(a + 1)
+
+
+def test_modules_called_at_several_places_are_not_folded_into() -> None:
+    result = assert_same_outputs(SharedModules(), torch.randn(2, 3, 4, 4))
+    assert result.folds == []
+    reasons = {u.norm: u.reason for u in result.unfoldable}
+    assert reasons == {
+        "bn_one_call": "'conv' is called at 2 places; folding would change them all",
+        "bn_two_calls": "it is called at 2 places",
+    }

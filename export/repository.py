@@ -1,4 +1,4 @@
-"""Write a verified model version into the model repository, atomically."""
+"""Write a verified model version into the model repository."""
 
 from __future__ import annotations
 
@@ -18,19 +18,41 @@ from service.repository import (
     VERSION_PATTERN,
     ModelConfig,
     ModelVersion,
+    RepositoryError,
     VersionReport,
+    list_versions,
+    load_config,
     load_version,
 )
 
 __all__ = ["write_version"]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+def _write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    path.chmod(mode)
+
+
+def _write_config(model_dir: Path, config: ModelConfig, version: str) -> None:
+    """Write config.json atomically; refuse to change the tensor contract that other versions rely on."""
+    others = [v for v in list_versions(model_dir) if v != version]
+    if others and (model_dir / CONFIG_FILE).exists():
+        try:
+            old = load_config(model_dir)
+        except RepositoryError:
+            old = None
+        contract = ("inputs", "outputs", "max_batch_size")
+        if old is not None and old.model_dump(include=set(contract)) != config.model_dump(include=set(contract)):
+            raise ValueError(
+                f"{config.name}: the new version changes {', '.join(contract)}, which version(s) {others} "
+                "are served with; export it under a new model name, or remove the other versions first"
+            )
+    staging = model_dir / f".{CONFIG_FILE}.{uuid.uuid4().hex[:8]}"
+    _write_durably(staging, config.model_dump_json(indent=2).encode())
+    os.replace(staging, model_dir / CONFIG_FILE)
 
 
 def write_version(
@@ -38,9 +60,15 @@ def write_version(
 ) -> ModelVersion:
     """Write ``config.json`` and ``<version>/{model.onnx, report.json}`` under ``root/<config.name>``.
 
-    The version folder is built beside its final place and renamed into it, so a reader sees the
-    old version or the new one, never half of one. The report gets the model's sha256; the written
-    version is read back (and its hash checked) before it is returned.
+    The version folder is written and synced beside its final place, then renamed into it: a new
+    version appears whole or not at all. Replacing an existing version renames the old one away
+    first (restored if the second rename fails), so for that instant the version is absent, never
+    half-written. The report gets the model's sha256, and the written version is read back (its
+    hash checked) before it is returned.
+
+    Raises:
+        ValueError: ``version`` is not a positive integer, or the config changes the inputs,
+            outputs or max batch size while other versions of the model exist.
     """
     if not VERSION_PATTERN.match(version):
         raise ValueError(f"version {version!r} is not a positive integer")
@@ -52,14 +80,18 @@ def write_version(
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.new-"))
     staging.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
     try:
-        (staging / MODEL_FILE).write_bytes(model_bytes)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        _write_text_atomic(model_dir / CONFIG_FILE, config.model_dump_json(indent=2))
+        _write_durably(staging / MODEL_FILE, model_bytes)
+        _write_durably(staging / REPORT_FILE, json.dumps(report, indent=2).encode())
+        _write_config(model_dir, config, version)
         final = model_dir / version
         if final.exists():
             old = model_dir / f".{version}.old-{uuid.uuid4().hex[:8]}"
             final.rename(old)
-            staging.rename(final)
+            try:
+                staging.rename(final)
+            except OSError:
+                old.rename(final)
+                raise
             shutil.rmtree(old)
         else:
             staging.rename(final)

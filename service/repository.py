@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 __all__ = [
     "CONFIG_FILE",
     "MODEL_FILE",
+    "NAME_PATTERN",
     "REPORT_FILE",
+    "VERSION_PATTERN",
     "ModelConfig",
     "ModelVersion",
     "RepositoryError",
@@ -38,6 +40,7 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 VERSION_PATTERN = re.compile(r"^[1-9][0-9]*$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a model name is a folder name and a URL path segment
 
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
 
@@ -57,7 +60,7 @@ class TensorSpec(BaseModel):
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(pattern=NAME_PATTERN)
     platform: Literal["onnxruntime_onnx"] = "onnxruntime_onnx"
     max_batch_size: int = Field(ge=1)
     inputs: list[TensorSpec] = Field(min_length=1)
@@ -98,7 +101,7 @@ def sha256_file(path: Path) -> str:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RepositoryError(f"{path} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -118,6 +121,8 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 def list_versions(model_dir: Path) -> list[str]:
     """The model's version folders, oldest first (numeric order)."""
+    if not model_dir.is_dir():
+        raise RepositoryError(f"{model_dir} is not a folder")
     versions = [p.name for p in model_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
     return sorted(versions, key=int)
 

@@ -53,6 +53,11 @@ def test_a_broken_model_is_refused_with_the_reason(tmp_path, change, message) ->
         load_version(model_dir, "1")
 
 
+def test_a_missing_model_folder_is_a_repository_error(tmp_path) -> None:
+    with pytest.raises(RepositoryError, match="is not a folder"):
+        list_versions(tmp_path / "absent")
+
+
 def test_config_is_read_and_validated(tmp_path) -> None:
     config = load_config(make_model(tmp_path))
     assert config.inputs[0].shape == [-1, 3] and config.platform == "onnxruntime_onnx"

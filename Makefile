@@ -43,7 +43,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 lock:  ## re-resolve the pins in requirements.lock from pyproject.toml, in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet ".[train,dev]"
-	.lock-venv/bin/python -m pip freeze --exclude normserve | grep -v '^-e' | sed 's/+cpu$$//' > requirements.lock  # torch's local build tag is not on PyPI
+	.lock-venv/bin/python -m pip freeze --all --exclude normserve --exclude pip | grep -v '^-e' | sed 's/+cpu$$//' > requirements.lock  # torch's local build tag is not on PyPI
 	rm -rf .lock-venv
 
 clean:  ## remove the venv, the built models and caches

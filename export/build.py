@@ -30,18 +30,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from export.fold import fold_batchnorms
+from export.fold import FoldError, fold_batchnorms
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
 from export.repository import write_version
 from export.verify import VerificationError, verify_export
 from models.data import LABELS, load_splits
 from models.norms import ChannelLayerNorm
-from models.train import init_untrained, load_checkpoint, train_model
+from models.train import checkpoint_matches, init_untrained, load_checkpoint, train_model
 from models.zoo import DEFAULT_MODELS
-from service.repository import ModelConfig, ModelVersion, RepositoryError, TensorSpec, load_version
+from service.repository import (
+    ModelConfig,
+    ModelVersion,
+    RepositoryError,
+    TensorSpec,
+    load_version,
+    sha256_file,
+)
 
 __all__ = ["export_checkpoint", "export_model", "norm_layer_counts", "verification_inputs", "main"]
 
+EXPORT_ERRORS = (VerificationError, FoldError, RepositoryError, ValueError)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
 RANDOM_SAMPLES = 64
 DIGITS_INPUT = "8x8 grayscale digit, pixel intensities in [0, 1] (scikit-learn load_digits images / 16)"
@@ -56,10 +64,16 @@ def norm_layer_counts(model: nn.Module) -> dict[str, int]:
 
 
 def verification_inputs(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The inputs a model is verified on: the digits' held-out test split, or seeded random images."""
+    """The inputs a model is verified on: the digits' held-out test split for a trained model
+    (normserve trains on the digits), seeded random images for an untrained one."""
     cfg = meta["config"]
-    if (cfg["in_channels"], cfg["image_size"]) == (1, 8):
+    shape = (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    if meta["trained"]:
         data = load_splits()
+        if data.x_test.shape[1:] != shape:
+            raise ValueError(
+                f"{meta['name']}: trained on digits of shape {data.x_test.shape[1:]}, but its input is {shape}"
+            )
         return np.array(data.x_test), np.array(data.y_test), "digits test split"
     rng = np.random.default_rng(0)
     x = rng.standard_normal((RANDOM_SAMPLES, cfg["in_channels"], cfg["image_size"], cfg["image_size"]))
@@ -93,16 +107,16 @@ def export_model(
     served = export_onnx(folded.model, example)
     ops_unfolded = op_histogram(export_onnx(model, example, optimize=False))
     ops_folded = op_histogram(export_onnx(folded.model, example, optimize=False))
-    verification = verify_export(served, model, x)
-    accuracy = None if y is None else float((verification.outputs.argmax(1) == y).mean())
+    verification = verify_export(served, model, x, y, meta.get("min_test_accuracy") or 0.0)
+    checks = verification.as_dict()
     report: dict[str, Any] = {
         "model": name,
         "version": version,
         "trained": meta["trained"],
         "description": meta["description"],
         "verified_on": inputs_desc,
-        "checks": verification.as_dict(),
-        "test_accuracy": accuracy,
+        "checks": checks,
+        "test_accuracy": checks["accuracy"]["figures"]["accuracy"] if "accuracy" in checks else None,
         "test_accuracy_pytorch": meta["metrics"].get("test_accuracy"),
         "folds": [vars(f) for f in folded.folds],
         "unfoldable": [vars(u) for u in folded.unfoldable],
@@ -115,13 +129,14 @@ def export_model(
             "served: the graph written as model.onnx (exporter optimizer on)",
         },
         "parameters": sum(p.numel() for p in model.parameters()),
-        "parameters_served": sum(t.numel() for t in folded.model.state_dict().values()),
+        "served_weights": sum(int(np.prod(t.dims)) for t in served.graph.initializer),
         "norm_layers": norm_layer_counts(model),
         "versions": _versions(),
+        "checkpoint_sha256": meta.get("checkpoint_sha256"),
         "export_seconds": round(time.perf_counter() - start, 2),
     }
     if not verification.passed:
-        raise VerificationError(name, [c for c in verification.checks if not c.passed], report)
+        raise VerificationError([c for c in verification.checks if not c.passed], report)
     cfg = meta["config"]
     config = ModelConfig(
         name=name,
@@ -145,6 +160,7 @@ def export_model(
 def export_checkpoint(checkpoint: Path, repository: Path, version: str = "1") -> dict[str, Any]:
     """Export one checkpoint; its report is also written beside it, as export_report.json."""
     model, meta = load_checkpoint(checkpoint)
+    meta["checkpoint_sha256"] = sha256_file(checkpoint)
     report_file = checkpoint.parent / "export_report.json"
     try:
         _, report = export_model(model, meta, repository, version)
@@ -176,33 +192,56 @@ def summary_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join([head, *(_summary_row(r) for r in reports)])
 
 
+def _up_to_date(repository: Path, name: str, version: str, checkpoint: Path) -> dict[str, Any] | None:
+    """The report of the built version if it was exported from ``checkpoint`` as it is now, else None."""
+    try:
+        report = load_version(repository / name, version).report.model_dump()
+    except RepositoryError:
+        return None
+    return report if report.get("checkpoint_sha256") == sha256_file(checkpoint) else None
+
+
 def build_defaults(
     names: list[str], artifacts: Path, repository: Path, version: str, force: bool, retrain: bool
-) -> list[dict[str, Any]]:
-    reports = []
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Train what is missing or stale, then export what the repository lacks or holds from another checkpoint.
+
+    A model that fails does not stop the others. Returns the reports and, by model, the errors.
+    """
+    reports, errors = [], {}
     bar = tqdm(names, desc="models", unit="model")
     for name in bar:
-        spec = DEFAULT_MODELS[name]
-        checkpoint = artifacts / name / "checkpoint.pt"
-        if not (force or retrain):
-            try:
-                reports.append(load_version(repository / name, version).report.model_dump())
-                bar.write(f"{name}: already in {repository}, skipped (use --force to export again)")
-                continue
-            except RepositoryError:
-                pass
-        if retrain or not checkpoint.exists():
-            bar.set_postfix_str(f"{name}: training")
-            if spec.train is None:
-                init_untrained(spec, artifacts / name)
-            else:
-                train_model(spec, artifacts / name)
-        bar.set_postfix_str(f"{name}: exporting")
-        report = export_checkpoint(checkpoint, repository, version)
-        checks = report["checks"]
-        bar.write(f"{name}: written; " + "; ".join(c["detail"] for c in checks.values()))
-        reports.append(report)
-    return reports
+        try:
+            report = _build_one(name, artifacts, repository, version, force, retrain, bar)
+        except EXPORT_ERRORS as e:
+            bar.write(f"{name}: FAILED: {e}")
+            errors[name] = str(e)
+        else:
+            reports.append(report)
+    return reports, errors
+
+
+def _build_one(
+    name: str, artifacts: Path, repository: Path, version: str, force: bool, retrain: bool, bar: tqdm
+) -> dict[str, Any]:
+    spec = DEFAULT_MODELS[name]
+    checkpoint = artifacts / name / "checkpoint.pt"
+    stale = checkpoint.exists() and not checkpoint_matches(checkpoint, spec)
+    if stale:
+        bar.write(f"{name}: the checkpoint was made from an older spec; training again")
+    if retrain or stale or not checkpoint.exists():
+        bar.set_postfix_str(f"{name}: training")
+        if spec.train is None:
+            init_untrained(spec, artifacts / name)
+        else:
+            train_model(spec, artifacts / name)
+    elif not force and (report := _up_to_date(repository, name, version, checkpoint)):
+        bar.write(f"{name}: already in {repository}, skipped (use --force to export again)")
+        return report
+    bar.set_postfix_str(f"{name}: exporting")
+    report = export_checkpoint(checkpoint, repository, version)
+    bar.write(f"{name}: written; " + "; ".join(c["detail"] for c in report["checks"].values()))
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,21 +259,25 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in DEFAULT_MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; expected names from {list(DEFAULT_MODELS)}")
+    if args.checkpoint and args.names:
+        parser.error("give either --checkpoint or model names, not both")
     start = time.perf_counter()
-    try:
-        if args.checkpoint:
-            reports = [export_checkpoint(args.checkpoint, args.repository, args.version)]
-        else:
-            names = args.names or list(DEFAULT_MODELS)
-            reports = build_defaults(names, args.artifacts, args.repository, args.version, args.force, args.retrain)
-    except VerificationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    table = summary_table(reports)
-    print(f"\n{table}\n\nmodel repository: {args.repository.resolve()} ({time.perf_counter() - start:.0f} s)")
-    args.artifacts.mkdir(parents=True, exist_ok=True)
-    (args.artifacts / "summary.md").write_text(table + "\n")
-    return 0
+    if args.checkpoint:
+        try:
+            reports, errors = [export_checkpoint(args.checkpoint, args.repository, args.version)], {}
+        except EXPORT_ERRORS as e:
+            reports, errors = [], {str(args.checkpoint): str(e)}
+    else:
+        names = args.names or list(DEFAULT_MODELS)
+        reports, errors = build_defaults(names, args.artifacts, args.repository, args.version, args.force, args.retrain)
+    if reports:
+        table = summary_table(reports)
+        print(f"\n{table}\n\nmodel repository: {args.repository.resolve()} ({time.perf_counter() - start:.0f} s)")
+        args.artifacts.mkdir(parents=True, exist_ok=True)
+        (args.artifacts / "summary.md").write_text(table + "\n")
+    for name, error in errors.items():
+        print(f"error: {name}: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ OUTPUT_NAME = "logits"
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's progress prints and warnings about optional packages; errors still raise."""
+    """Silence the exporter's progress prints, its log lines about optional packages (torchvision) and
+    one deprecation inside torch's own pytree code; other warnings and errors still surface."""
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
             yield
     finally:
         onnx_logger.setLevel(level)

@@ -7,6 +7,7 @@ Three checks, each of which returns its measured figures whether it passes or no
   ``|ort - ref| <= atol + rtol * |ref|`` (atol 1e-4, rtol 1e-5), and identical predicted classes.
 - ``batch_invariance``: each sample's output run alone against its row inside a batch of 64,
   within 1e-5. Running statistics make this hold; batch statistics would not.
+- ``accuracy`` (when labels are given): onnxruntime's accuracy on the inputs, against a minimum.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "Check",
     "Verification",
     "VerificationError",
+    "check_accuracy",
     "cpu_session",
     "verify_export",
 ]
@@ -64,11 +66,11 @@ class Verification:
 class VerificationError(RuntimeError):
     """An exported graph failed verification; it must not be written to the repository."""
 
-    def __init__(self, model: str, failed: list[Check], report: dict[str, Any] | None = None) -> None:
+    def __init__(self, failed: list[Check], report: dict[str, Any] | None = None) -> None:
         self.failed = failed
         self.report = report
         lines = "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        super().__init__(f"{model}: export refused, {len(failed)} check(s) failed: {lines}")
+        super().__init__(f"export refused, {len(failed)} check(s) failed: {lines}")
 
 
 def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -144,9 +146,25 @@ def check_batch_invariance(session: ort.InferenceSession, x: np.ndarray) -> Chec
     return Check("batch_invariance", passed, detail, figures)
 
 
+def check_accuracy(outputs: np.ndarray, labels: np.ndarray, minimum: float) -> Check:
+    accuracy = float((outputs.argmax(1) == labels).mean())
+    detail = f"accuracy {accuracy:.2%} on {len(labels)} held-out samples, expected >= {minimum:.2%}"
+    figures = {"samples": len(labels), "accuracy": accuracy, "minimum": minimum}
+    return Check("accuracy", accuracy >= minimum, detail, figures)
+
+
 @torch.no_grad()
-def verify_export(model: onnx.ModelProto, reference: nn.Module, x: np.ndarray) -> Verification:
-    """Run every check of ``model`` against the unfolded PyTorch ``reference`` (in eval mode) on ``x``."""
+def verify_export(
+    model: onnx.ModelProto,
+    reference: nn.Module,
+    x: np.ndarray,
+    labels: np.ndarray | None = None,
+    min_accuracy: float = 0.0,
+) -> Verification:
+    """Run every check of ``model`` against the unfolded PyTorch ``reference`` (in eval mode) on ``x``.
+
+    With ``labels``, onnxruntime's accuracy on ``x`` is checked against ``min_accuracy`` as well.
+    """
     if reference.training:
         raise ValueError("the reference model is in training mode; expected eval mode (running statistics)")
     session = cpu_session(model)
@@ -157,4 +175,6 @@ def verify_export(model: onnx.ModelProto, reference: nn.Module, x: np.ndarray) -
         check_parity(outputs, ref),
         check_batch_invariance(session, x),
     ]
+    if labels is not None:
+        checks.append(check_accuracy(outputs, labels, min_accuracy))
     return Verification(checks, outputs)

@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from models.data import load_splits
 from models.norms import bn_channel_dim
-from models.zoo import DEFAULT_MODELS, ModelSpec, build_model, config_to_dict
+from models.zoo import DEFAULT_MODELS, ModelSpec, build_model, config_to_dict, spec_fields
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "BatchNormRecorder",
+    "checkpoint_matches",
     "evaluate",
     "load_checkpoint",
     "random_shift",
@@ -140,15 +141,16 @@ def make_checkpoint(spec: ModelSpec, model: nn.Module, metrics: dict[str, Any]) 
     return {
         "format": CHECKPOINT_FORMAT,
         "name": spec.name,
-        "arch": spec.arch,
-        "config": config_to_dict(spec.config),
-        "trained": spec.train is not None,
-        "train_config": asdict(spec.train) if spec.train else None,
-        "max_batch_size": spec.max_batch_size,
-        "description": spec.description,
+        **spec_fields(spec),
         "metrics": metrics,
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
     }
+
+
+def checkpoint_matches(path: str | Path, spec: ModelSpec) -> bool:
+    """Whether the checkpoint at ``path`` was made from ``spec`` as it stands now."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: ckpt.get(k) for k in spec_fields(spec)} == spec_fields(spec)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -184,7 +186,7 @@ def train_model(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=tc.epochs * steps_per_epoch)
 
     epochs: list[dict[str, float]] = []
-    best_acc, best_state = -1.0, model.state_dict()
+    best_acc, best_state = -1.0, {k: v.clone() for k, v in model.state_dict().items()}
     step, start = 0, time.perf_counter()
     bar = tqdm(range(tc.epochs), desc=f"train {spec.name}", unit="epoch", disable=not progress, leave=False)
     with BatchNormRecorder(model) as recorder:
@@ -264,6 +266,7 @@ def init_untrained(spec: ModelSpec, out_dir: str | Path, *, calibration_batches:
     torch.manual_seed(0)
     model = build_model(spec.arch, config_to_dict(spec.config))
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
@@ -271,8 +274,8 @@ def init_untrained(spec: ModelSpec, out_dir: str | Path, *, calibration_batches:
     cfg = spec.config
     for _ in range(calibration_batches):
         model(torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size))
-    for bn in bns:
-        bn.momentum = 0.1
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"calibration_images": calibration_batches * batch_size}

@@ -10,7 +10,7 @@ from torch import nn
 from models.cnn import RESNET18, CNNConfig, ResNet
 from models.vit import ViT, ViTConfig
 
-__all__ = ["TrainConfig", "ModelSpec", "DEFAULT_MODELS", "build_model", "config_to_dict"]
+__all__ = ["TrainConfig", "ModelSpec", "DEFAULT_MODELS", "build_model", "config_to_dict", "spec_fields"]
 
 ARCHS: dict[str, tuple[type, type[nn.Module]]] = {"cnn": (CNNConfig, ResNet), "vit": (ViTConfig, ViT)}
 
@@ -34,6 +34,7 @@ class ModelSpec:
     train: TrainConfig | None  # None: untrained, random weights with calibrated BatchNorm statistics
     max_batch_size: int = 64
     description: str = ""
+    min_test_accuracy: float | None = None  # the export is refused below this, on the held-out digits
 
 
 def _cnn(norm: str) -> ModelSpec:
@@ -42,6 +43,7 @@ def _cnn(norm: str) -> ModelSpec:
         arch="cnn",
         config=CNNConfig(norm=norm),
         train=TrainConfig(epochs=30),
+        min_test_accuracy=0.97,
         description=f"ResNet-style CNN (2 stages, 32/64 channels) with {norm.upper()} on 8x8 digits",
     )
 
@@ -52,6 +54,7 @@ def _vit(norm: str) -> ModelSpec:
         arch="vit",
         config=ViTConfig(norm=norm),
         train=TrainConfig(epochs=60, lr=2e-3, weight_decay=5e-2, label_smoothing=0.1),
+        min_test_accuracy=0.95,
         description=f"ViT (2x2 patches, dim 64, depth 4, pre-norm) with {norm.upper()} on 8x8 digits",
     )
 
@@ -76,6 +79,19 @@ DEFAULT_MODELS: dict[str, ModelSpec] = {
 
 def config_to_dict(config: CNNConfig | ViTConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def spec_fields(spec: ModelSpec) -> dict[str, Any]:
+    """What a checkpoint records of its spec, as plain values: a changed spec means a stale checkpoint."""
+    return {
+        "arch": spec.arch,
+        "config": config_to_dict(spec.config),
+        "trained": spec.train is not None,
+        "train_config": asdict(spec.train) if spec.train else None,
+        "max_batch_size": spec.max_batch_size,
+        "description": spec.description,
+        "min_test_accuracy": spec.min_test_accuracy,
+    }
 
 
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import onnx
 import pytest
@@ -10,7 +11,8 @@ import export.build
 from export.build import export_model, main
 from export.onnx_export import export_onnx
 from export.verify import VerificationError
-from service.repository import load_version
+from models.train import train_model
+from service.repository import load_version, sha256_file
 from tests.conftest import tiny_cnn_spec
 from tests.export.conftest import perturb_first_conv_weight
 
@@ -56,10 +58,40 @@ def test_build_cli_trains_exports_then_skips_what_is_built(tmp_path, monkeypatch
     report = json.loads((tmp_path / "repo" / spec.name / "1" / "report.json").read_text())
     assert report["folds"] == [] and report["norm_layers"] == {"GroupNorm": 6}
     assert "GroupNormalization" in report["ops"]["served"]
+    assert report["checkpoint_sha256"] == sha256_file(tmp_path / "art" / spec.name / "checkpoint.pt")
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "already in" in out and f"| {spec.name} | yes |" in out
     assert (tmp_path / "art" / "summary.md").read_text().count(spec.name) == 1
+
+
+def test_build_cli_rebuilds_what_a_changed_spec_or_checkpoint_made_stale(tmp_path, monkeypatch, capsys) -> None:
+    spec = tiny_cnn_spec("in")
+    args = ["--artifacts", str(tmp_path / "art"), "--repository", str(tmp_path / "repo")]
+    monkeypatch.setattr(export.build, "DEFAULT_MODELS", {spec.name: spec})
+    assert main(args) == 0
+    changed = replace(spec, train=replace(spec.train, lr=1e-3))
+    monkeypatch.setattr(export.build, "DEFAULT_MODELS", {spec.name: changed})
+    assert main(args) == 0
+    assert "made from an older spec; training again" in capsys.readouterr().out
+    # A checkpoint trained by hand (another seed) is exported again, not skipped.
+    train_model(replace(changed, train=replace(changed.train, seed=1)), tmp_path / "art" / spec.name, progress=False)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "already in" not in out and f"{spec.name}: written" in out
+
+
+def test_build_cli_builds_the_others_when_one_model_fails(tmp_path, monkeypatch, capsys) -> None:
+    good, bad = tiny_cnn_spec("gn"), replace(tiny_cnn_spec("bn"), min_test_accuracy=1.01)
+    monkeypatch.setattr(export.build, "DEFAULT_MODELS", {bad.name: bad, good.name: good})
+    assert main(["--artifacts", str(tmp_path / "art"), "--repository", str(tmp_path / "repo")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {bad.name}: export refused, 1 check(s) failed: accuracy" in err
+    assert "expected >= 101.00%" in err
+    assert load_version(tmp_path / "repo" / good.name, "1")
+    assert not (tmp_path / "repo" / bad.name).exists()
+    failed = json.loads((tmp_path / "art" / bad.name / "export_report.json").read_text())
+    assert failed["checks"]["accuracy"]["passed"] is False
 
 
 def test_build_cli_rejects_unknown_model_names(capsys) -> None:
@@ -67,3 +99,12 @@ def test_build_cli_rejects_unknown_model_names(capsys) -> None:
         main(["cnn-xx"])
     assert e.value.code == 2
     assert "unknown model(s) ['cnn-xx']" in capsys.readouterr().err
+
+
+def test_a_trained_model_must_take_the_digits_it_was_trained_on(tiny) -> None:
+    _, meta, _ = tiny
+    wrong = {**meta, "config": {**meta["config"], "in_channels": 3}}
+    with pytest.raises(ValueError, match=r"trained on digits of shape \(1, 8, 8\), but its input is \(3, 8, 8\)"):
+        export.build.verification_inputs(wrong)
+    x, y, what = export.build.verification_inputs({**wrong, "trained": False})
+    assert x.shape == (64, 3, 8, 8) and y is None and what == "64 seeded standard-normal images"

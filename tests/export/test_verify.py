@@ -1,12 +1,13 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from export.fold import fold_batchnorms
 from export.onnx_export import export_onnx
-from export.verify import verify_export
+from export.verify import check_accuracy, verify_export
 from tests.export.conftest import perturb_first_conv_weight
 
 
@@ -71,3 +72,13 @@ def test_verifier_refuses_a_reference_in_training_mode(tiny) -> None:
     reference = copy.deepcopy(model).train()  # would normalize with batch statistics
     with pytest.raises(ValueError, match="expected eval mode"):
         verify_export(proto, reference, x)
+
+
+def test_accuracy_check_counts_correct_predictions_against_the_minimum() -> None:
+    labels = np.arange(10) % 3
+    outputs = np.eye(3)[labels]
+    outputs[:3] = np.eye(3)[(labels[:3] + 1) % 3]  # three wrong
+    assert check_accuracy(outputs, labels, 0.7).passed
+    failed = check_accuracy(outputs, labels, 0.75)
+    assert not failed.passed and failed.figures["accuracy"] == 0.7
+    assert failed.detail == "accuracy 70.00% on 10 held-out samples, expected >= 75.00%"

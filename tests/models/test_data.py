@@ -17,7 +17,7 @@ def test_split_is_fixed_disjoint_stratified_and_scaled() -> None:
     for y in (s.y_train, s.y_val, s.y_test):
         counts = np.bincount(y, minlength=10)
         assert counts.min() >= 0.8 * counts.mean()
-    # the same split every time, even across processes (seeded, not cached state)
+    # the same split when made again (seeded, not a cached accident)
     load_splits.cache_clear()
     again = load_splits()
     np.testing.assert_array_equal(again.y_test, s.y_test)

@@ -24,6 +24,7 @@ from tests.conftest import tiny_cnn_spec
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelSpec, dict, object]:
     spec = tiny_cnn_spec()
+    spec = replace(spec, train=replace(spec.train, batch_size=8))  # n = 8 * H * W: unbiased differs by 1/(n-1)
     out = tmp_path_factory.mktemp("tiny-cnn-bn")
     log = train_model(spec, out, max_steps=4, progress=False)
     return spec, log, out
@@ -45,8 +46,12 @@ def test_running_statistics_follow_pytorch_momentum_rule(trained) -> None:
             unbiased = bv[t] * n[t] / (n[t] - 1)
             np.testing.assert_allclose(rm[t], (1 - m) * prev_mean + m * bm[t], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(rv[t], (1 - m) * prev_var + m * unbiased, rtol=1e-5, atol=1e-6)
+            # The variance blended in, solved from the update, is the unbiased one and not the biased one
+            # the layer normalized with: they differ by a factor n/(n-1), far above this tolerance.
+            blended = (rv[t] - (1 - m) * prev_var) / m
+            assert np.abs(blended / unbiased - 1).max() < 0.1 / (n[t] - 1)
+            assert np.abs(blended / bv[t] - 1).min() > 0.9 / (n[t] - 1)
             prev_mean, prev_var = rm[t], rv[t]
-        assert not np.allclose(unbiased, bv[-1])  # the two variances really differ at this batch size
 
 
 def test_batch_norm_normalizes_with_the_biased_variance_it_records() -> None:

@@ -1,14 +1,15 @@
 """
 Fold BatchNorm, export ONNX, verify and write the model repository.
 
-    python -m export.build                     # the default set: train what is missing, export what is missing
+    python -m export.build                     # the default set: train and export what is missing or stale
     python -m export.build cnn-bn vit-bn       # some of the default set
     python -m export.build --force             # export again even where the repository has the model
     python -m export.build --retrain           # train again too
     python -m export.build --checkpoint artifacts/cnn-bn/checkpoint.pt
 
 Each export is verified (export/verify.py: no BatchNormalization node, parity with the unfolded
-PyTorch model, batch invariance) and refused, writing nothing to the repository, if a check fails.
+PyTorch model, batch invariance, held-out accuracy against the model's target) and refused, writing
+nothing to the repository, if a check fails.
 The full report goes to <artifacts>/<name>/export_report.json either way, and into the
 repository beside model.onnx when the export is accepted. A summary table ends the run.
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +52,19 @@ from service.repository import (
 __all__ = ["export_checkpoint", "export_model", "norm_layer_counts", "verification_inputs", "main"]
 
 EXPORT_ERRORS = (VerificationError, FoldError, RepositoryError, ValueError)
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    ChannelLayerNorm,
+)
 RANDOM_SAMPLES = 64
 DIGITS_INPUT = "8x8 grayscale digit, pixel intensities in [0, 1] (scikit-learn load_digits images / 16)"
 
 
 def norm_layer_counts(model: nn.Module) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, (*NORM_TYPES, ChannelLayerNorm)):
-            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
-    return counts
+    return dict(Counter(type(m).__name__ for m in model.modules() if isinstance(m, NORM_TYPES)))
 
 
 def verification_inputs(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -76,7 +80,7 @@ def verification_inputs(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | 
             )
         return np.array(data.x_test), np.array(data.y_test), "digits test split"
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((RANDOM_SAMPLES, cfg["in_channels"], cfg["image_size"], cfg["image_size"]))
+    x = rng.standard_normal((RANDOM_SAMPLES, *shape))
     return x.astype(np.float32), None, f"{RANDOM_SAMPLES} seeded standard-normal images"
 
 
@@ -137,17 +141,12 @@ def export_model(
     }
     if not verification.passed:
         raise VerificationError([c for c in verification.checks if not c.passed], report)
-    cfg = meta["config"]
     config = ModelConfig(
         name=name,
         max_batch_size=meta["max_batch_size"],
-        inputs=[
-            TensorSpec(
-                name=INPUT_NAME, datatype="FP32", shape=[-1, cfg["in_channels"], cfg["image_size"], cfg["image_size"]]
-            )
-        ],
-        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, cfg["num_classes"]])],
-        labels=LABELS if cfg["num_classes"] == len(LABELS) else [],
+        inputs=[TensorSpec(name=INPUT_NAME, datatype="FP32", shape=[-1, *x.shape[1:]])],
+        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, verification.outputs.shape[1]])],
+        labels=LABELS if meta["trained"] else [],
         norm_layers=report["norm_layers"],
         trained=meta["trained"],
         description=meta["description"],

@@ -141,7 +141,8 @@ def fold_batchnorms(model: nn.Module, example: torch.Tensor) -> FoldResult:
         FoldResult with the new model, the folds made and the BatchNorms that could not fold.
 
     Raises:
-        FoldError: a BatchNorm keeps no running statistics, so it has no inference form.
+        FoldError: a BatchNorm keeps no running statistics, so it has no inference form; or a
+            BatchNorm is not reached by the trace, so it could not be handled.
     """
     model = copy.deepcopy(model).eval()
     graph = _BatchNormLeafTracer().trace(model)

@@ -74,7 +74,7 @@ class VerificationError(RuntimeError):
 
 
 def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """An onnxruntime CPU session with every graph optimization on (the service's default level)."""
+    """An onnxruntime CPU session with every graph optimization on (onnxruntime's default level)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

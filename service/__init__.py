@@ -1,1 +1,3 @@
-"""normserve's serving side: reads the model repository and, next, serves it over HTTP. Needs no torch."""
+"""normserve's serving side: the model repository served over the Open Inference Protocol. Needs no torch."""
+
+__version__ = "0.1.0"

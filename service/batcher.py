@@ -1,0 +1,244 @@
+"""Dynamic batching: one queue and one worker per model version.
+
+A batch closes when it holds ``max_batch_size`` rows or when its first request has waited
+``max_queue_delay_s``, whichever comes first. With a delay of 0 the worker takes whatever queued
+while the previous batch ran, so a lone request never waits and a loaded server batches by itself.
+A request of several rows counts as that many rows and is never split across batches. Each caller
+gets back exactly its own rows: BatchNorm's running statistics make a row's answer independent of
+the rows it shared a batch with.
+
+Small batches run on the event loop (a thread hop would cost more than the work); batches whose
+measured cost passes ``INLINE_BUDGET_S`` run on the batcher's own thread, so the loop keeps
+accepting and parsing requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import DeadlineExceeded, NotReady, Overloaded, ServeError
+from service.metrics import ModelMetrics
+
+__all__ = ["INLINE_BUDGET_S", "Batcher", "BatchFailed"]
+
+INLINE_BUDGET_S = 0.5e-3  # a batch expected to take longer than this runs off the event loop
+
+Feeds = dict[str, np.ndarray]
+Outputs = list[np.ndarray]
+
+
+class BatchFailed(ServeError):
+    """onnxruntime raised while running a batch of validated inputs: a bug, answered as 500."""
+
+
+class _State(enum.Enum):
+    QUEUED = 1
+    RUNNING = 2
+    EXPIRED = 3
+
+
+@dataclass(eq=False)
+class _Request:
+    feeds: Feeds
+    rows: int
+    future: asyncio.Future[Outputs]
+    enqueued: float
+    state: _State = _State.QUEUED
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class Batcher:
+    """Queue requests for one model version and run them in batches.
+
+    Args:
+        name: the model and version, for messages.
+        run: runs one batch, returning the outputs in a fixed order.
+        estimate: seconds a batch of n rows is expected to take (decides inline or threaded).
+        max_batch_size: rows per batch at most.
+        max_queue_delay_s: how long the first request of a batch may wait for more.
+        queue_limit: queued requests at most; past it, requests are refused with 503.
+        metrics: this model version's metric children.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[Feeds], Outputs],
+        estimate: Callable[[int], float],
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        queue_limit: int,
+        metrics: ModelMetrics,
+    ) -> None:
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.queue_limit = queue_limit
+        self._run = run
+        self._estimate = estimate
+        self._metrics = metrics
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued = 0  # requests in the queue that are still waiting (not expired)
+        self._queued_rows = 0
+        self._wake: asyncio.Event | None = None
+        self._full: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closing = False
+
+    @property
+    def pending(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._work(self._wake), name=f"batcher {self.name}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, run every request already accepted, then stop."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+
+    async def submit(self, feeds: Feeds, rows: int, deadline: float) -> Outputs:
+        """Queue one request of ``rows`` rows and wait for its own rows of every output.
+
+        Args:
+            feeds: the request's validated inputs, each with ``rows`` rows.
+            rows: its batch dimension, 1..max_batch_size.
+            deadline: ``time.monotonic()`` after which it must not run.
+        """
+        if self._closing or self._wake is None:
+            raise NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
+        if self._queued >= self.queue_limit:
+            raise Overloaded(
+                f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        request = _Request(feeds, rows, loop.create_future(), time.monotonic())
+        request.timer = loop.call_at(loop.time() + (deadline - request.enqueued), self._expire, request)
+        self._queue.append(request)
+        self._queued += 1
+        self._queued_rows += rows
+        self._metrics.pending.inc()
+        self._wake.set()
+        if self._full is not None and self._queued_rows >= self.max_batch_size and not self._full.done():
+            self._full.set_result(None)
+        return await request.future
+
+    def _expire(self, request: _Request) -> None:
+        if request.state is not _State.QUEUED:
+            return
+        request.state = _State.EXPIRED
+        self._dequeued(request)
+        waited = time.monotonic() - request.enqueued
+        if not request.future.done():
+            request.future.set_exception(
+                DeadlineExceeded(
+                    f"the request waited {waited * 1000:.1f} ms in model {self.name}'s queue and passed its "
+                    "deadline before it could run; it was not run"
+                )
+            )
+
+    def _dequeued(self, request: _Request) -> None:
+        self._queued -= 1
+        self._queued_rows -= request.rows
+        self._metrics.pending.dec()
+
+    async def _work(self, wake: asyncio.Event) -> None:
+        while True:
+            while self._queue and self._queue[0].state is not _State.QUEUED:
+                self._queue.popleft()  # expired while queued: already answered
+            if not self._queue:
+                if self._closing:
+                    return
+                wake.clear()
+                await wake.wait()
+                continue
+            if self.max_queue_delay_s > 0 and not self._closing:
+                await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_rows(self, until: float) -> None:
+        """Sleep until the batch is full or ``until`` (monotonic) has come."""
+        remaining = until - time.monotonic()
+        if remaining <= 0 or self._queued_rows >= self.max_batch_size:
+            return
+        loop = asyncio.get_running_loop()
+        self._full = loop.create_future()
+        timer = loop.call_later(remaining, _resolve, self._full)
+        try:
+            await self._full
+        finally:
+            timer.cancel()
+            self._full = None
+
+    def _take(self) -> list[_Request]:
+        batch: list[_Request] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue:
+            request = self._queue[0]
+            if request.state is not _State.QUEUED:
+                self._queue.popleft()
+                continue
+            if rows + request.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._dequeued(request)
+            if request.timer is not None:
+                request.timer.cancel()
+            if request.future.done():  # the caller went away
+                continue
+            request.state = _State.RUNNING
+            self._metrics.queue_seconds.observe(now - request.enqueued)
+            batch.append(request)
+            rows += request.rows
+        return batch
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        rows = sum(r.rows for r in batch)
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        else:
+            feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
+        start = time.perf_counter()
+        try:
+            if self._estimate(rows) <= INLINE_BUDGET_S:
+                outputs = self._run(feeds)
+            else:
+                if self._thread is None:
+                    self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run {self.name}")
+                outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._run, feeds)
+        except Exception as e:  # onnxruntime rejected inputs the protocol layer validated: a bug
+            error = BatchFailed(f"model {self.name} failed to run a batch of {rows} rows: {e}")
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        self._metrics.executed(rows, time.perf_counter() - start)
+        offset = 0
+        for request in batch:
+            end = offset + request.rows
+            if not request.future.done():
+                request.future.set_result([out[offset:end] for out in outputs])
+            offset = end
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

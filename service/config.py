@@ -1,0 +1,80 @@
+"""Settings: every knob of the service, read once from ``NORMSERVE_*`` environment variables.
+
+    NORMSERVE_REPOSITORY=model_repository NORMSERVE_PORT=8000 NORMSERVE_PROVIDER=auto python -m service
+
+Per-model batching overrides are one JSON object::
+
+    NORMSERVE_MODELS='{"resnet18-bn": {"max_batch_size": 8, "max_queue_delay_ms": 2}}'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["BatchingSettings", "ModelOverride", "Settings"]
+
+
+class ModelOverride(BaseModel):
+    """Batching settings for one model; a field left out falls back to the server-wide default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+
+
+class BatchingSettings(BaseModel):
+    """What one model's batcher runs with, once the defaults, the overrides and the model are combined."""
+
+    max_batch_size: int
+    max_queue_delay_s: float
+    queue_limit: int
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NORMSERVE_", extra="forbid", frozen=True)
+
+    repository: Path = Field(default=Path("model_repository"), description="the model repository's root folder")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    provider: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="auto: CUDA when it really loads, else CPU; cuda: CUDA, reported if it falls back"
+    )
+    require_gpu: bool = Field(default=False, description="stay not-ready if any model runs on CPU instead of CUDA")
+    intra_op_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = its default")
+
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="cap on rows per batch; each model's own max_batch_size when unset"
+    )
+    max_queue_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long a batch waits for more rows once its first request is queued; with 0 a batch "
+        "takes whatever queued while the previous one ran",
+    )
+    models: dict[str, ModelOverride] = Field(default_factory=dict, description="per-model batching overrides")
+    queue_limit: int = Field(default=512, ge=1, description="queued requests per model before 503 + Retry-After")
+    request_timeout_ms: float = Field(
+        default=30_000, gt=0, description="deadline of a request that sets none (Triton's 'timeout' parameter, µs)"
+    )
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger request bodies get 413")
+    shutdown_timeout_s: int = Field(default=30, ge=0, description="on SIGTERM, how long to drain accepted work")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    json_logs: bool = False
+
+    def batching(self, model: str, model_max_batch_size: int) -> BatchingSettings:
+        """Combine the server defaults, this model's override and the batch size the model was verified at."""
+        override = self.models.get(model, ModelOverride())
+        wanted = override.max_batch_size or self.max_batch_size or model_max_batch_size
+        delay_ms = override.max_queue_delay_ms if override.max_queue_delay_ms is not None else self.max_queue_delay_ms
+        return BatchingSettings(
+            max_batch_size=min(wanted, model_max_batch_size),
+            max_queue_delay_s=delay_ms / 1000,
+            queue_limit=self.queue_limit,
+        )

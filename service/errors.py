@@ -1,0 +1,78 @@
+"""One exception hierarchy for everything a request can fail with; one handler turns it into HTTP.
+
+Domain code (protocol, batcher, registry) raises these and never an HTTPException. Every message
+says what was wrong and what was expected; the client receives it as ``{"error": "<message>"}``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeadlineExceeded",
+    "InvalidInput",
+    "ModelNotFound",
+    "NotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ServeError",
+    "UnsupportedMediaType",
+]
+
+
+class ServeError(Exception):
+    """Base of every error a client can receive. ``reason`` labels the failure in metrics."""
+
+    status: int = 500
+    reason: str = "internal"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidInput(ServeError):
+    """The request is malformed or does not match the model's declared inputs and outputs."""
+
+    status = 400
+    reason = "invalid_input"
+
+
+class ModelNotFound(ServeError):
+    """No such model, or no such version of it, in the repository."""
+
+    status = 404
+    reason = "not_found"
+
+
+class PayloadTooLarge(ServeError):
+    status = 413
+    reason = "too_large"
+
+
+class UnsupportedMediaType(ServeError):
+    status = 415
+    reason = "unsupported_media_type"
+
+
+class NotReady(ServeError):
+    """The model (or the server) exists but cannot serve now: loading, failed to load, shutting down."""
+
+    status = 503
+    reason = "not_ready"
+
+
+class Overloaded(ServeError):
+    """The model's queue is full; the request was refused at once, never queued."""
+
+    status = 503
+    reason = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
+class DeadlineExceeded(ServeError):
+    """The request's deadline passed before it could run; it was not run."""
+
+    status = 504
+    reason = "deadline"

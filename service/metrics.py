@@ -1,0 +1,90 @@
+"""Prometheus metrics, in a registry of the app's own (so that two apps in one process never collide).
+
+Names follow Triton's where one exists (``nv_inference_request_success`` -> ``normserve_request_success_total``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics", "ModelMetrics"]
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        model = ["model", "version"]
+        self.request_success = Counter(
+            "normserve_request_success", "Inference requests answered with 200", model, registry=r
+        )
+        self.request_failure = Counter(
+            "normserve_request_failure",
+            "Inference requests answered with an error, by reason (invalid_input, not_found, too_large, "
+            "unsupported_media_type, not_ready, overloaded, deadline, internal)",
+            [*model, "reason"],
+            registry=r,
+        )
+        self.inference_count = Counter(
+            "normserve_inference_count", "Rows inferred (a request of n rows counts n)", model, registry=r
+        )
+        self.execution_count = Counter("normserve_execution_count", "Batches run by onnxruntime", model, registry=r)
+        self.batch_size = Histogram(
+            "normserve_batch_size", "Rows per batch run", model, buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "normserve_queue_duration_seconds",
+            "Time a request waited in its model's queue",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute_seconds = Histogram(
+            "normserve_compute_duration_seconds",
+            "Time onnxruntime took per batch",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pending = Gauge("normserve_pending_requests", "Requests queued, not yet running", model, registry=r)
+        self.provider = Gauge(
+            "normserve_model_provider",
+            "1 for the execution provider each model version really runs on",
+            [*model, "provider"],
+            registry=r,
+        )
+        self.model_ready = Gauge("normserve_model_ready", "1 when the model version serves", model, registry=r)
+
+    def model(self, name: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, name, version)
+
+    def failure(self, name: str, version: str, reason: str) -> None:
+        self.request_failure.labels(name, version, reason).inc()
+
+
+class ModelMetrics:
+    """One model version's metric children, bound once so the hot path does no label lookups."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self._metrics = metrics
+        self.name = name
+        self.version = version
+        self.success = metrics.request_success.labels(name, version)
+        self.inferences = metrics.inference_count.labels(name, version)
+        self.executions = metrics.execution_count.labels(name, version)
+        self.batch_size = metrics.batch_size.labels(name, version)
+        self.queue_seconds = metrics.queue_seconds.labels(name, version)
+        self.compute_seconds = metrics.compute_seconds.labels(name, version)
+        self.pending = metrics.pending.labels(name, version)
+
+    def executed(self, rows: int, seconds: float) -> None:
+        self.inferences.inc(rows)
+        self.executions.inc()
+        self.batch_size.observe(rows)
+        self.compute_seconds.observe(seconds)
+
+    def failure(self, reason: str) -> None:
+        self._metrics.failure(self.name, self.version, reason)

@@ -1,0 +1,312 @@
+"""The Open Inference Protocol (KServe v2) on the wire, as Triton speaks it: parse and encode.
+
+An inference request is JSON, optionally followed by raw tensor bytes (Triton's binary-data
+extension): the header ``Inference-Header-Content-Length`` gives the JSON's length, and each input
+sent as bytes says how many in ``parameters.binary_data_size``, in input order::
+
+    {"id": "42", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [...]}],
+     "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]}
+
+JSON is parsed strictly: ``NaN`` and ``Infinity`` are not JSON numbers and are refused, as is any
+value that does not fit the declared datatype. This module is the hot path, so it parses with
+orjson and checks by hand; the pydantic schemas at the bottom document the same format in OpenAPI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, Field
+
+from service.errors import InvalidInput
+from service.repository import ModelConfig, TensorSpec
+from service.runtime import DTYPES
+
+__all__ = [
+    "HEADER_LENGTH",
+    "InferRequest",
+    "InferenceRequestSchema",
+    "InferenceResponseSchema",
+    "RequestedOutput",
+    "encode_infer_response",
+    "parse_infer_request",
+]
+
+HEADER_LENGTH = "inference-header-content-length"
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    id: str | None
+    feeds: dict[str, np.ndarray]
+    rows: int
+    outputs: list[RequestedOutput]
+    timeout_s: float | None  # Triton's 'timeout' parameter, given in microseconds
+
+
+def _spec_text(spec: TensorSpec) -> str:
+    return f"{spec.name} ({spec.datatype} {spec.shape})"
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidInput(message)
+
+
+def _json(data: bytes | memoryview, what: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(
+            f"{what} is not valid JSON ({e}); expected a KServe v2 inference request. "
+            "NaN and Infinity are not JSON numbers: send such values as binary data"
+        ) from None
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    if header_length is None:
+        return _json(body, "the request body"), memoryview(b"")
+    _expect(
+        header_length.isdigit() and 0 < int(header_length) <= len(body),
+        f"Inference-Header-Content-Length is {header_length!r}; expected the length in bytes of the JSON "
+        f"header at the start of the body, between 1 and the body's {len(body)} bytes",
+    )
+    size = int(header_length)
+    view = memoryview(body)
+    return _json(view[:size], "the JSON header (the first Inference-Header-Content-Length bytes)"), view[size:]
+
+
+def _check_shape(name: str, shape: Any, spec: TensorSpec, max_batch_size: int) -> list[int]:
+    _expect(
+        isinstance(shape, list) and all(type(d) is int for d in shape),
+        f"input '{name}' has shape {shape!r}; expected a list of integers like {spec.shape}",
+    )
+    dims_ok = len(shape) == len(spec.shape) and all(s == -1 or d == s for d, s in zip(shape, spec.shape, strict=True))
+    _expect(dims_ok, f"input '{name}' has shape {shape}; expected {spec.shape} (-1: rows in the batch)")
+    rows = shape[0]
+    _expect(rows >= 1, f"input '{name}' has {rows} rows; expected at least 1")
+    _expect(
+        rows <= max_batch_size,
+        f"input '{name}' has {rows} rows, more than this model's max batch size of {max_batch_size}; split the request",
+    )
+    return list(shape)
+
+
+def _from_json(name: str, data: Any, shape: list[int], datatype: str) -> np.ndarray:
+    dtype = DTYPES[datatype]
+    _expect(isinstance(data, list), f"input '{name}' data is {type(data).__name__}; expected a list of numbers")
+    try:
+        raw = np.array(data)
+    except ValueError:  # ragged nesting
+        raise InvalidInput(
+            f"input '{name}' data is not a rectangular array; expected {math.prod(shape)} numbers, flat or nested "
+            f"as {shape}"
+        ) from None
+    kinds = "b" if dtype.kind == "b" else "biu" if dtype.kind in "iu" else "biuf"
+    if raw.dtype.kind not in kinds:
+        held = {"U": "strings", "O": "nulls, objects or mixed"}.get(raw.dtype.kind, raw.dtype.name)
+        raise InvalidInput(f"input '{name}' data holds {held} values; expected {datatype} numbers")
+    _expect(
+        raw.size == math.prod(shape),
+        f"input '{name}' has {raw.size} values; its shape {shape} needs {math.prod(shape)}",
+    )
+    if dtype.kind in "iu" and raw.size:
+        info = np.iinfo(dtype.type)  # type: ignore[type-var]
+        _expect(
+            info.min <= raw.min() and raw.max() <= info.max,
+            f"input '{name}' has values outside {datatype}'s range [{info.min}, {info.max}]",
+        )
+    array = raw.astype(dtype, copy=False).reshape(shape)
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"input '{name}' has values too large for {datatype}")
+    return array
+
+
+def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: list[int], datatype: str) -> np.ndarray:
+    dtype = DTYPES[datatype]
+    expected = math.prod(shape) * dtype.itemsize
+    _expect(
+        type(size) is int and size == expected,
+        f"input '{name}' has binary_data_size {size!r}; shape {shape} of {datatype} needs {expected} bytes",
+    )
+    _expect(
+        offset + size <= len(binary),
+        f"input '{name}' needs bytes {offset}..{offset + size} of the binary data after the JSON header, "
+        f"but only {len(binary)} bytes follow it",
+    )
+    return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None, config: ModelConfig, max_batch_size: int
+) -> InferRequest:
+    """Parse and check one inference request against the model's declared inputs and outputs.
+
+    Args:
+        body: the whole request body.
+        header_length: the Inference-Header-Content-Length header, if sent (binary data follows the JSON).
+        config: the model's config, whose inputs and outputs the request must match.
+        max_batch_size: the most rows the request may carry.
+
+    Raises:
+        InvalidInput: naming what was wrong and what was expected.
+    """
+    doc, binary = _split_body(body, header_length)
+    _expect(isinstance(doc, dict), f"the request is a JSON {type(doc).__name__}; expected an object with 'inputs'")
+    request_id = doc.get("id")
+    _expect(request_id is None or isinstance(request_id, str), f"'id' is {request_id!r}; expected a string")
+    parameters = doc.get("parameters") or {}
+    _expect(isinstance(parameters, dict), f"'parameters' is {parameters!r}; expected an object")
+
+    inputs = doc.get("inputs")
+    _expect(
+        isinstance(inputs, list) and len(inputs) > 0,
+        f"'inputs' is {'missing' if inputs is None else repr(inputs)[:80]}; expected a list of tensors: "
+        + ", ".join(_spec_text(s) for s in config.inputs),
+    )
+    specs = {s.name: s for s in config.inputs}
+    feeds: dict[str, np.ndarray] = {}
+    rows = 0
+    offset = 0
+    for tensor in inputs:
+        _expect(isinstance(tensor, dict), f"an input is {tensor!r}; expected an object with name, shape, datatype")
+        name = tensor.get("name")
+        for key in ("name", "shape", "datatype"):
+            _expect(key in tensor, f"input {name or '#' + str(len(feeds))} has no '{key}'")
+        spec = specs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            expected = ", ".join(_spec_text(s) for s in config.inputs)
+            raise InvalidInput(f"model {config.name} has no input {name!r}; expected {expected}")
+        _expect(name not in feeds, f"input '{name}' is given twice")
+        _expect(
+            tensor["datatype"] == spec.datatype,
+            f"input '{name}' has datatype {tensor['datatype']!r}; expected {spec.datatype}",
+        )
+        shape = _check_shape(name, tensor["shape"], spec, max_batch_size)
+        tensor_parameters = tensor.get("parameters") or {}
+        _expect(isinstance(tensor_parameters, dict), f"input '{name}' parameters must be an object")
+        size = tensor_parameters.get("binary_data_size")
+        if size is not None:
+            _expect("data" not in tensor, f"input '{name}' has both 'data' and binary_data_size; send one")
+            feeds[name] = _from_binary(name, size, binary, offset, shape, spec.datatype)
+            offset += size
+        else:
+            _expect("data" in tensor, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+            feeds[name] = _from_json(name, tensor["data"], shape, spec.datatype)
+        _expect(
+            rows in (0, shape[0]), f"input '{name}' has {shape[0]} rows but another input has {rows}; expected equal"
+        )
+        rows = shape[0]
+    missing = [s for s in config.inputs if s.name not in feeds]
+    _expect(not missing, "missing input " + ", ".join(_spec_text(s) for s in missing))
+    _expect(
+        offset == len(binary),
+        f"{len(binary) - offset} bytes follow the binary tensors; binary_data_size of the inputs sums to {offset}",
+    )
+    return InferRequest(request_id, feeds, rows, _requested_outputs(doc, parameters, config), _timeout(parameters))
+
+
+def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: ModelConfig) -> list[RequestedOutput]:
+    binary_default = parameters.get("binary_data_output", False)
+    _expect(type(binary_default) is bool, f"binary_data_output is {binary_default!r}; expected true or false")
+    requested = doc.get("outputs")
+    if requested is None:
+        return [RequestedOutput(s.name, binary_default) for s in config.outputs]
+    names = {s.name for s in config.outputs}
+    _expect(isinstance(requested, list), f"'outputs' is {requested!r}; expected a list of {{'name': ...}}")
+    outputs = []
+    for output in requested:
+        name = output.get("name") if isinstance(output, dict) else None
+        _expect(
+            isinstance(name, str) and name in names,
+            f"model {config.name} has no output {name!r}; expected one of " + ", ".join(sorted(names)),
+        )
+        output_parameters = output.get("parameters") or {}
+        _expect(isinstance(output_parameters, dict), f"output '{name}' parameters must be an object")
+        binary = output_parameters.get("binary_data", binary_default)
+        _expect(type(binary) is bool, f"output '{name}' binary_data is {binary!r}; expected true or false")
+        outputs.append(RequestedOutput(str(name), binary))
+    return outputs
+
+
+def _timeout(parameters: dict[str, Any]) -> float | None:
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    _expect(
+        type(timeout) is int and timeout > 0, f"'timeout' is {timeout!r}; expected a positive number of microseconds"
+    )
+    return float(timeout) / 1e6
+
+
+def encode_infer_response(
+    model: str, version: str, request: InferRequest, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary tensors follow it (else None)."""
+    tensors = []
+    blobs = []
+    for requested in request.outputs:
+        array = outputs[requested.name]
+        tensor: dict[str, Any] = {
+            "name": requested.name,
+            "datatype": datatypes[requested.name],
+            "shape": list(array.shape),
+        }
+        if requested.binary:
+            blob = np.ascontiguousarray(array).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.ravel()
+        tensors.append(tensor)
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": tensors}
+    if request.id is not None:
+        response["id"] = request.id
+    header = orjson.dumps(response, option=_JSON_OPTIONS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+# Documentation only: the same format as pydantic schemas, for the OpenAPI page.
+
+
+class TensorSchema(BaseModel):
+    name: str
+    datatype: str = Field(examples=["FP32"])
+    shape: list[int] = Field(examples=[[1, 1, 8, 8]])
+    data: list[Any] | None = Field(default=None, description="flat or nested; absent when sent as binary data")
+    parameters: dict[str, Any] | None = Field(default=None, description="binary_data_size: bytes after the header")
+
+
+class RequestedOutputSchema(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = Field(default=None, description="binary_data: return this output as bytes")
+
+
+class InferenceRequestSchema(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="binary_data_output: all outputs as bytes; timeout: deadline in microseconds"
+    )
+    inputs: list[TensorSchema]
+    outputs: list[RequestedOutputSchema] | None = None
+
+
+class InferenceResponseSchema(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[TensorSchema]

@@ -1,0 +1,293 @@
+"""The models being served: load the repository, warm each version, swap on reload, drain on unload.
+
+Each model version gets its own onnxruntime session and batcher. A model that fails to load is
+kept as UNAVAILABLE with the reason, and never stops the others. A reload builds and warms the new
+sessions off the event loop, swaps them in at once, and lets the old batchers finish what they
+had accepted: no request is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.batcher import Batcher
+from service.config import BatchingSettings, Settings
+from service.errors import InvalidInput, ModelNotFound, NotReady
+from service.metrics import Metrics, ModelMetrics
+from service.repository import NAME_PATTERN, ModelConfig, ModelVersion, list_versions, load_config, load_version
+from service.runtime import CUDA, DTYPES, Runtime
+
+__all__ = ["ModelState", "Registry", "ServedVersion", "VersionState"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ServedVersion:
+    """One model version that serves: its session, its batcher and its metric children."""
+
+    version: ModelVersion
+    runtime: Runtime
+    batcher: Batcher
+    batching: BatchingSettings
+    metrics: ModelMetrics
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.version.config
+
+
+@dataclass
+class VersionState:
+    """A version the repository holds, served or not; ``reason`` says why it is not."""
+
+    version: str
+    state: ModelState
+    reason: str = ""
+    served: ServedVersion | None = None
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    config: ModelConfig | None = None
+    versions: dict[str, VersionState] = field(default_factory=dict)
+    reason: str = ""  # why the model as a whole is unavailable (bad config, no versions)
+
+    def latest_ready(self) -> ServedVersion | None:
+        ready = [v for v in self.versions.values() if v.served is not None]
+        return max(ready, key=lambda v: int(v.version)).served if ready else None
+
+
+def _example(config: ModelConfig) -> dict[str, np.ndarray]:
+    """One row of zeros for every input, to warm the session with."""
+    return {s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPES[s.datatype]) for s in config.inputs}
+
+
+class Registry:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reported_fallbacks: set[str] = set()
+
+    # -- lookups (the hot path) --
+
+    def get(self, name: str, version: str | None = None) -> ServedVersion:
+        """The served version to run a request on: ``version``, or the newest that is ready."""
+        entry = self.models.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+        if version is None:
+            served = entry.latest_ready()
+            if served is None:
+                raise NotReady(f"model {name!r} is not ready: {self.reason(entry)}")
+            return served
+        state = entry.versions.get(version)
+        if state is None:
+            known = ", ".join(sorted(entry.versions, key=int)) or "none"
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; it has: {known}")
+        if state.served is None:
+            raise NotReady(f"model {name!r} version {version} is not ready: {state.state} {state.reason}".rstrip())
+        return state.served
+
+    def entry(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+        return entry
+
+    @staticmethod
+    def reason(entry: ModelEntry) -> str:
+        if entry.reason:
+            return entry.reason
+        reasons = [f"version {v.version}: {v.state} {v.reason}".rstrip() for v in entry.versions.values()]
+        return "; ".join(reasons) or "no versions"
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why the server is not ready, if it is not: with NORMSERVE_REQUIRE_GPU, every model on CPU."""
+        reasons = []
+        if self.settings.require_gpu:
+            for entry in self.models.values():
+                for state in entry.versions.values():
+                    if state.served is not None and state.served.runtime.provider.provider != CUDA:
+                        status = state.served.runtime.provider
+                        reasons.append(
+                            f"{entry.name} version {state.version} runs on {status.provider}, and "
+                            f"NORMSERVE_REQUIRE_GPU is set: {status.fallback or 'CUDA was not requested'}"
+                        )
+        return reasons
+
+    # -- loading --
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load_all(self) -> None:
+        """Load every model in the repository, one after the other."""
+        root = self.settings.repository
+        if not root.is_dir():
+            log.error("model repository %s is not a folder: serving no models", root)
+            return
+        for name in self.settings.models:
+            if not (root / name).is_dir():
+                log.warning("NORMSERVE_MODELS configures %r, which is not in %s", name, root)
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            await self.load(model_dir.name)
+
+    def repository_names(self) -> list[str]:
+        root = self.settings.repository
+        on_disk = (
+            {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
+        )
+        return sorted(on_disk | set(self.models))
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load (or reload) one model from the repository; swap it in once every version is warm."""
+        if not _valid_name(name):
+            raise InvalidInput(f"{name!r} is not a model name; expected letters, digits and . _ - (a folder name)")
+        model_dir = self.settings.repository / name
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"the repository {self.settings.repository} has no model {name!r}")
+        async with self._lock(name):
+            old = self.models.get(name)
+            if old is None:
+                self.models[name] = ModelEntry(name, reason="loading")
+            new = await asyncio.to_thread(self._build, model_dir)
+            for state in new.versions.values():
+                if state.served is not None:
+                    state.served.batcher.start()
+                    self._publish(name, state)
+            self.models[name] = new  # the swap: new requests go to the new sessions from here on
+            if old is not None:
+                await self._retire(old, keep=new)
+            self._log_loaded(new)
+            return new
+
+    def _log_loaded(self, entry: ModelEntry) -> None:
+        served = [v.served for v in entry.versions.values() if v.served is not None]
+        if not served:
+            log.error("model %s is not available: %s", entry.name, self.reason(entry))
+        for s in served:
+            status = s.runtime.provider
+            if status.fallback and status.fallback not in self._reported_fallbacks:
+                self._reported_fallbacks.add(status.fallback)
+                log.warning(
+                    "NORMSERVE_PROVIDER=%s, but models run on %s: %s",
+                    status.requested,
+                    status.provider,
+                    status.fallback,
+                )
+            log.info(
+                "loaded %s version %s on %s (max batch %d, max queue delay %.1f ms)",
+                entry.name,
+                s.version.version,
+                status.provider,
+                s.batching.max_batch_size,
+                s.batching.max_queue_delay_s * 1000,
+            )
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model: new requests get 404, those it accepted still finish."""
+        entry = self.entry(name)
+        async with self._lock(name):
+            del self.models[name]
+            await self._retire(entry, keep=None)
+        log.info("unloaded %s", name)
+
+    async def close(self) -> None:
+        """Drain every batcher: all accepted requests finish."""
+        for name in list(self.models):
+            entry = self.models.pop(name)
+            await self._retire(entry, keep=None)
+
+    async def _retire(self, entry: ModelEntry, keep: ModelEntry | None) -> None:
+        for state in entry.versions.values():
+            if state.served is not None:
+                await state.served.batcher.stop()
+                replacement = keep.versions.get(state.version) if keep is not None else None
+                if replacement is None or replacement.served is None:
+                    self._unpublish(entry.name, state.version, state.served)
+
+    def _publish(self, name: str, state: VersionState) -> None:
+        served = state.served
+        if served is None:
+            return
+        self.metrics.provider.labels(name, state.version, served.runtime.provider.provider).set(1)
+        self.metrics.model_ready.labels(name, state.version).set(1)
+
+    def _unpublish(self, name: str, version: str, served: ServedVersion) -> None:
+        self.metrics.provider.labels(name, version, served.runtime.provider.provider).set(0)
+        self.metrics.model_ready.labels(name, version).set(0)
+
+    def _build(self, model_dir: Path) -> ModelEntry:
+        """Read, create and warm every version of one model (blocking: runs in a thread)."""
+        name = model_dir.name
+        entry = ModelEntry(name)
+        try:
+            entry.config = load_config(model_dir)
+            versions = list_versions(model_dir)
+        except Exception as e:  # a broken model is reported, never fatal to the others
+            entry.reason = str(e)
+            return entry
+        if not versions:
+            entry.reason = f"{model_dir} has no version folders (1, 2, ...)"
+        for version in versions:
+            entry.versions[version] = self._build_version(model_dir, entry.config, version)
+        return entry
+
+    def _build_version(self, model_dir: Path, config: ModelConfig, version: str) -> VersionState:
+        name = config.name
+        try:
+            loaded = load_version(model_dir, version, config)
+            runtime = Runtime(loaded.model_file, self.settings.provider, self.settings.intra_op_threads)
+            _check_graph(runtime, config)
+            batching = self.settings.batching(name, config.max_batch_size)
+            runtime.warm(_example(config), batching.max_batch_size)
+        except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph
+            log.exception("cannot load %s version %s", name, version)
+            return VersionState(version, ModelState.UNAVAILABLE, str(e).strip())
+        metrics = self.metrics.model(name, version)
+        batcher = Batcher(
+            f"{name} version {version}",
+            runtime.run,
+            runtime.estimate,
+            batching.max_batch_size,
+            batching.max_queue_delay_s,
+            batching.queue_limit,
+            metrics,
+        )
+        return VersionState(
+            version, ModelState.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics)
+        )
+
+
+def _valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None
+
+
+def _check_graph(runtime: Runtime, config: ModelConfig) -> None:
+    """The graph's tensor names must be the ones config.json declares."""
+    declared_in = sorted(s.name for s in config.inputs)
+    declared_out = sorted(s.name for s in config.outputs)
+    if sorted(runtime.input_names) != declared_in or sorted(runtime.output_names) != declared_out:
+        raise ValueError(
+            f"model.onnx has inputs {runtime.input_names} and outputs {runtime.output_names}, but config.json "
+            f"declares {declared_in} and {declared_out}"
+        )

@@ -1,0 +1,117 @@
+"""Health, server metadata and model metadata (KServe v2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service import __version__
+from service.errors import ModelNotFound, NotReady
+from service.registry import ModelEntry, ServedVersion
+from service.state import service_state
+
+__all__ = ["EXTENSIONS", "router"]
+
+router = APIRouter(tags=["health and metadata"])
+
+# Triton's names for the protocol extensions this server implements.
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+
+
+@router.get("/v2/health/live", summary="Is the process up")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", summary="Is every loaded model warm (and on the GPU, if required)")
+async def ready(request: Request) -> JSONResponse:
+    state = service_state(request)
+    reasons = state.not_ready_reasons()
+    models = [
+        {"name": entry.name, "version": v.version, "state": v.state, "reason": v.reason} | _provider(v.served)
+        for entry in state.registry.models.values()
+        for v in entry.versions.values()
+    ]
+    body: dict[str, Any] = {"ready": not reasons, "models": models}
+    if reasons:
+        body["error"] = "not ready: " + "; ".join(reasons)
+    return JSONResponse(body, status_code=503 if reasons else 200)
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "normserve", "version": __version__, "extensions": EXTENSIONS}
+
+
+def _provider(served: ServedVersion | None) -> dict[str, Any]:
+    if served is None:
+        return {}
+    status = served.runtime.provider
+    return {"provider": status.provider, "provider_requested": status.requested, "provider_fallback": status.fallback}
+
+
+def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+    if entry.config is None:
+        raise NotReady(f"model {entry.name!r} is not available: {entry.reason}")
+    config = entry.config
+    if version is not None and version not in entry.versions:
+        raise ModelNotFound(f"model {entry.name!r} has no version {version!r}; it has: {', '.join(entry.versions)}")
+    served = entry.versions[version].served if version is not None else entry.latest_ready()
+    return {
+        "name": config.name,
+        "versions": [version] if version is not None else sorted(entry.versions, key=int),
+        "platform": config.platform,
+        "inputs": [spec.model_dump() for spec in config.inputs],
+        "outputs": [spec.model_dump() for spec in config.outputs],
+        # normserve's own fields: what the model is and where it really runs
+        "description": config.description,
+        "input_description": config.input_description,
+        "labels": config.labels,
+        "norm_layers": config.norm_layers,
+        "max_batch_size": served.batching.max_batch_size if served else config.max_batch_size,
+        **_provider(served),
+    }
+
+
+@router.get("/v2/models/{model_name}", summary="Model metadata")
+async def model_metadata(request: Request, model_name: str) -> dict[str, Any]:
+    return _metadata(service_state(request).registry.entry(model_name), None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata")
+async def model_version_metadata(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
+    return _metadata(service_state(request).registry.entry(model_name), model_version)
+
+
+@router.get("/v2/models/{model_name}/ready", summary="Can the model serve")
+async def model_ready(request: Request, model_name: str) -> dict[str, Any]:
+    served = service_state(request).registry.get(model_name)
+    return {"name": model_name, "version": served.version.version, "ready": True, **_provider(served)}
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="Can the model version serve")
+async def model_version_ready(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
+    served = service_state(request).registry.get(model_name, model_version)
+    return {"name": model_name, "version": model_version, "ready": True, **_provider(served)}
+
+
+def _config(request: Request, model_name: str) -> dict[str, Any]:
+    entry = service_state(request).registry.entry(model_name)
+    if entry.config is None:
+        raise NotReady(f"model {model_name!r} is not available: {entry.reason}")
+    served = entry.latest_ready()
+    config: dict[str, Any] = entry.config.model_dump()
+    if served is not None:
+        config["max_batch_size"] = served.batching.max_batch_size
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": round(served.batching.max_queue_delay_s * 1e6),
+            "max_queue_size": served.batching.queue_limit,
+        }
+    return config
+
+
+@router.get("/v2/models/{model_name}/config", summary="Model configuration, as served")
+async def model_config(request: Request, model_name: str) -> dict[str, Any]:
+    return _config(request, model_name)

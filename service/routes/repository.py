@@ -1,0 +1,50 @@
+"""The model repository extension: list, load (or reload) and unload models at run time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from service.errors import NotReady
+from service.state import service_state
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["model repository"])
+
+
+@router.post("/v2/repository/index", summary="Every model in the repository, with its state")
+async def index(request: Request) -> list[dict[str, Any]]:
+    registry = service_state(request).registry
+    rows: list[dict[str, Any]] = []
+    for name in registry.repository_names():
+        entry = registry.models.get(name)
+        if entry is None:
+            rows.append({"name": name, "state": "UNLOADED", "reason": "not loaded"})
+        elif not entry.versions:
+            rows.append({"name": name, "state": "UNAVAILABLE", "reason": entry.reason})
+        else:
+            rows.extend(
+                {"name": name, "version": v.version, "state": v.state, "reason": v.reason}
+                for v in sorted(entry.versions.values(), key=lambda v: int(v.version))
+            )
+    return rows
+
+
+@router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model, swapping it in when warm")
+async def load(request: Request, model_name: str) -> dict[str, Any]:
+    registry = service_state(request).registry
+    entry = await registry.load(model_name)
+    if entry.latest_ready() is None:
+        raise NotReady(f"model {model_name!r} failed to load: {registry.reason(entry)}")
+    return {
+        "name": model_name,
+        "versions": {v.version: {"state": v.state, "reason": v.reason} for v in entry.versions.values()},
+    }
+
+
+@router.post("/v2/repository/models/{model_name}/unload", summary="Stop serving a model, finishing what it accepted")
+async def unload(request: Request, model_name: str) -> dict[str, Any]:
+    await service_state(request).registry.unload(model_name)
+    return {"name": model_name, "state": "UNLOADED"}

@@ -1,0 +1,34 @@
+"""What the routes share: the settings, the registry of served models, the metrics, readiness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.registry import Registry
+
+__all__ = ["ServiceState", "service_state"]
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    registry: Registry
+    started: bool = False
+    shutting_down: bool = False
+
+    def not_ready_reasons(self) -> list[str]:
+        if self.shutting_down:
+            return ["the server is shutting down"]
+        if not self.started:
+            return ["models are still loading and warming up"]
+        return self.registry.not_ready_reasons()
+
+
+def service_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.normserve
+    return state

@@ -1,0 +1,174 @@
+"""A small model repository and a real uvicorn on a loopback port, for the service tests.
+
+The repository holds two models:
+- ``affine``: a hand-built graph with known weights, so answers can be asserted exactly. Input ``x``
+  FP32 [-1, 4]; outputs ``y = x @ W + b`` FP32 [-1, 3] and ``total = sum(y)`` FP32 [-1, 1]; max batch 8.
+- ``tiny-cnn-bn``: a tiny CNN with BatchNorm (non-trivial running statistics), trained nowhere but
+  folded, exported and verified by the real exporter. Input FP32 [-1, 1, 8, 8]; max batch 16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import uvicorn
+from onnx import TensorProto, helper, numpy_helper
+
+from export.build import export_model
+from export.repository import write_version
+from models.train import make_checkpoint
+from models.zoo import build_model, config_to_dict
+from service.app import create_app
+from service.config import Settings
+from service.repository import ModelConfig, TensorSpec
+from tests.conftest import randomize_batchnorms, tiny_cnn_spec
+
+AFFINE_W = np.arange(12, dtype=np.float32).reshape(4, 3) / 4 - 1
+AFFINE_B = np.array([0.5, -1.0, 2.0], dtype=np.float32)
+
+
+def affine_expected(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = x.astype(np.float32) @ AFFINE_W + AFFINE_B
+    return y, y.sum(axis=1, keepdims=True)
+
+
+def affine_onnx() -> bytes:
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+            helper.make_node("ReduceSum", ["y", "axes"], ["total"], keepdims=1),
+        ],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N", 1]),
+        ],
+        [
+            numpy_helper.from_array(AFFINE_W, "W"),
+            numpy_helper.from_array(AFFINE_B, "b"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+AFFINE_CONFIG = ModelConfig(
+    name="affine",
+    max_batch_size=8,
+    inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
+    outputs=[
+        TensorSpec(name="y", datatype="FP32", shape=[-1, 3]),
+        TensorSpec(name="total", datatype="FP32", shape=[-1, 1]),
+    ],
+    description="y = x @ W + b and its row sums, with known weights",
+)
+
+
+def write_affine(root: Path, version: str = "1") -> None:
+    write_version(root, AFFINE_CONFIG, version, affine_onnx(), {"trained": False, "description": "test"})
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    write_affine(root)
+    spec = tiny_cnn_spec()
+    model = randomize_batchnorms(build_model(spec.arch, config_to_dict(spec.config)))
+    meta = make_checkpoint(spec, model, {"test_accuracy": None})
+    del meta["state_dict"]
+    export_model(model, meta, root)
+    return root
+
+
+@pytest.fixture
+def repository(built_repository: Path, tmp_path: Path) -> Path:
+    """A private copy of the repository, for tests that change files in it."""
+    root = tmp_path / "repository"
+    shutil.copytree(built_repository, root)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunningServer:
+    """uvicorn serving ``create_app(settings)`` on a thread, on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self.host = f"127.0.0.1:{settings.port}"
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of /metrics (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics").text
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+ServeFactory = Callable[..., contextlib.AbstractContextManager[RunningServer]]
+
+
+@pytest.fixture
+def serve(built_repository: Path) -> ServeFactory:
+    """``with serve(queue_limit=2, repository=...) as server:`` starts a server with those settings."""
+
+    @contextlib.contextmanager
+    def start(**overrides: Any) -> Iterator[RunningServer]:
+        fields: dict[str, Any] = {"repository": built_repository, "port": free_port(), "provider": "cpu"}
+        fields.update(overrides)
+        with RunningServer(Settings(**fields)) as server:
+            yield server
+
+    return start
+
+
+@pytest.fixture
+def server(serve: ServeFactory) -> Iterator[RunningServer]:
+    """A server with the default settings over the shared repository."""
+    with serve() as running:
+        yield running
+
+
+def infer_json(name: str, x: np.ndarray, datatype: str = "FP32", **extra: Any) -> dict[str, Any]:
+    """A KServe v2 JSON inference request with one input."""
+    return {"inputs": [{"name": name, "datatype": datatype, "shape": list(x.shape), "data": x.tolist()}], **extra}

@@ -23,9 +23,8 @@ install: $(STAMP)  ## create .venv with every pinned dependency
 models: $(STAMP)  ## train, fold, export and verify the default models (skips what is built)
 	$(BIN)/python -m export.build --artifacts $(ARTIFACTS) --repository $(REPOSITORY)
 
-serve: models  ## build the default models if missing, then serve them
-	@echo "The model repository is ready in $(REPOSITORY)/ (see $(ARTIFACTS)/summary.md)."
-	@echo "The HTTP service that serves it (Open Inference Protocol on port 8000) is the next step of the roadmap."
+serve: models  ## build the default models if missing, then serve them on port 8000
+	NORMSERVE_REPOSITORY=$(REPOSITORY) $(BIN)/python -m service
 
 test: lint  ## install everything, lint, and run the tests
 	$(BIN)/python -m pytest

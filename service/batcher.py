@@ -107,6 +107,8 @@ class Batcher:
         self._closing = True
         if self._wake is not None:
             self._wake.set()
+        if self._full is not None:
+            _resolve(self._full)  # a batch waiting out its delay runs now
         if self._task is not None:
             await self._task
         if self._thread is not None:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.errors import ModelNotFound, NotReady
 from service.registry import ModelEntry, ServedVersion
+from service.repository import TensorSpec
 from service.state import service_state
 
 __all__ = ["EXTENSIONS", "router"]
@@ -97,21 +98,40 @@ async def model_version_ready(request: Request, model_name: str, model_version: 
     return {"name": model_name, "version": model_version, "ready": True, **_provider(served)}
 
 
-def _config(request: Request, model_name: str) -> dict[str, Any]:
+def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor as Triton's model_config.proto has it: the batch dimension is implied by max_batch_size."""
+    data_type = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
+    return {"name": spec.name, "data_type": data_type, "dims": spec.shape[1:]}
+
+
+def _config(request: Request, model_name: str, version: str | None) -> dict[str, Any]:
+    """The model configuration, in Triton's model_config schema with normserve's own fields beside it."""
     entry = service_state(request).registry.entry(model_name)
     if entry.config is None:
         raise NotReady(f"model {model_name!r} is not available: {entry.reason}")
-    served = entry.latest_ready()
+    if version is not None and version not in entry.versions:
+        raise ModelNotFound(f"model {model_name!r} has no version {version!r}; it has: {', '.join(entry.versions)}")
+    served = entry.versions[version].served if version is not None else entry.latest_ready()
     config: dict[str, Any] = entry.config.model_dump()
+    config |= {
+        "backend": "onnxruntime",
+        "input": [_triton_tensor(s) for s in entry.config.inputs],
+        "output": [_triton_tensor(s) for s in entry.config.outputs],
+    }
     if served is not None:
         config["max_batch_size"] = served.batching.max_batch_size
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": round(served.batching.max_queue_delay_s * 1e6),
-            "max_queue_size": served.batching.queue_limit,
+            "default_queue_policy": {"max_queue_size": served.batching.queue_limit},
         }
     return config
 
 
 @router.get("/v2/models/{model_name}/config", summary="Model configuration, as served")
 async def model_config(request: Request, model_name: str) -> dict[str, Any]:
-    return _config(request, model_name)
+    return _config(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/config", summary="Model version configuration")
+async def model_version_config(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
+    return _config(request, model_name, model_version)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import zlib
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -29,6 +30,7 @@ __all__ = ["read_body", "router"]
 router = APIRouter(tags=["inference"])
 
 _ACCEPTED_TYPES = ("application/json", "application/octet-stream")
+_ACCEPTED_ENCODINGS = ("identity", "gzip", "deflate")
 _ids = itertools.count(1)
 
 _OPENAPI = {
@@ -50,8 +52,28 @@ def _check_content_type(request: Request) -> None:
                 "(or application/octet-stream with Inference-Header-Content-Length for binary data)"
             )
     encoding = request.headers.get("content-encoding")
-    if encoding is not None and encoding.strip().lower() != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
+    if encoding is not None and encoding.strip().lower() not in _ACCEPTED_ENCODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed, or as gzip or deflate"
+        )
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Inflate a gzip or deflate (zlib) body, refusing with 413 once it passes ``limit`` bytes."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # 32: detect the gzip or zlib header
+    try:
+        body = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise InvalidInput(
+            f"the body is not valid {encoding} data ({e}); expected what Content-Encoding says"
+        ) from None
+    if len(body) > limit:
+        raise PayloadTooLarge(
+            f"the body inflates past {limit} bytes, the most this server accepts (NORMSERVE_MAX_BODY_BYTES)"
+        )
+    if not inflater.eof:
+        raise InvalidInput(f"the {encoding} body is truncated; expected a complete {encoding} stream")
+    return body
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -82,9 +104,13 @@ async def _infer(state: ServiceState, request: Request, model_name: str, model_v
     request_id.set(request.headers.get("x-request-id") or f"r{next(_ids)}")
     served: ServedVersion | None = None
     try:
-        served = state.registry.get(model_name, model_version)
         _check_content_type(request)
         body = await read_body(request, state.settings.max_body_bytes)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            body = _decompress(body, encoding, state.settings.max_body_bytes)
+        # No await from here to submit: a reload cannot retire the version between lookup and queueing.
+        served = state.registry.get(model_name, model_version)
         infer = parse_infer_request(
             body, request.headers.get(HEADER_LENGTH), served.config, served.batching.max_batch_size
         )

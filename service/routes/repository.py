@@ -21,7 +21,7 @@ async def index(request: Request) -> list[dict[str, Any]]:
     for name in registry.repository_names():
         entry = registry.models.get(name)
         if entry is None:
-            rows.append({"name": name, "state": "UNLOADED", "reason": "not loaded"})
+            rows.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})  # as Triton says it
         elif not entry.versions:
             rows.append({"name": name, "state": "UNAVAILABLE", "reason": entry.reason})
         else:
@@ -47,4 +47,4 @@ async def load(request: Request, model_name: str) -> dict[str, Any]:
 @router.post("/v2/repository/models/{model_name}/unload", summary="Stop serving a model, finishing what it accepted")
 async def unload(request: Request, model_name: str) -> dict[str, Any]:
     await service_state(request).registry.unload(model_name)
-    return {"name": model_name, "state": "UNLOADED"}
+    return {"name": model_name, "state": "UNAVAILABLE", "reason": "unloaded"}

@@ -24,6 +24,7 @@ import onnx
 import pytest
 import uvicorn
 from onnx import TensorProto, helper, numpy_helper
+from prometheus_client.parser import text_string_to_metric_families
 
 from export.build import export_model
 from export.repository import write_version
@@ -138,10 +139,10 @@ class RunningServer:
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample of /metrics (0 when absent)."""
         text = httpx.get(f"{self.url}/metrics").text
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        for line in text.splitlines():
-            if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
-                return float(line.rsplit(" ", 1)[1])
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
         return 0.0
 
 

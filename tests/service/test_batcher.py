@@ -1,0 +1,166 @@
+"""The batcher on its own: rows, delays, limits, deadlines and draining, with a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, BatchFailed
+from service.errors import DeadlineExceeded, NotReady, Overloaded
+from service.metrics import Metrics
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeModel:
+    """Doubles its input; records every batch it ran and the thread it ran on."""
+
+    def __init__(self, cost_s: float = 0.0, fail: bool = False) -> None:
+        self.batches: list[np.ndarray] = []
+        self.threads: list[int] = []
+        self.cost_s = cost_s
+        self.fail = fail
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.batches.append(feeds["x"].copy())
+        self.threads.append(threading.get_ident())
+        if self.fail:
+            raise RuntimeError("onnxruntime says no")
+        return [feeds["x"] * 2]
+
+    def estimate(self, rows: int) -> float:
+        return self.cost_s
+
+
+def make_batcher(model: FakeModel, **kwargs: float) -> Batcher:
+    settings = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "queue_limit": 100} | kwargs
+    return Batcher(
+        "fake version 1",
+        model.run,
+        model.estimate,
+        int(settings["max_batch_size"]),
+        settings["max_queue_delay_s"],
+        int(settings["queue_limit"]),
+        Metrics().model("fake", "1"),
+    )
+
+
+def rows(start: int, n: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(start, start + n, dtype=np.float32).reshape(n, 1)}
+
+
+def later(seconds: float = 60.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_each_caller_gets_exactly_its_own_rows_and_batches_count_rows() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=4, max_queue_delay_s=0.05)
+    batcher.start()
+    sizes = [1, 3, 2, 2, 4, 1]
+    starts = np.cumsum([0, *sizes[:-1]]) * 10
+    results = await asyncio.gather(
+        *(batcher.submit(rows(s, n), n, later()) for s, n in zip(starts, sizes, strict=True))
+    )
+    await batcher.stop()
+    for (out,), s, n in zip(results, starts, sizes, strict=True):
+        np.testing.assert_array_equal(out, rows(s, n)["x"] * 2)
+    # No batch ever passes 4 rows, no request is split, and every row ran exactly once.
+    assert all(len(b) <= 4 for b in model.batches)
+    assert sorted(np.concatenate(model.batches).ravel().tolist()) == sorted(
+        np.concatenate([rows(s, n)["x"] for s, n in zip(starts, sizes, strict=True)]).ravel().tolist()
+    )
+    assert len(model.batches) < len(sizes)  # the delay let requests share batches
+
+
+async def test_a_full_batch_does_not_wait_for_the_delay() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, max_queue_delay_s=30.0)
+    batcher.start()
+    both = asyncio.gather(batcher.submit(rows(0, 1), 1, later()), batcher.submit(rows(1, 1), 1, later()))
+    await asyncio.wait_for(both, timeout=5)  # well before the 30 s delay
+    assert [len(b) for b in model.batches] == [2]
+    await batcher.stop()
+
+
+async def test_the_delay_closes_a_batch_that_is_not_full() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=0.05)
+    batcher.start()
+    start = time.monotonic()
+    (out,) = await batcher.submit(rows(5, 1), 1, later())
+    assert time.monotonic() - start >= 0.05
+    np.testing.assert_array_equal(out, [[10.0]])
+    await batcher.stop()
+
+
+async def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=0.2, queue_limit=2)
+    batcher.start()
+    accepted = [asyncio.ensure_future(batcher.submit(rows(i, 1), 1, later())) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as refused:
+        await batcher.submit(rows(9, 1), 1, later())
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
+    assert "2 requests queued" in refused.value.message
+    for i, (out,) in enumerate(await asyncio.gather(*accepted)):  # nothing accepted is lost
+        np.testing.assert_array_equal(out, [[2.0 * i]])
+    await batcher.stop()
+
+
+async def test_a_request_past_its_deadline_gets_504_and_is_not_run() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=0.3)
+    batcher.start()
+    patient = asyncio.ensure_future(batcher.submit(rows(1, 1), 1, later()))
+    with pytest.raises(DeadlineExceeded) as late:
+        await batcher.submit(rows(7, 1), 1, later(0.02))
+    assert late.value.status == 504 and "not run" in late.value.message
+    await patient
+    assert 7.0 not in np.concatenate(model.batches)
+    assert batcher.pending == 0
+    await batcher.stop()
+
+
+async def test_stop_runs_everything_accepted_then_refuses() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=2, max_queue_delay_s=10.0)
+    batcher.start()
+    accepted = [asyncio.ensure_future(batcher.submit(rows(i, 1), 1, later())) for i in range(5)]
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(batcher.stop(), timeout=5)  # drains without waiting out the delay
+    assert [out[0][0, 0] for out in await asyncio.gather(*accepted)] == [0.0, 2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(NotReady):
+        await batcher.submit(rows(0, 1), 1, later())
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    model = FakeModel(fail=True)
+    batcher = make_batcher(model)
+    batcher.start()
+    with pytest.raises(BatchFailed, match="onnxruntime says no"):
+        await batcher.submit(rows(0, 1), 1, later())
+    model.fail = False
+    (out,) = await batcher.submit(rows(3, 1), 1, later())
+    np.testing.assert_array_equal(out, [[6.0]])
+    await batcher.stop()
+
+
+@pytest.mark.parametrize(("cost_s", "on_loop"), [(1e-5, True), (0.05, False)])
+async def test_cheap_batches_run_on_the_loop_and_costly_ones_on_a_thread(cost_s: float, on_loop: bool) -> None:
+    model = FakeModel(cost_s=cost_s)
+    batcher = make_batcher(model)
+    batcher.start()
+    await batcher.submit(rows(0, 1), 1, later())
+    await batcher.stop()
+    assert (model.threads[0] == threading.get_ident()) is on_loop

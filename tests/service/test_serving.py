@@ -1,0 +1,181 @@
+"""Serving through HTTP with batching on: correctness under concurrency, overload, deadlines,
+reloads under traffic, broken models, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.service.conftest import ServeFactory, affine_expected, infer_json, write_affine
+
+pytestmark = pytest.mark.anyio
+
+CNN = "tiny-cnn-bn"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def logits(response: httpx.Response) -> np.ndarray:
+    """The response's first output (logits for the CNN, y for affine)."""
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+async def test_concurrent_requests_of_mixed_sizes_each_get_their_own_answer(serve: ServeFactory) -> None:
+    rng = np.random.default_rng(0)
+    sizes = [int(n) for n in rng.integers(1, 6, size=48)]
+    inputs = [rng.random((n, 1, 8, 8), dtype=np.float32) for n in sizes]
+    with serve(max_queue_delay_ms=20) as server:
+        url = f"{server.url}/v2/models/{CNN}/infer"
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=30) as client:
+            alone = [logits(await client.post(url, json=infer_json("input", x))) for x in inputs]
+            executions_before = server.metric("normserve_execution_count_total", model=CNN, version="1")
+            together = await asyncio.gather(*(client.post(url, json=infer_json("input", x)) for x in inputs))
+        executions = server.metric("normserve_execution_count_total", model=CNN, version="1") - executions_before
+    assert executions < len(inputs) / 2, "the concurrent requests should have been batched"
+    for x, solo, response in zip(inputs, alone, together, strict=True):
+        batched = logits(response)
+        assert batched.shape == (len(x), 10)
+        # Running statistics: a row's answer does not depend on the rows it was batched with.
+        np.testing.assert_allclose(batched, solo, rtol=0, atol=1e-5)
+
+
+async def test_a_burst_past_the_queue_limit_gets_fast_503s_and_loses_nothing_accepted(serve: ServeFactory) -> None:
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    # The accepted requests wait out a 2 s batch delay; the refused must not wait for anything.
+    with serve(queue_limit=3, max_queue_delay_ms=2000, max_batch_size=8) as server:
+        url = f"{server.url}/v2/models/affine/infer"
+        finished: list[int] = []
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=30) as client:
+
+            async def send(i: int) -> httpx.Response:
+                response = await client.post(url, json=infer_json("x", x + i, id=str(i)))
+                finished.append(response.status_code)
+                return response
+
+            responses = await asyncio.gather(*(send(i) for i in range(20)))
+        refused = server.metric("normserve_request_failure_total", model="affine", version="1", reason="overloaded")
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 3 and statuses.count(503) == 17
+    assert finished == [503] * 17 + [200] * 3, "every refusal comes at once, before the queued batch runs"
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"] == "1"
+            assert "3 requests queued" in response.json()["error"]
+        else:  # every accepted request is answered, with its own rows
+            i = int(response.json()["id"])
+            np.testing.assert_allclose(logits(response), affine_expected(x + i)[0], rtol=1e-6)
+    assert refused == 17
+
+
+async def test_a_request_past_its_deadline_gets_504_and_is_not_run(serve: ServeFactory) -> None:
+    x = np.ones((1, 4), dtype=np.float32)
+    with serve(max_queue_delay_ms=300) as server:
+        url = f"{server.url}/v2/models/affine/infer"
+        async with httpx.AsyncClient(timeout=30) as client:
+            late = await client.post(url, json=infer_json("x", x, parameters={"timeout": 20_000}))  # 20 ms, in µs
+            assert late.status_code == 504
+            assert "deadline" in late.json()["error"] and "not run" in late.json()["error"]
+            assert server.metric("normserve_inference_count_total", model="affine", version="1") == 0
+            on_time = await client.post(url, json=infer_json("x", x, parameters={"timeout": 5_000_000}))
+            np.testing.assert_allclose(logits(on_time), affine_expected(x)[0], rtol=1e-6)
+
+
+async def test_the_server_wide_deadline_applies_when_a_request_sets_none(serve: ServeFactory) -> None:
+    with serve(max_queue_delay_ms=300, request_timeout_ms=20) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.post(
+                f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.ones((1, 4), np.float32))
+            )
+    assert response.status_code == 504
+
+
+async def test_reloading_under_traffic_loses_no_request_and_swaps_in_the_new_version(
+    serve: ServeFactory, repository: Path
+) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    expected = affine_expected(x)[0]
+    stop = asyncio.Event()
+    with serve(repository=repository) as server:
+        url = f"{server.url}/v2/models/affine/infer"
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
+
+            async def traffic() -> list[httpx.Response]:
+                responses = []
+                while not stop.is_set():
+                    responses.append(await client.post(url, json=infer_json("x", x)))
+                return responses
+
+            clients = [asyncio.ensure_future(traffic()) for _ in range(8)]
+            await asyncio.sleep(0.2)
+            for _ in range(3):
+                assert (await client.post(f"{server.url}/v2/repository/models/affine/load")).status_code == 200
+            write_affine(repository, version="2")
+            assert (await client.post(f"{server.url}/v2/repository/models/affine/load")).status_code == 200
+            await asyncio.sleep(0.2)
+            stop.set()
+            responses = [r for batch in await asyncio.gather(*clients) for r in batch]
+            metadata = (await client.get(f"{server.url}/v2/models/affine")).json()
+    assert len(responses) > 50
+    assert {r.status_code for r in responses} == {200}
+    for response in responses:
+        np.testing.assert_allclose(logits(response), expected, rtol=1e-6)
+    versions = [r.json()["model_version"] for r in responses]
+    assert versions[0] == "1" and versions[-1] == "2"  # in order per client: the swap happened under traffic
+    assert metadata["versions"] == ["1", "2"]
+
+
+async def test_a_corrupt_model_is_not_ready_with_its_reason_and_the_others_serve(
+    serve: ServeFactory, repository: Path, built_repository: Path
+) -> None:
+    model_file = repository / CNN / "1" / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated: no longer what was verified
+    with serve(repository=repository) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            ready = await client.get(f"{server.url}/v2/models/{CNN}/ready")
+            assert ready.status_code == 503 and "sha256" in ready.json()["error"]
+            infer = await client.post(
+                f"{server.url}/v2/models/{CNN}/infer", json=infer_json("input", np.zeros((1, 1, 8, 8)))
+            )
+            assert infer.status_code == 503 and "sha256" in infer.json()["error"]
+            index = (await client.post(f"{server.url}/v2/repository/index")).json()
+            state = {(row["name"], row.get("version")): row for row in index}
+            assert state[(CNN, "1")]["state"] == "UNAVAILABLE" and "sha256" in state[(CNN, "1")]["reason"]
+            assert state[("affine", "1")]["state"] == "READY"
+            # The others serve, and the server is ready: every model that loaded is warm.
+            x = np.ones((1, 4), dtype=np.float32)
+            good = await client.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", x))
+            np.testing.assert_allclose(logits(good), affine_expected(x)[0], rtol=1e-6)
+            health = await client.get(f"{server.url}/v2/health/ready")
+            assert health.status_code == 200
+            assert any(m["name"] == CNN and "sha256" in m["reason"] for m in health.json()["models"])
+            assert server.metric("normserve_model_ready", model="affine", version="1") == 1
+            # Once the file is fixed, a reload brings the model back without a restart.
+            shutil.copy(built_repository / CNN / "1" / "model.onnx", model_file)
+            assert (await client.post(f"{server.url}/v2/repository/models/{CNN}/load")).status_code == 200
+            assert (await client.get(f"{server.url}/v2/models/{CNN}/ready")).status_code == 200
+
+
+async def test_a_model_onnxruntime_refuses_is_reported_with_onnxruntime_reason(
+    serve: ServeFactory, repository: Path
+) -> None:
+    model_dir = repository / CNN / "1"
+    (model_dir / "model.onnx").write_bytes(b"not an onnx graph")
+    report = json.loads((model_dir / "report.json").read_text())
+    report["sha256"] = hashlib.sha256(b"not an onnx graph").hexdigest()
+    (model_dir / "report.json").write_text(json.dumps(report))
+    with serve(repository=repository) as server:
+        response = httpx.get(f"{server.url}/v2/models/{CNN}/versions/1/ready")
+        assert response.status_code == 503 and "ONNXRuntimeError" in response.json()["error"]
+        assert httpx.get(f"{server.url}/v2/models/affine/ready").status_code == 200

@@ -60,11 +60,6 @@ def _spec_text(spec: TensorSpec) -> str:
     return f"{spec.name} ({spec.datatype} {spec.shape})"
 
 
-def _expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise InvalidInput(message)
-
-
 def _json(data: bytes | memoryview, what: str) -> Any:
     try:
         return orjson.loads(data)
@@ -78,35 +73,37 @@ def _json(data: bytes | memoryview, what: str) -> Any:
 def _split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
     if header_length is None:
         return _json(body, "the request body"), memoryview(b"")
-    _expect(
-        header_length.isdigit() and 0 < int(header_length) <= len(body),
-        f"Inference-Header-Content-Length is {header_length!r}; expected the length in bytes of the JSON "
-        f"header at the start of the body, between 1 and the body's {len(body)} bytes",
-    )
+    if not (header_length.isascii() and header_length.isdigit() and 0 < int(header_length) <= len(body)):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {header_length!r}; expected the length in bytes of the JSON "
+            f"header at the start of the body, between 1 and the body's {len(body)} bytes"
+        )
     size = int(header_length)
     view = memoryview(body)
     return _json(view[:size], "the JSON header (the first Inference-Header-Content-Length bytes)"), view[size:]
 
 
 def _check_shape(name: str, shape: Any, spec: TensorSpec, max_batch_size: int) -> list[int]:
-    _expect(
-        isinstance(shape, list) and all(type(d) is int for d in shape),
-        f"input '{name}' has shape {shape!r}; expected a list of integers like {spec.shape}",
-    )
+    if not (isinstance(shape, list) and all(type(d) is int for d in shape)):
+        raise InvalidInput(f"input '{name}' has shape {shape!r}; expected a list of integers like {spec.shape}")
     dims_ok = len(shape) == len(spec.shape) and all(s == -1 or d == s for d, s in zip(shape, spec.shape, strict=True))
-    _expect(dims_ok, f"input '{name}' has shape {shape}; expected {spec.shape} (-1: rows in the batch)")
+    if not dims_ok:
+        raise InvalidInput(f"input '{name}' has shape {shape}; expected {spec.shape} (-1: rows in the batch)")
     rows = shape[0]
-    _expect(rows >= 1, f"input '{name}' has {rows} rows; expected at least 1")
-    _expect(
-        rows <= max_batch_size,
-        f"input '{name}' has {rows} rows, more than this model's max batch size of {max_batch_size}; split the request",
-    )
+    if rows < 1:
+        raise InvalidInput(f"input '{name}' has {rows} rows; expected at least 1")
+    if rows > max_batch_size:
+        raise InvalidInput(
+            f"input '{name}' has {rows} rows, more than this model's max batch size of {max_batch_size}; "
+            "split the request"
+        )
     return list(shape)
 
 
 def _from_json(name: str, data: Any, shape: list[int], datatype: str) -> np.ndarray:
     dtype = DTYPES[datatype]
-    _expect(isinstance(data, list), f"input '{name}' data is {type(data).__name__}; expected a list of numbers")
+    if not isinstance(data, list):
+        raise InvalidInput(f"input '{name}' data is {type(data).__name__}; expected a list of numbers")
     try:
         raw = np.array(data)
     except ValueError:  # ragged nesting
@@ -118,17 +115,14 @@ def _from_json(name: str, data: Any, shape: list[int], datatype: str) -> np.ndar
     if raw.dtype.kind not in kinds:
         held = {"U": "strings", "O": "nulls, objects or mixed"}.get(raw.dtype.kind, raw.dtype.name)
         raise InvalidInput(f"input '{name}' data holds {held} values; expected {datatype} numbers")
-    _expect(
-        raw.size == math.prod(shape),
-        f"input '{name}' has {raw.size} values; its shape {shape} needs {math.prod(shape)}",
-    )
+    if raw.size != math.prod(shape):
+        raise InvalidInput(f"input '{name}' has {raw.size} values; its shape {shape} needs {math.prod(shape)}")
     if dtype.kind in "iu" and raw.size:
         info = np.iinfo(dtype.type)  # type: ignore[type-var]
-        _expect(
-            info.min <= raw.min() and raw.max() <= info.max,
-            f"input '{name}' has values outside {datatype}'s range [{info.min}, {info.max}]",
-        )
-    array = raw.astype(dtype, copy=False).reshape(shape)
+        if not (info.min <= raw.min() and raw.max() <= info.max):
+            raise InvalidInput(f"input '{name}' has values outside {datatype}'s range [{info.min}, {info.max}]")
+    with np.errstate(over="ignore", invalid="ignore"):  # too large for the datatype: refused just below
+        array = raw.astype(dtype, copy=False).reshape(shape)
     if dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidInput(f"input '{name}' has values too large for {datatype}")
     return array
@@ -137,15 +131,15 @@ def _from_json(name: str, data: Any, shape: list[int], datatype: str) -> np.ndar
 def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: list[int], datatype: str) -> np.ndarray:
     dtype = DTYPES[datatype]
     expected = math.prod(shape) * dtype.itemsize
-    _expect(
-        type(size) is int and size == expected,
-        f"input '{name}' has binary_data_size {size!r}; shape {shape} of {datatype} needs {expected} bytes",
-    )
-    _expect(
-        offset + size <= len(binary),
-        f"input '{name}' needs bytes {offset}..{offset + size} of the binary data after the JSON header, "
-        f"but only {len(binary)} bytes follow it",
-    )
+    if not (type(size) is int and size == expected):
+        raise InvalidInput(
+            f"input '{name}' has binary_data_size {size!r}; shape {shape} of {datatype} needs {expected} bytes"
+        )
+    if offset + size > len(binary):
+        raise InvalidInput(
+            f"input '{name}' needs bytes {offset}..{offset + size} of the binary data after the JSON header, "
+            f"but only {len(binary)} bytes follow it"
+        )
     return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
 
 
@@ -164,79 +158,91 @@ def parse_infer_request(
         InvalidInput: naming what was wrong and what was expected.
     """
     doc, binary = _split_body(body, header_length)
-    _expect(isinstance(doc, dict), f"the request is a JSON {type(doc).__name__}; expected an object with 'inputs'")
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"the request is a JSON {type(doc).__name__}; expected an object with 'inputs'")
     request_id = doc.get("id")
-    _expect(request_id is None or isinstance(request_id, str), f"'id' is {request_id!r}; expected a string")
+    if not (request_id is None or isinstance(request_id, str)):
+        raise InvalidInput(f"'id' is {request_id!r}; expected a string")
     parameters = doc.get("parameters") or {}
-    _expect(isinstance(parameters, dict), f"'parameters' is {parameters!r}; expected an object")
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"'parameters' is {parameters!r}; expected an object")
 
     inputs = doc.get("inputs")
-    _expect(
-        isinstance(inputs, list) and len(inputs) > 0,
-        f"'inputs' is {'missing' if inputs is None else repr(inputs)[:80]}; expected a list of tensors: "
-        + ", ".join(_spec_text(s) for s in config.inputs),
-    )
+    if not (isinstance(inputs, list) and len(inputs) > 0):
+        raise InvalidInput(
+            f"'inputs' is {'missing' if inputs is None else repr(inputs)[:80]}; expected a list of tensors: "
+            + ", ".join(_spec_text(s) for s in config.inputs)
+        )
     specs = {s.name: s for s in config.inputs}
     feeds: dict[str, np.ndarray] = {}
     rows = 0
     offset = 0
     for tensor in inputs:
-        _expect(isinstance(tensor, dict), f"an input is {tensor!r}; expected an object with name, shape, datatype")
+        if not isinstance(tensor, dict):
+            raise InvalidInput(f"an input is {tensor!r}; expected an object with name, shape, datatype")
         name = tensor.get("name")
         for key in ("name", "shape", "datatype"):
-            _expect(key in tensor, f"input {name or '#' + str(len(feeds))} has no '{key}'")
+            if key not in tensor:
+                raise InvalidInput(f"input {name or '#' + str(len(feeds))} has no '{key}'")
         spec = specs.get(name) if isinstance(name, str) else None
         if spec is None:
             expected = ", ".join(_spec_text(s) for s in config.inputs)
             raise InvalidInput(f"model {config.name} has no input {name!r}; expected {expected}")
-        _expect(name not in feeds, f"input '{name}' is given twice")
-        _expect(
-            tensor["datatype"] == spec.datatype,
-            f"input '{name}' has datatype {tensor['datatype']!r}; expected {spec.datatype}",
-        )
+        name = spec.name
+        if name in feeds:
+            raise InvalidInput(f"input '{name}' is given twice")
+        if tensor["datatype"] != spec.datatype:
+            raise InvalidInput(f"input '{name}' has datatype {tensor['datatype']!r}; expected {spec.datatype}")
         shape = _check_shape(name, tensor["shape"], spec, max_batch_size)
         tensor_parameters = tensor.get("parameters") or {}
-        _expect(isinstance(tensor_parameters, dict), f"input '{name}' parameters must be an object")
+        if not isinstance(tensor_parameters, dict):
+            raise InvalidInput(f"input '{name}' parameters must be an object")
         size = tensor_parameters.get("binary_data_size")
         if size is not None:
-            _expect("data" not in tensor, f"input '{name}' has both 'data' and binary_data_size; send one")
+            if "data" in tensor:
+                raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size; send one")
             feeds[name] = _from_binary(name, size, binary, offset, shape, spec.datatype)
             offset += size
         else:
-            _expect("data" in tensor, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+            if "data" not in tensor:
+                raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
             feeds[name] = _from_json(name, tensor["data"], shape, spec.datatype)
-        _expect(
-            rows in (0, shape[0]), f"input '{name}' has {shape[0]} rows but another input has {rows}; expected equal"
-        )
+        if rows not in (0, shape[0]):
+            raise InvalidInput(f"input '{name}' has {shape[0]} rows but another input has {rows}; expected equal")
         rows = shape[0]
     missing = [s for s in config.inputs if s.name not in feeds]
-    _expect(not missing, "missing input " + ", ".join(_spec_text(s) for s in missing))
-    _expect(
-        offset == len(binary),
-        f"{len(binary) - offset} bytes follow the binary tensors; binary_data_size of the inputs sums to {offset}",
-    )
+    if missing:
+        raise InvalidInput("missing input " + ", ".join(_spec_text(s) for s in missing))
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes follow the binary tensors; binary_data_size of the inputs sums to {offset}"
+        )
     return InferRequest(request_id, feeds, rows, _requested_outputs(doc, parameters, config), _timeout(parameters))
 
 
 def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: ModelConfig) -> list[RequestedOutput]:
     binary_default = parameters.get("binary_data_output", False)
-    _expect(type(binary_default) is bool, f"binary_data_output is {binary_default!r}; expected true or false")
+    if type(binary_default) is not bool:
+        raise InvalidInput(f"binary_data_output is {binary_default!r}; expected true or false")
     requested = doc.get("outputs")
     if requested is None:
         return [RequestedOutput(s.name, binary_default) for s in config.outputs]
     names = {s.name for s in config.outputs}
-    _expect(isinstance(requested, list), f"'outputs' is {requested!r}; expected a list of {{'name': ...}}")
+    if not isinstance(requested, list):
+        raise InvalidInput(f"'outputs' is {requested!r}; expected a list of {{'name': ...}}")
     outputs = []
     for output in requested:
         name = output.get("name") if isinstance(output, dict) else None
-        _expect(
-            isinstance(name, str) and name in names,
-            f"model {config.name} has no output {name!r}; expected one of " + ", ".join(sorted(names)),
-        )
+        if not (isinstance(name, str) and name in names):
+            raise InvalidInput(
+                f"model {config.name} has no output {name!r}; expected one of " + ", ".join(sorted(names))
+            )
         output_parameters = output.get("parameters") or {}
-        _expect(isinstance(output_parameters, dict), f"output '{name}' parameters must be an object")
+        if not isinstance(output_parameters, dict):
+            raise InvalidInput(f"output '{name}' parameters must be an object")
         binary = output_parameters.get("binary_data", binary_default)
-        _expect(type(binary) is bool, f"output '{name}' binary_data is {binary!r}; expected true or false")
+        if type(binary) is not bool:
+            raise InvalidInput(f"output '{name}' binary_data is {binary!r}; expected true or false")
         outputs.append(RequestedOutput(str(name), binary))
     return outputs
 
@@ -245,9 +251,8 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     timeout = parameters.get("timeout")
     if timeout is None:
         return None
-    _expect(
-        type(timeout) is int and timeout > 0, f"'timeout' is {timeout!r}; expected a positive number of microseconds"
-    )
+    if not (type(timeout) is int and timeout > 0):
+        raise InvalidInput(f"'timeout' is {timeout!r}; expected a positive number of microseconds")
     return float(timeout) / 1e6
 
 

@@ -81,7 +81,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     advice = "send fewer rows per request, or binary data, which is about 4x smaller than JSON"
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
         if int(declared) > limit:
             raise PayloadTooLarge(
@@ -117,12 +117,10 @@ async def _infer(state: ServiceState, request: Request, model_name: str, model_v
         timeout = infer.timeout_s if infer.timeout_s is not None else state.settings.request_timeout_ms / 1000
         outputs = await served.batcher.submit(infer.feeds, infer.rows, time.monotonic() + timeout)
     except ServeError as e:
-        if served is not None:
-            served.metrics.failure(e.reason)
-        else:
-            state.metrics.failure(
-                model_name if model_name in state.registry.models else "", model_version or "", e.reason
-            )
+        _count_failure(state, served, model_name, e.reason)
+        raise
+    except Exception:
+        _count_failure(state, served, model_name, "internal")
         raise
     datatypes = {s.name: s.datatype for s in served.config.outputs}
     content, header_length = encode_infer_response(
@@ -138,6 +136,15 @@ async def _infer(state: ServiceState, request: Request, model_name: str, model_v
     return Response(
         content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)}
     )
+
+
+def _count_failure(state: ServiceState, served: ServedVersion | None, model_name: str, reason: str) -> None:
+    """Label a failure with the version that served, else the model if it exists: never with a name the
+    client made up, which would add a time series per typo."""
+    if served is not None:
+        served.metrics.failure(reason)
+    else:
+        state.metrics.failure(model_name if model_name in state.registry.models else "", "", reason)
 
 
 @router.post("/v2/models/{model_name}/infer", summary="Infer with the newest ready version", openapi_extra=_OPENAPI)

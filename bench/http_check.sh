@@ -38,17 +38,23 @@ measure() {  # name url
 echo "| server | connections | requests/s | p50 | p99 | failures |"
 echo "|---|---|---|---|---|---|"
 
-NORMSERVE_PORT=8100 NORMSERVE_INTRA_OP_THREADS=1 NORMSERVE_LOG_LEVEL=warning taskset -c 0 $PY -m service &
+stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
+
+NORMSERVE_PORT=8100 NORMSERVE_INTRA_OP_THREADS=1 NORMSERVE_LOG_LEVEL=error taskset -c 0 $PY -m service &
+pid=$!
 wait_ready http://127.0.0.1:8100/v2/health/ready
 measure normserve http://127.0.0.1:8100/v2/models/cnn-bn/infer
-kill %1; wait %1 2>/dev/null || true
+stop $pid
 
 NAIVE_THREADS=1 taskset -c 0 .venv/bin/uvicorn bench.naive_app:app --port 8101 --log-level warning --no-access-log &
+pid=$!
 wait_ready http://127.0.0.1:8101/docs
 measure "naive FastAPI" http://127.0.0.1:8101/v2/models/cnn-bn/infer
-kill %2; wait %2 2>/dev/null || true
+stop $pid
 
 taskset -c 0 .venv/bin/uvicorn bench.bare_asgi:app --port 8102 --loop uvloop --http httptools --log-level warning \
   --no-access-log &
-sleep 1
+pid=$!
+wait_ready http://127.0.0.1:8102/
 measure "bare ASGI" http://127.0.0.1:8102/
+stop $pid

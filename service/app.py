@@ -8,16 +8,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.config import Settings
-from service.errors import ServeError
-from service.logs import request_id
+from service.errors import ServeError, render
 from service.metrics import Metrics
 from service.registry import Registry
-from service.routes import router
+from service.routes import ROUTERS
+from service.routes.inference import InferenceEndpoint, Receive, Scope, Send
 from service.state import ServiceState
 
 __all__ = ["create_app"]
@@ -29,14 +29,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
-    if not isinstance(exc, ServeError):  # registered for ServeError only
-        raise exc
-    if exc.status >= 500 and exc.reason == "internal":
-        log.error("%s", exc.message)
-    else:
-        log.debug("%d %s", exc.status, exc.message)
-    return _error(exc.status, exc.message, exc.headers)
+async def _rendered(request: Request, exc: Exception) -> Response:
+    """ServeError and unexpected exceptions alike: errors.render decides what the client hears."""
+    status, headers, body = render(exc)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -54,12 +50,25 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(400, f"invalid request: {problems}")
 
 
-async def _bug(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path)
-    return _error(500, f"internal server error (request id {request_id.get()}); the server log has the details")
+class NormserveApp(FastAPI):
+    """FastAPI, with inference requests handed straight to ``InferenceEndpoint``.
+
+    Everything else (health, metadata, the repository extension, metrics, the docs) goes through
+    FastAPI as usual. Inference skips FastAPI's middleware and router, which would cost more than
+    a small model's inference; errors on both paths go through the one mapping, errors.render.
+    """
+
+    inference: InferenceEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self.inference.match(scope)
+        if found is not None:
+            await self.inference(scope, receive, send, *found)
+        else:
+            await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> NormserveApp:
     """Build the app; models load and warm in its lifespan, before readiness turns true."""
     metrics = Metrics()
     state = ServiceState(settings, metrics, Registry(settings, metrics))
@@ -79,16 +88,18 @@ def create_app(settings: Settings) -> FastAPI:
             await state.registry.close()  # every accepted request finishes first
             log.info("stopped")
 
-    app = FastAPI(
+    app = NormserveApp(
         title="normserve",
         version=__version__,
         summary="BatchNorm-folded ONNX models over the Open Inference Protocol (KServe v2)",
         lifespan=lifespan,
     )
     app.state.normserve = state
-    app.include_router(router)
-    app.add_exception_handler(ServeError, _serve_error)
+    app.inference = InferenceEndpoint(state)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_exception_handler(ServeError, _rendered)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _bug)
+    app.add_exception_handler(Exception, _rendered)
     return app

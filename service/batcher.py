@@ -7,9 +7,11 @@ A request of several rows counts as that many rows and is never split across bat
 gets back exactly its own rows: BatchNorm's running statistics make a row's answer independent of
 the rows it shared a batch with.
 
-Small batches run on the event loop (a thread hop would cost more than the work); batches whose
-measured cost passes ``INLINE_BUDGET_S`` run on the batcher's own thread, so the loop keeps
-accepting and parsing requests meanwhile.
+Where a batch runs is decided from its cost, measured at warm-up, and from the cores the server
+may use. With a second core, a batch that costs more than ``OVERLAP_BUDGET_S`` runs on the
+batcher's own thread, so the loop parses the next requests on one core while onnxruntime computes
+on another. On a single core nothing can overlap, and the thread hop only adds context switches:
+batches run on the loop unless they would block it for more than ``LOOP_BLOCK_BUDGET_S``.
 """
 
 from __future__ import annotations
@@ -18,18 +20,34 @@ import asyncio
 import collections
 import concurrent.futures
 import enum
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from service.errors import DeadlineExceeded, NotReady, Overloaded, ServeError
 from service.metrics import ModelMetrics
 
-__all__ = ["INLINE_BUDGET_S", "Batcher", "BatchFailed"]
+__all__ = ["LOOP_BLOCK_BUDGET_S", "OVERLAP_BUDGET_S", "Batcher", "BatchFailed", "available_cores"]
 
-INLINE_BUDGET_S = 0.5e-3  # a batch expected to take longer than this runs off the event loop
+OVERLAP_BUDGET_S = 0.5e-3  # with 2+ cores, a batch longer than this runs on a thread: compute overlaps parsing
+LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset), capped by a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, int(quota) // int(period)))
+
 
 Feeds = dict[str, np.ndarray]
 Outputs = list[np.ndarray]
@@ -61,11 +79,12 @@ class Batcher:
     Args:
         name: the model and version, for messages.
         run: runs one batch, returning the outputs in a fixed order.
-        estimate: seconds a batch of n rows is expected to take (decides inline or threaded).
+        estimate: seconds a batch of n rows is expected to take (decides on the loop or on the thread).
         max_batch_size: rows per batch at most.
         max_queue_delay_s: how long the first request of a batch may wait for more.
         queue_limit: queued requests at most; past it, requests are refused with 503.
         metrics: this model version's metric children.
+        cores: the cores the server may use (see ``available_cores``).
     """
 
     def __init__(
@@ -77,6 +96,7 @@ class Batcher:
         max_queue_delay_s: float,
         queue_limit: int,
         metrics: ModelMetrics,
+        cores: int = 1,
     ) -> None:
         self.name = name
         self.max_batch_size = max_batch_size
@@ -84,6 +104,7 @@ class Batcher:
         self.queue_limit = queue_limit
         self._run = run
         self._estimate = estimate
+        self._loop_budget_s = OVERLAP_BUDGET_S if cores > 1 else LOOP_BLOCK_BUDGET_S
         self._metrics = metrics
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # requests in the queue that are still waiting (not expired)
@@ -220,7 +241,7 @@ class Batcher:
             feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
         start = time.perf_counter()
         try:
-            if self._estimate(rows) <= INLINE_BUDGET_S:
+            if self._estimate(rows) <= self._loop_budget_s:
                 outputs = self._run(feeds)
             else:
                 if self._thread is None:

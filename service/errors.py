@@ -6,6 +6,12 @@ says what was wrong and what was expected; the client receives it as ``{"error":
 
 from __future__ import annotations
 
+import logging
+
+import orjson
+
+from service.logs import request_id
+
 __all__ = [
     "DeadlineExceeded",
     "InvalidInput",
@@ -15,7 +21,10 @@ __all__ = [
     "PayloadTooLarge",
     "ServeError",
     "UnsupportedMediaType",
+    "render",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class ServeError(Exception):
@@ -76,3 +85,17 @@ class DeadlineExceeded(ServeError):
 
     status = 504
     reason = "deadline"
+
+
+def render(exc: Exception) -> tuple[int, dict[str, str], bytes]:
+    """The one mapping from an exception to what the client receives: status, headers, JSON body.
+
+    A ServeError carries its status and message. Anything else is a bug: it is logged with its
+    traceback and the client gets a 500 naming the request id, never the traceback.
+    """
+    if isinstance(exc, ServeError):
+        log.log(logging.ERROR if exc.status == 500 else logging.DEBUG, "%d %s", exc.status, exc.message)
+        return exc.status, exc.headers, orjson.dumps({"error": exc.message})
+    log.error("unhandled error", exc_info=exc)
+    message = f"internal server error (request id {request_id.get()}); the server log has the details"
+    return 500, {}, orjson.dumps({"error": message})

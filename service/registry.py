@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher
+from service.batcher import Batcher, available_cores
 from service.config import BatchingSettings, Settings
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.metrics import Metrics, ModelMetrics
@@ -48,6 +49,10 @@ class ServedVersion:
     @property
     def config(self) -> ModelConfig:
         return self.version.config
+
+    @functools.cached_property
+    def output_datatypes(self) -> dict[str, str]:
+        return {s.name: s.datatype for s in self.version.config.outputs}
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Registry:
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reported_fallbacks: set[str] = set()
+        self.cores = available_cores()
 
     # -- lookups (the hot path) --
 
@@ -272,6 +278,7 @@ class Registry:
             batching.max_queue_delay_s,
             batching.queue_limit,
             metrics,
+            self.cores,
         )
         return VersionState(
             version, ModelState.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics)

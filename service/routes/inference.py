@@ -1,61 +1,120 @@
 """POST /v2/models/{m}[/versions/{v}]/infer: the hot path.
 
-The endpoint takes the raw request rather than a pydantic body: parsing nested JSON lists into
-models costs more than the inference of a small model. protocol.py checks every field by hand.
+``InferenceEndpoint`` is a plain ASGI handler that the app calls ahead of FastAPI's middleware and
+router (see ``service.app.NormserveApp``): for a small model those layers would cost more than the
+inference itself. It reads the raw body, never a pydantic model: protocol.py checks every field by
+hand. The FastAPI routes below document the same paths in OpenAPI and call the same ``infer``, so
+they answer correctly wherever the fast path is not in front (an app mounted under a prefix).
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import time
 import zlib
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType
+from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
 from service.logs import request_id
-from service.protocol import (
-    HEADER_LENGTH,
-    InferenceRequestSchema,
-    InferenceResponseSchema,
-    encode_infer_response,
-    parse_infer_request,
-)
+from service.protocol import InferenceRequestSchema, InferenceResponseSchema, encode_infer_response, parse_infer_request
 from service.registry import ServedVersion
 from service.state import ServiceState, service_state
 
-__all__ = ["read_body", "router"]
+__all__ = ["InferenceEndpoint", "RequestHeaders", "infer", "router"]
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 router = APIRouter(tags=["inference"])
 
 _ACCEPTED_TYPES = ("application/json", "application/octet-stream")
 _ACCEPTED_ENCODINGS = ("identity", "gzip", "deflate")
+_TOO_LARGE_ADVICE = "send fewer rows per request, or binary data, which is about 4x smaller than JSON"
 _ids = itertools.count(1)
 
-_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": InferenceRequestSchema.model_json_schema()}},
-    },
-    "responses": {"200": {"content": {"application/json": {"schema": InferenceResponseSchema.model_json_schema()}}}},
+
+@dataclass(slots=True)
+class RequestHeaders:
+    """The few request headers inference reads, taken from the ASGI scope in one pass."""
+
+    content_type: str | None = None
+    content_length: str | None = None
+    content_encoding: str | None = None
+    header_length: str | None = None  # Inference-Header-Content-Length
+    request_id: str | None = None
+
+    @classmethod
+    def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
+        headers = cls()
+        for key, value in raw:  # ASGI header names are lower-case
+            field = _FIELDS.get(key)
+            if field is not None:
+                setattr(headers, field, value.decode("latin-1"))
+        return headers
+
+
+_FIELDS = {
+    b"content-type": "content_type",
+    b"content-length": "content_length",
+    b"content-encoding": "content_encoding",
+    b"inference-header-content-length": "header_length",
+    b"x-request-id": "request_id",
 }
 
 
-def _check_content_type(request: Request) -> None:
-    content_type = request.headers.get("content-type")
-    if content_type is not None:
-        media = content_type.partition(";")[0].strip().lower()
+def _check_content_type(headers: RequestHeaders) -> str:
+    """The body's encoding, once the media type and encoding are known to be ones we read."""
+    if headers.content_type is not None:
+        media = headers.content_type.partition(";")[0].strip().lower()
         if media not in _ACCEPTED_TYPES:
             raise UnsupportedMediaType(
-                f"Content-Type {content_type!r} is not supported; send application/json "
+                f"Content-Type {headers.content_type!r} is not supported; send application/json "
                 "(or application/octet-stream with Inference-Header-Content-Length for binary data)"
             )
-    encoding = request.headers.get("content-encoding")
-    if encoding is not None and encoding.strip().lower() not in _ACCEPTED_ENCODINGS:
+    encoding = (headers.content_encoding or "identity").strip().lower()
+    if encoding not in _ACCEPTED_ENCODINGS:
         raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed, or as gzip or deflate"
+            f"Content-Encoding {headers.content_encoding!r} is not supported; send the body uncompressed, "
+            "or as gzip or deflate"
         )
+    return encoding
+
+
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes:
+    from its Content-Length before reading any of it, or while it streams in."""
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"the body is {declared} bytes; this server accepts at most {limit} "
+                f"(NORMSERVE_MAX_BODY_BYTES): {_TOO_LARGE_ADVICE}"
+            )
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the body passed {limit} bytes, the most this server accepts (NORMSERVE_MAX_BODY_BYTES): "
+                + _TOO_LARGE_ADVICE
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -76,68 +135,6 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return body
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    advice = "send fewer rows per request, or binary data, which is about 4x smaller than JSON"
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
-        if int(declared) > limit:
-            raise PayloadTooLarge(
-                f"the body is {declared} bytes; this server accepts at most {limit} "
-                f"(NORMSERVE_MAX_BODY_BYTES): {advice}"
-            )
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"the body passed {limit} bytes, the most this server accepts (NORMSERVE_MAX_BODY_BYTES): {advice}"
-            )
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _infer(state: ServiceState, request: Request, model_name: str, model_version: str | None) -> Response:
-    request_id.set(request.headers.get("x-request-id") or f"r{next(_ids)}")
-    served: ServedVersion | None = None
-    try:
-        _check_content_type(request)
-        body = await read_body(request, state.settings.max_body_bytes)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
-            body = _decompress(body, encoding, state.settings.max_body_bytes)
-        # No await from here to submit: a reload cannot retire the version between lookup and queueing.
-        served = state.registry.get(model_name, model_version)
-        infer = parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH), served.config, served.batching.max_batch_size
-        )
-        timeout = infer.timeout_s if infer.timeout_s is not None else state.settings.request_timeout_ms / 1000
-        outputs = await served.batcher.submit(infer.feeds, infer.rows, time.monotonic() + timeout)
-    except ServeError as e:
-        _count_failure(state, served, model_name, e.reason)
-        raise
-    except Exception:
-        _count_failure(state, served, model_name, "internal")
-        raise
-    datatypes = {s.name: s.datatype for s in served.config.outputs}
-    content, header_length = encode_infer_response(
-        model_name,
-        served.version.version,
-        infer,
-        dict(zip(served.runtime.output_names, outputs, strict=True)),
-        datatypes,
-    )
-    served.metrics.success.inc()
-    if header_length is None:
-        return Response(content, media_type="application/json")
-    return Response(
-        content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)}
-    )
-
-
 def _count_failure(state: ServiceState, served: ServedVersion | None, model_name: str, reason: str) -> None:
     """Label a failure with the version that served, else the model if it exists: never with a name the
     client made up, which would add a time series per typo."""
@@ -147,13 +144,100 @@ def _count_failure(state: ServiceState, served: ServedVersion | None, model_name
         state.metrics.failure(model_name if model_name in state.registry.models else "", "", reason)
 
 
+async def infer(
+    state: ServiceState, model_name: str, model_version: str | None, headers: RequestHeaders, receive: Receive
+) -> tuple[bytes, int | None]:
+    """Answer one inference request: the response body, and the length of its JSON header when
+    binary tensors follow it. Raises ServeError for anything the client should hear about."""
+    request_id.set(headers.request_id or f"r{next(_ids)}")
+    served: ServedVersion | None = None
+    try:
+        encoding = _check_content_type(headers)
+        body = await read_body(receive, headers.content_length, state.settings.max_body_bytes)
+        if encoding != "identity":
+            body = _decompress(body, encoding, state.settings.max_body_bytes)
+        # No await from here to submit: a reload cannot retire the version between lookup and queueing.
+        served = state.registry.get(model_name, model_version)
+        request = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
+        timeout = request.timeout_s if request.timeout_s is not None else state.settings.request_timeout_ms / 1000
+        outputs = await served.batcher.submit(request.feeds, request.rows, time.monotonic() + timeout)
+        response = encode_infer_response(
+            model_name,
+            served.version.version,
+            request,
+            dict(zip(served.runtime.output_names, outputs, strict=True)),
+            served.output_datatypes,
+        )
+    except ServeError as e:
+        _count_failure(state, served, model_name, e.reason)
+        raise
+    except Exception:
+        _count_failure(state, served, model_name, "internal")
+        raise
+    served.metrics.success.inc()
+    return response
+
+
+def _response_headers(body: bytes, header_length: int | None) -> list[tuple[bytes, bytes]]:
+    if header_length is None:
+        return [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    return [
+        (b"content-type", b"application/octet-stream"),
+        (b"content-length", b"%d" % len(body)),
+        (b"inference-header-content-length", b"%d" % header_length),
+    ]
+
+
+class InferenceEndpoint:
+    """The ASGI handler for inference requests, called by the app before FastAPI's stack."""
+
+    PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    def match(self, scope: Scope) -> tuple[str, str | None] | None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        found = self.PATH.fullmatch(scope["path"])
+        return (found[1], found[2]) if found else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+        try:
+            body, header_length = await infer(
+                self.state, model, version, RequestHeaders.from_raw(scope["headers"]), receive
+            )
+            status, headers = 200, _response_headers(body, header_length)
+        except Exception as e:
+            status, extra, body = render(e)
+            headers = _response_headers(body, None) + [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": InferenceRequestSchema.model_json_schema()}},
+    },
+    "responses": {"200": {"content": {"application/json": {"schema": InferenceResponseSchema.model_json_schema()}}}},
+}
+
+
+async def _routed(request: Request, model_name: str, model_version: str | None) -> Response:
+    headers = RequestHeaders.from_raw(request.scope["headers"])
+    body, header_length = await infer(service_state(request), model_name, model_version, headers, request.receive)
+    raw = _response_headers(body, header_length)
+    return Response(body, headers={k.decode(): v.decode() for k, v in raw if k != b"content-length"})
+
+
 @router.post("/v2/models/{model_name}/infer", summary="Infer with the newest ready version", openapi_extra=_OPENAPI)
-async def infer(request: Request, model_name: str) -> Response:
-    return await _infer(service_state(request), request, model_name, None)
+async def infer_latest(request: Request, model_name: str) -> Response:
+    return await _routed(request, model_name, None)
 
 
 @router.post(
     "/v2/models/{model_name}/versions/{model_version}/infer", summary="Infer with one version", openapi_extra=_OPENAPI
 )
 async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
-    return await _infer(service_state(request), request, model_name, model_version)
+    return await _routed(request, model_name, model_version)

@@ -42,7 +42,7 @@ class FakeModel:
 
 
 def make_batcher(model: FakeModel, **kwargs: float) -> Batcher:
-    settings = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "queue_limit": 100} | kwargs
+    settings = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "queue_limit": 100, "cores": 1} | kwargs
     return Batcher(
         "fake version 1",
         model.run,
@@ -51,6 +51,7 @@ def make_batcher(model: FakeModel, **kwargs: float) -> Batcher:
         settings["max_queue_delay_s"],
         int(settings["queue_limit"]),
         Metrics().model("fake", "1"),
+        int(settings["cores"]),
     )
 
 
@@ -156,10 +157,18 @@ async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> N
     await batcher.stop()
 
 
-@pytest.mark.parametrize(("cost_s", "on_loop"), [(1e-5, True), (0.05, False)])
-async def test_cheap_batches_run_on_the_loop_and_costly_ones_on_a_thread(cost_s: float, on_loop: bool) -> None:
+@pytest.mark.parametrize(
+    ("cores", "cost_s", "on_loop"),
+    [
+        (2, 1e-5, True),  # a thread hop would cost more than the work
+        (2, 5e-3, False),  # a second core computes while the loop parses the next requests
+        (1, 5e-3, True),  # one core: nothing to overlap with, so no hop
+        (1, 50e-3, False),  # but never block the loop for long
+    ],
+)
+async def test_where_a_batch_runs_follows_its_cost_and_the_cores(cores: int, cost_s: float, on_loop: bool) -> None:
     model = FakeModel(cost_s=cost_s)
-    batcher = make_batcher(model)
+    batcher = make_batcher(model, cores=cores)
     batcher.start()
     await batcher.submit(rows(0, 1), 1, later())
     await batcher.stop()

@@ -1,0 +1,66 @@
+"""The app factory: inference served ahead of FastAPI's stack, and the same answers through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI, Request, Response
+
+from service.app import create_app
+from service.config import Settings
+from service.routes import inference
+from tests.service.conftest import affine_expected, infer_json
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_mounted_under_a_prefix_inference_goes_through_fastapi_and_answers_the_same(
+    built_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routed: list[str] = []  # requests that went through FastAPI's router rather than the fast path
+    through_fastapi = inference._routed
+
+    async def spy(request: Request, model_name: str, model_version: str | None) -> Response:
+        routed.append(request.url.path)
+        return await through_fastapi(request, model_name, model_version)
+
+    monkeypatch.setattr(inference, "_routed", spy)
+    app = create_app(Settings(repository=built_repository, provider="cpu"))
+    outer = FastAPI()
+    outer.mount("/normserve", app)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    async with app.router.lifespan_context(app):
+        for target, prefix in ((app, ""), (outer, "/normserve")):
+            transport = httpx.ASGITransport(app=target)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                good = await client.post(f"{prefix}/v2/models/affine/infer", json=infer_json("x", x, id="7"))
+                bad = await client.post(f"{prefix}/v2/models/affine/versions/1/infer", json=infer_json("x", x[:, :3]))
+                binary = await client.post(
+                    f"{prefix}/v2/models/affine/infer",
+                    json=infer_json("x", x, outputs=[{"name": "total", "parameters": {"binary_data": True}}]),
+                )
+            assert len(routed) == (3 if prefix else 0)
+            routed.clear()
+            assert good.status_code == 200 and good.json()["id"] == "7"
+            y = np.array(good.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, 3)
+            np.testing.assert_allclose(y, affine_expected(x)[0], rtol=1e-6)
+            assert bad.status_code == 400 and "expected [-1, 4]" in bad.json()["error"]
+            header_length = int(binary.headers["Inference-Header-Content-Length"])
+            total = np.frombuffer(binary.content[header_length:], dtype=np.float32)
+            np.testing.assert_allclose(total, affine_expected(x)[1].ravel(), rtol=1e-6)
+
+
+def test_the_openapi_page_documents_the_inference_routes(built_repository: Path) -> None:
+    schema = create_app(Settings(repository=built_repository)).openapi()
+    for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "inputs" in body["properties"]
+    assert {"/v2/health/ready", "/v2/repository/index", "/metrics"} <= set(schema["paths"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,22 +71,31 @@ class NormserveApp(FastAPI):
 
 
 def create_app(settings: Settings) -> NormserveApp:
-    """Build the app; models load and warm in its lifespan, before readiness turns true."""
+    """Build the app. Models load and warm in its lifespan, in the background: the server is live at
+    once and turns ready when every model that loaded is warm."""
     metrics = Metrics()
     state = ServiceState(settings, metrics, Registry(settings, metrics))
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def load() -> None:
         await state.registry.load_all()
         state.started = True
         served = sum(v.served is not None for e in state.registry.models.values() for v in e.versions.values())
         log.info("serving %d model versions from %s", served, settings.repository)
         for reason in state.not_ready_reasons():
             log.error("not ready: %s", reason)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: the server listens at once, live but not ready until every model is warm.
+        loading = asyncio.create_task(load(), name="load models")
         try:
             yield
         finally:
             state.shutting_down = True
+            if not loading.done():
+                loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
             await state.registry.close()  # every accepted request finishes first
             log.info("stopped")
 

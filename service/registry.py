@@ -154,8 +154,11 @@ class Registry:
         for name in self.settings.models:
             if not (root / name).is_dir():
                 log.warning("NORMSERVE_MODELS configures %r, which is not in %s", name, root)
-        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            await self.load(model_dir.name)
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for name in names:  # known from the start: a request for a model not loaded yet gets 503, not 404
+            self.models.setdefault(name, ModelEntry(name, reason="waiting to load"))
+        for name in names:
+            await self.load(name)
 
     def repository_names(self) -> list[str]:
         root = self.settings.repository
@@ -173,7 +176,8 @@ class Registry:
             raise ModelNotFound(f"the repository {self.settings.repository} has no model {name!r}")
         async with self._lock(name):
             old = self.models.get(name)
-            if old is None:
+            if old is None or not old.versions:
+                old = None  # nothing served yet: nothing to retire
                 self.models[name] = ModelEntry(name, reason="loading")
             new = await asyncio.to_thread(self._build, model_dir)
             for state in new.versions.values():

@@ -126,7 +126,7 @@ class RunningServer:
     def __enter__(self) -> RunningServer:
         self.thread.start()
         deadline = time.monotonic() + 60
-        while not self.server.started:
+        while not (self.server.started and self.app.state.normserve.started):  # listening, and models loaded
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
             time.sleep(0.01)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -12,9 +16,8 @@ from fastapi import FastAPI, Request, Response
 from service.app import create_app
 from service.config import Settings
 from service.routes import inference
-from tests.service.conftest import affine_expected, infer_json
-
-pytestmark = pytest.mark.anyio
+from service.runtime import Runtime
+from tests.service.conftest import RunningServer, affine_expected, free_port, infer_json
 
 
 @pytest.fixture
@@ -22,6 +25,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.mark.anyio
 async def test_mounted_under_a_prefix_inference_goes_through_fastapi_and_answers_the_same(
     built_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -38,6 +42,8 @@ async def test_mounted_under_a_prefix_inference_goes_through_fastapi_and_answers
     outer.mount("/normserve", app)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     async with app.router.lifespan_context(app):
+        while not app.state.normserve.started:  # models load in the background
+            await asyncio.sleep(0.01)
         for target, prefix in ((app, ""), (outer, "/normserve")):
             transport = httpx.ASGITransport(app=target)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -64,3 +70,36 @@ def test_the_openapi_page_documents_the_inference_routes(built_repository: Path)
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert "inputs" in body["properties"]
     assert {"/v2/health/ready", "/v2/repository/index", "/metrics"} <= set(schema["paths"])
+
+
+def test_the_server_is_live_at_once_and_ready_only_when_every_model_is_warm(
+    built_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warmed = threading.Event()
+    warm = Runtime.warm
+
+    def slow_warm(self: Runtime, *args: Any, **kwargs: Any) -> None:
+        warmed.wait(timeout=30)
+        warm(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "warm", slow_warm)
+    server = RunningServer(Settings(repository=built_repository, port=free_port(), provider="cpu"))
+    server.thread.start()
+    try:
+        while not server.server.started:
+            time.sleep(0.01)
+        assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503 and "loading" in ready.json()["error"]
+        early = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.ones((1, 4), np.float32)))
+        assert early.status_code == 503 and "not ready" in early.json()["error"]
+        warmed.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the server never turned ready"
+            time.sleep(0.02)
+        good = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.ones((1, 4), np.float32)))
+        assert good.status_code == 200
+    finally:
+        warmed.set()
+        server.__exit__()

@@ -179,3 +179,28 @@ async def test_a_model_onnxruntime_refuses_is_reported_with_onnxruntime_reason(
         response = httpx.get(f"{server.url}/v2/models/{CNN}/versions/1/ready")
         assert response.status_code == 503 and "ONNXRuntimeError" in response.json()["error"]
         assert httpx.get(f"{server.url}/v2/models/affine/ready").status_code == 200
+
+
+async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> None:
+    sizes = [1, 2, 3, 4, 1, 2]
+    with serve(max_queue_delay_ms=50) as server:
+        url = f"{server.url}/v2/models/affine/infer"
+        async with httpx.AsyncClient(timeout=30) as client:
+            answers = await asyncio.gather(
+                *(client.post(url, json=infer_json("x", np.ones((n, 4), np.float32))) for n in sizes)
+            )
+            await client.post(url, json=infer_json("x", np.ones((1, 5), np.float32)))  # a 400
+        labels = {"model": "affine", "version": "1"}
+        metric = server.metric
+        assert {a.status_code for a in answers} == {200}
+        assert metric("normserve_request_success_total", **labels) == len(sizes)
+        assert metric("normserve_request_failure_total", **labels, reason="invalid_input") == 1
+        assert metric("normserve_inference_count_total", **labels) == sum(sizes)
+        executions = metric("normserve_execution_count_total", **labels)
+        assert 1 <= executions < len(sizes)  # the 50 ms delay gathered them
+        assert metric("normserve_batch_size_count", **labels) == executions
+        assert metric("normserve_batch_size_sum", **labels) == sum(sizes)
+        assert metric("normserve_compute_duration_seconds_count", **labels) == executions
+        assert metric("normserve_queue_duration_seconds_count", **labels) == len(sizes)
+        assert metric("normserve_pending_requests", **labels) == 0
+        assert metric("normserve_model_ready", **labels) == 1

@@ -1,0 +1,50 @@
+"""Settings: read from NORMSERVE_* variables, checked, combined per model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings
+
+
+def test_settings_come_from_prefixed_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NORMSERVE_REPOSITORY", "/srv/models")
+    monkeypatch.setenv("NORMSERVE_PORT", "9000")
+    monkeypatch.setenv("NORMSERVE_PROVIDER", "cuda")
+    monkeypatch.setenv("NORMSERVE_REQUIRE_GPU", "true")
+    monkeypatch.setenv("NORMSERVE_MAX_QUEUE_DELAY_MS", "2.5")
+    monkeypatch.setenv("NORMSERVE_MODELS", '{"resnet18-bn": {"max_batch_size": 8, "max_queue_delay_ms": 5}}')
+    settings = Settings()
+    assert settings.repository == Path("/srv/models") and settings.port == 9000
+    assert settings.provider == "cuda" and settings.require_gpu
+    assert settings.models["resnet18-bn"].max_batch_size == 8
+
+
+def test_per_model_batching_combines_override_default_and_the_verified_batch_size() -> None:
+    settings = Settings(max_queue_delay_ms=2, max_batch_size=16, models={"big": {"max_batch_size": 4}})
+    big = settings.batching("big", model_max_batch_size=32)
+    assert (big.max_batch_size, big.max_queue_delay_s) == (4, 0.002)
+    other = settings.batching("other", model_max_batch_size=64)
+    assert other.max_batch_size == 16  # the server-wide cap
+    assert settings.batching("small", model_max_batch_size=8).max_batch_size == 8  # never past what was verified
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("NORMSERVE_PROVIDER", "tpu", "provider"),
+        ("NORMSERVE_QUEUE_LIMIT", "0", "queue_limit"),
+        ("NORMSERVE_MODELS", '{"m": {"max_batch_size": 0}}', "max_batch_size"),
+        ("NORMSERVE_MODELS", '{"m": {"batch": 4}}', "batch"),
+        ("NORMSERVE_MAX_QUEUE_DELAY_MS", "-1", "max_queue_delay_ms"),
+    ],
+)
+def test_a_bad_setting_is_refused_at_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=named):
+        Settings()

@@ -42,5 +42,7 @@ def infer(model_name: str, request: InferenceRequest) -> dict[str, object]:
     (logits,) = session.run(None, {tensor.name: x})
     return {
         "model_name": model_name,
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": list(logits.shape), "data": logits.ravel().tolist()}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": list(logits.shape), "data": logits.ravel().tolist()}
+        ],
     }

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import concurrent.futures
 import enum
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from service.errors import DeadlineExceeded, NotReady, Overloaded, ServeError
 from service.metrics import ModelMetrics
 
 __all__ = ["LOOP_BLOCK_BUDGET_S", "OVERLAP_BUDGET_S", "Batcher", "BatchFailed", "available_cores"]
+
+log = logging.getLogger(__name__)
 
 OVERLAP_BUDGET_S = 0.5e-3  # with 2+ cores, a batch longer than this runs on a thread: compute overlaps parsing
 LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
@@ -235,19 +238,20 @@ class Batcher:
 
     async def _execute(self, batch: list[_Request]) -> None:
         rows = sum(r.rows for r in batch)
-        if len(batch) == 1:
-            feeds = batch[0].feeds
-        else:
-            feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
         start = time.perf_counter()
         try:
+            if len(batch) == 1:
+                feeds = batch[0].feeds
+            else:
+                feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
             if self._estimate(rows) <= self._loop_budget_s:
                 outputs = self._run(feeds)
             else:
                 if self._thread is None:
                     self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run {self.name}")
                 outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._run, feeds)
-        except Exception as e:  # onnxruntime rejected inputs the protocol layer validated: a bug
+        except Exception as e:  # inputs the protocol layer validated were refused: a bug, but the worker goes on
+            log.exception("model %s failed to run a batch of %d rows", self.name, rows)
             error = BatchFailed(f"model {self.name} failed to run a batch of {rows} rows: {e}")
             for request in batch:
                 if not request.future.done():

@@ -168,7 +168,11 @@ class Registry:
         return sorted(on_disk | set(self.models))
 
     async def load(self, name: str) -> ModelEntry:
-        """Load (or reload) one model from the repository; swap it in once every version is warm."""
+        """Load (or reload) one model from the repository; swap it in once every version is warm.
+
+        Returns the entry as loaded. When a reload loads no version at all, the versions already
+        serving stay, and the returned entry (not swapped in) says why the reload failed.
+        """
         if not _valid_name(name):
             raise InvalidInput(f"{name!r} is not a model name; expected letters, digits and . _ - (a folder name)")
         model_dir = self.settings.repository / name
@@ -180,6 +184,10 @@ class Registry:
                 old = None  # nothing served yet: nothing to retire
                 self.models[name] = ModelEntry(name, reason="loading")
             new = await asyncio.to_thread(self._build, model_dir)
+            if old is not None and new.latest_ready() is None:
+                # As Triton does: a reload that loads nothing leaves the versions that serve in place.
+                log.error("reloading %s failed, its loaded versions keep serving: %s", name, self.reason(new))
+                return new
             for state in new.versions.values():
                 if state.served is not None:
                     state.served.batcher.start()
@@ -215,9 +223,11 @@ class Registry:
 
     async def unload(self, name: str) -> None:
         """Stop serving a model: new requests get 404, those it accepted still finish."""
-        entry = self.entry(name)
+        self.entry(name)  # 404 for a model this server does not have
         async with self._lock(name):
-            del self.models[name]
+            entry = self.models.pop(name, None)
+            if entry is None:  # unloaded while this call waited for the lock
+                raise ModelNotFound(f"model {name!r} is already unloaded")
             await self._retire(entry, keep=None)
         log.info("unloaded %s", name)
 

@@ -37,7 +37,11 @@ async def load(request: Request, model_name: str) -> dict[str, Any]:
     registry = service_state(request).registry
     entry = await registry.load(model_name)
     if entry.latest_ready() is None:
-        raise NotReady(f"model {model_name!r} failed to load: {registry.reason(entry)}")
+        kept = registry.models.get(model_name) is not entry
+        raise NotReady(
+            f"model {model_name!r} failed to load: {registry.reason(entry)}"
+            + ("; the versions loaded before keep serving" if kept else "")
+        )
     return {
         "name": model_name,
         "versions": {v.version: {"state": v.state, "reason": v.reason} for v in entry.versions.values()},

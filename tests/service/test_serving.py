@@ -204,3 +204,15 @@ async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> N
         assert metric("normserve_queue_duration_seconds_count", **labels) == len(sizes)
         assert metric("normserve_pending_requests", **labels) == 0
         assert metric("normserve_model_ready", **labels) == 1
+
+
+async def test_a_reload_that_fails_leaves_the_loaded_version_serving(serve: ServeFactory, repository: Path) -> None:
+    x = np.ones((1, 4), dtype=np.float32)
+    with serve(repository=repository) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            (repository / "affine" / "1" / "model.onnx").write_bytes(b"broken after loading")
+            reload = await client.post(f"{server.url}/v2/repository/models/affine/load")
+            assert reload.status_code == 503
+            assert "sha256" in reload.json()["error"] and "keep serving" in reload.json()["error"]
+            still = await client.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", x))
+            np.testing.assert_allclose(logits(still), affine_expected(x)[0], rtol=1e-6)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -77,7 +76,11 @@ def create_app(settings: Settings) -> NormserveApp:
     state = ServiceState(settings, metrics, Registry(settings, metrics))
 
     async def load() -> None:
-        await state.registry.load_all()
+        try:
+            await state.registry.load_all()
+        except Exception as e:  # a bug: say so in readiness rather than load forever
+            log.exception("loading the models failed")
+            state.load_error = f"loading the models failed: {e}"
         state.started = True
         served = sum(v.served is not None for e in state.registry.models.values() for v in e.versions.values())
         log.info("serving %d model versions from %s", served, settings.repository)
@@ -94,10 +97,13 @@ def create_app(settings: Settings) -> NormserveApp:
             state.shutting_down = True
             if not loading.done():
                 loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await loading
-            await state.registry.close()  # every accepted request finishes first
-            log.info("stopped")
+            except asyncio.CancelledError:
+                pass
+            finally:
+                await state.registry.close()  # every accepted request finishes first
+                log.info("stopped")
 
     app = NormserveApp(
         title="normserve",

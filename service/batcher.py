@@ -72,6 +72,7 @@ class _Request:
     rows: int
     future: asyncio.Future[Outputs]
     enqueued: float
+    deadline: float
     state: _State = _State.QUEUED
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -153,7 +154,7 @@ class Batcher:
                 f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
             )
         loop = asyncio.get_running_loop()
-        request = _Request(feeds, rows, loop.create_future(), time.monotonic())
+        request = _Request(feeds, rows, loop.create_future(), time.monotonic(), deadline)
         request.timer = loop.call_at(loop.time() + (deadline - request.enqueued), self._expire, request)
         self._queue.append(request)
         self._queued += 1
@@ -198,6 +199,7 @@ class Batcher:
             batch = self._take()
             if batch:
                 await self._execute(batch)
+            await asyncio.sleep(0)  # after a batch on the loop: let timers and the other requests run
 
     async def _wait_for_rows(self, until: float) -> None:
         """Sleep until the batch is full or ``until`` (monotonic) has come."""
@@ -220,6 +222,10 @@ class Batcher:
         while self._queue:
             request = self._queue[0]
             if request.state is not _State.QUEUED:
+                self._queue.popleft()
+                continue
+            if request.deadline <= now:  # its timer could not fire while the loop was busy
+                self._expire(request)
                 self._queue.popleft()
                 continue
             if rows + request.rows > self.max_batch_size:

@@ -28,7 +28,6 @@ from service.repository import ModelConfig, TensorSpec
 from service.runtime import DTYPES
 
 __all__ = [
-    "HEADER_LENGTH",
     "InferRequest",
     "InferenceRequestSchema",
     "InferenceResponseSchema",
@@ -37,7 +36,6 @@ __all__ = [
     "parse_infer_request",
 ]
 
-HEADER_LENGTH = "inference-header-content-length"
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 

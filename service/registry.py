@@ -20,7 +20,7 @@ import numpy as np
 
 from service.batcher import Batcher, available_cores
 from service.config import BatchingSettings, Settings
-from service.errors import InvalidInput, ModelNotFound, NotReady
+from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
 from service.metrics import Metrics, ModelMetrics
 from service.repository import NAME_PATTERN, ModelConfig, ModelVersion, list_versions, load_config, load_version
 from service.runtime import CUDA, DTYPES, Runtime
@@ -70,7 +70,8 @@ class ModelEntry:
     name: str
     config: ModelConfig | None = None
     versions: dict[str, VersionState] = field(default_factory=dict)
-    reason: str = ""  # why the model as a whole is unavailable (bad config, no versions)
+    state: ModelState = ModelState.UNAVAILABLE  # of the model as a whole, while it has no versions
+    reason: str = ""  # why the model as a whole is unavailable (bad config, no versions) or still loading
 
     def latest_ready(self) -> ServedVersion | None:
         ready = [v for v in self.versions.values() if v.served is not None]
@@ -95,10 +96,7 @@ class Registry:
 
     def get(self, name: str, version: str | None = None) -> ServedVersion:
         """The served version to run a request on: ``version``, or the newest that is ready."""
-        entry = self.models.get(name)
-        if entry is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+        entry = self.entry(name)
         if version is None:
             served = entry.latest_ready()
             if served is None:
@@ -113,6 +111,7 @@ class Registry:
         return state.served
 
     def entry(self, name: str) -> ModelEntry:
+        """The model's entry, served or not; 404 when the server does not have it."""
         entry = self.models.get(name)
         if entry is None:
             known = ", ".join(sorted(self.models)) or "none"
@@ -154,17 +153,26 @@ class Registry:
         for name in self.settings.models:
             if not (root / name).is_dir():
                 log.warning("NORMSERVE_MODELS configures %r, which is not in %s", name, root)
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = []
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if _valid_name(folder.name):
+                names.append(folder.name)
+            else:  # lost+found, __pycache__: not a model, and not a reason to stop loading the others
+                log.warning("skipping %s: a model's folder name is letters, digits and . _ -", folder)
         for name in names:  # known from the start: a request for a model not loaded yet gets 503, not 404
-            self.models.setdefault(name, ModelEntry(name, reason="waiting to load"))
+            self.models.setdefault(name, ModelEntry(name, state=ModelState.LOADING, reason="waiting to load"))
         for name in names:
-            await self.load(name)
+            if name not in self.models:
+                continue  # unloaded before its turn came
+            try:
+                await self.load(name)
+            except ServeError as e:  # the folder went away meanwhile
+                self.models.pop(name, None)
+                log.error("cannot load %s: %s", name, e.message)
 
     def repository_names(self) -> list[str]:
         root = self.settings.repository
-        on_disk = (
-            {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")} if root.is_dir() else set()
-        )
+        on_disk = {p.name for p in root.iterdir() if p.is_dir() and _valid_name(p.name)} if root.is_dir() else set()
         return sorted(on_disk | set(self.models))
 
     async def load(self, name: str) -> ModelEntry:
@@ -182,9 +190,9 @@ class Registry:
             old = self.models.get(name)
             if old is None or not old.versions:
                 old = None  # nothing served yet: nothing to retire
-                self.models[name] = ModelEntry(name, reason="loading")
+                self.models[name] = ModelEntry(name, state=ModelState.LOADING, reason="loading")
             new = await asyncio.to_thread(self._build, model_dir)
-            if old is not None and new.latest_ready() is None:
+            if old is not None and old.latest_ready() is not None and new.latest_ready() is None:
                 # As Triton does: a reload that loads nothing leaves the versions that serve in place.
                 log.error("reloading %s failed, its loaded versions keep serving: %s", name, self.reason(new))
                 return new
@@ -242,8 +250,12 @@ class Registry:
             if state.served is not None:
                 await state.served.batcher.stop()
                 replacement = keep.versions.get(state.version) if keep is not None else None
-                if replacement is None or replacement.served is None:
+                successor = replacement.served if replacement is not None else None
+                provider = state.served.runtime.provider.provider
+                if successor is None:
                     self._unpublish(entry.name, state.version, state.served)
+                elif successor.runtime.provider.provider != provider:  # the old provider no longer runs it
+                    self.metrics.provider.labels(entry.name, state.version, provider).set(0)
 
     def _publish(self, name: str, state: VersionState) -> None:
         served = state.served

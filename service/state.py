@@ -20,12 +20,15 @@ class ServiceState:
     registry: Registry
     started: bool = False
     shutting_down: bool = False
+    load_error: str = ""
 
     def not_ready_reasons(self) -> list[str]:
         if self.shutting_down:
             return ["the server is shutting down"]
         if not self.started:
             return ["models are still loading and warming up"]
+        if self.load_error:
+            return [self.load_error]
         return self.registry.not_ready_reasons()
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.errors import ModelNotFound, NotReady
 from service.registry import ModelEntry, ServedVersion
-from service.repository import TensorSpec
+from service.repository import ModelConfig, TensorSpec
 from service.state import service_state
 
 __all__ = ["EXTENSIONS", "router"]
@@ -53,13 +53,18 @@ def _provider(served: ServedVersion | None) -> dict[str, Any]:
     return {"provider": status.provider, "provider_requested": status.requested, "provider_fallback": status.fallback}
 
 
-def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+def _described(entry: ModelEntry, version: str | None) -> tuple[ModelConfig, ServedVersion | None]:
+    """The model's config and the version that serves for ``version`` (None: the newest ready one)."""
     if entry.config is None:
         raise NotReady(f"model {entry.name!r} is not available: {entry.reason}")
-    config = entry.config
     if version is not None and version not in entry.versions:
         raise ModelNotFound(f"model {entry.name!r} has no version {version!r}; it has: {', '.join(entry.versions)}")
     served = entry.versions[version].served if version is not None else entry.latest_ready()
+    return entry.config, served
+
+
+def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+    config, served = _described(entry, version)
     return {
         "name": config.name,
         "versions": [version] if version is not None else sorted(entry.versions, key=int),
@@ -106,17 +111,12 @@ def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
 
 def _config(request: Request, model_name: str, version: str | None) -> dict[str, Any]:
     """The model configuration, in Triton's model_config schema with normserve's own fields beside it."""
-    entry = service_state(request).registry.entry(model_name)
-    if entry.config is None:
-        raise NotReady(f"model {model_name!r} is not available: {entry.reason}")
-    if version is not None and version not in entry.versions:
-        raise ModelNotFound(f"model {model_name!r} has no version {version!r}; it has: {', '.join(entry.versions)}")
-    served = entry.versions[version].served if version is not None else entry.latest_ready()
-    config: dict[str, Any] = entry.config.model_dump()
+    model, served = _described(service_state(request).registry.entry(model_name), version)
+    config: dict[str, Any] = model.model_dump()
     config |= {
         "backend": "onnxruntime",
-        "input": [_triton_tensor(s) for s in entry.config.inputs],
-        "output": [_triton_tensor(s) for s in entry.config.outputs],
+        "input": [_triton_tensor(s) for s in model.inputs],
+        "output": [_triton_tensor(s) for s in model.outputs],
     }
     if served is not None:
         config["max_batch_size"] = served.batching.max_batch_size

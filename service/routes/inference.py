@@ -98,15 +98,13 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
                 f"the body is {declared} bytes; this server accepts at most {limit} "
                 f"(NORMSERVE_MAX_BODY_BYTES): {_TOO_LARGE_ADVICE}"
             )
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    chunks = [body]
-    size = len(body)
-    while message.get("more_body", False):
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
         message = await receive()
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(
@@ -114,7 +112,7 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
                 + _TOO_LARGE_ADVICE
             )
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -132,6 +130,10 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         )
     if not inflater.eof:
         raise InvalidInput(f"the {encoding} body is truncated; expected a complete {encoding} stream")
+    if inflater.unused_data:
+        raise InvalidInput(
+            f"{len(inflater.unused_data)} bytes follow the end of the {encoding} stream; expected one stream"
+        )
     return body
 
 

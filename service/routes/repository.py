@@ -23,7 +23,7 @@ async def index(request: Request) -> list[dict[str, Any]]:
         if entry is None:
             rows.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})  # as Triton says it
         elif not entry.versions:
-            rows.append({"name": name, "state": "UNAVAILABLE", "reason": entry.reason})
+            rows.append({"name": name, "state": entry.state, "reason": entry.reason})
         else:
             rows.extend(
                 {"name": name, "version": v.version, "state": v.state, "reason": v.reason}

@@ -17,7 +17,7 @@ from service.app import create_app
 from service.config import Settings
 from service.routes import inference
 from service.runtime import Runtime
-from tests.service.conftest import RunningServer, affine_expected, free_port, infer_json
+from tests.service.conftest import RunningServer, ServeFactory, affine_expected, free_port, infer_json
 
 
 @pytest.fixture
@@ -91,6 +91,8 @@ def test_the_server_is_live_at_once_and_ready_only_when_every_model_is_warm(
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
         ready = httpx.get(f"{server.url}/v2/health/ready")
         assert ready.status_code == 503 and "loading" in ready.json()["error"]
+        index = httpx.post(f"{server.url}/v2/repository/index").json()
+        assert {row["state"] for row in index} == {"LOADING"}
         early = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.ones((1, 4), np.float32)))
         assert early.status_code == 503 and "not ready" in early.json()["error"]
         warmed.set()
@@ -103,3 +105,11 @@ def test_the_server_is_live_at_once_and_ready_only_when_every_model_is_warm(
     finally:
         warmed.set()
         server.__exit__()
+
+
+def test_a_folder_that_is_not_a_model_name_is_skipped_and_the_rest_serve(serve: ServeFactory, repository: Path) -> None:
+    (repository / "lost+found").mkdir()
+    with serve(repository=repository) as server:
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+        names = {row["name"] for row in httpx.post(f"{server.url}/v2/repository/index").json()}
+        assert names == {"affine", "tiny-cnn-bn"}

@@ -8,6 +8,7 @@ and after each the server still answers a good request exactly.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from collections.abc import Callable, Iterator
@@ -154,6 +155,12 @@ CASES: list[tuple[Any, ...]] = [
         x_input()._replace(headers={"Content-Encoding": "gzip"}),
         400,
         ["not valid gzip data", "expected what Content-Encoding says"],
+    ),
+    (
+        "Content-Encoding gzip, bytes after the stream",
+        Req(content=gzip.compress(json.dumps(x_input().body).encode()) + b"junk", headers={"Content-Encoding": "gzip"}),
+        400,
+        ["4 bytes follow the end of the gzip stream", "expected one stream"],
     ),
     # routes
     (

@@ -173,3 +173,23 @@ async def test_where_a_batch_runs_follows_its_cost_and_the_cores(cores: int, cos
     await batcher.submit(rows(0, 1), 1, later())
     await batcher.stop()
     assert (model.threads[0] == threading.get_ident()) is on_loop
+
+
+async def test_a_deadline_that_passes_while_the_loop_runs_batches_is_still_kept() -> None:
+    model = FakeModel()
+    slow = model.run
+
+    def run_30ms(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        time.sleep(0.03)  # on the loop: no timer can fire meanwhile
+        return slow(feeds)
+
+    model.run = run_30ms  # type: ignore[method-assign]
+    batcher = make_batcher(model, max_batch_size=1)
+    batcher.start()
+    results = await asyncio.gather(
+        *(batcher.submit(rows(i, 1), 1, later(0.04)) for i in range(3)), return_exceptions=True
+    )
+    await batcher.stop()
+    assert not isinstance(results[0], BaseException)  # ran at once
+    assert isinstance(results[2], DeadlineExceeded)  # its turn came at 60 ms, past its 40 ms deadline
+    assert 2.0 not in np.concatenate(model.batches)

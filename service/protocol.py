@@ -7,6 +7,9 @@ sent as bytes says how many in ``parameters.binary_data_size``, in input order::
     {"id": "42", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [...]}],
      "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]}
 
+An output may ask for ``"classification": k`` (Triton's classification extension): its top k
+classes per row, as BYTES strings ``"<score>:<index>:<label>"``.
+
 JSON is parsed strictly: ``NaN`` and ``Infinity`` are not JSON numbers and are refused, as is any
 value that does not fit the declared datatype. This module is the hot path, so it parses with
 orjson and checks by hand; the pydantic schemas at the bottom document the same format in OpenAPI.
@@ -15,7 +18,8 @@ orjson and checks by hand; the pydantic schemas at the bottom document the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +47,7 @@ _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 class RequestedOutput:
     name: str
     binary: bool
+    classification: int = 0  # Triton's classification extension: the top k classes instead of the tensor
 
 
 @dataclass(slots=True)
@@ -229,7 +234,8 @@ def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: 
     requested = doc.get("outputs")
     if requested is None:
         return [RequestedOutput(s.name, binary_default) for s in config.outputs]
-    names = {s.name for s in config.outputs}
+    specs = {s.name: s for s in config.outputs}
+    names = set(specs)
     if not isinstance(requested, list):
         raise InvalidInput(f"'outputs' is {requested!r}; expected a list of {{'name': ...}}")
     outputs = []
@@ -245,8 +251,20 @@ def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: 
         binary = output_parameters.get("binary_data", binary_default)
         if type(binary) is not bool:
             raise InvalidInput(f"output '{name}' binary_data is {binary!r}; expected true or false")
-        outputs.append(RequestedOutput(str(name), binary))
+        outputs.append(RequestedOutput(str(name), binary, _classification(output_parameters, specs[name])))
     return outputs
+
+
+def _classification(parameters: dict[str, Any], spec: TensorSpec) -> int:
+    k = parameters.get("classification")
+    if k is None:
+        return 0
+    classes = spec.shape[-1] if len(spec.shape) == 2 else 0
+    if not classes:
+        raise InvalidInput(f"output '{spec.name}' has shape {spec.shape}; classification needs [-1, classes]")
+    if not (type(k) is int and 1 <= k <= classes):
+        raise InvalidInput(f"output '{spec.name}' classification is {k!r}; expected a count of classes, 1..{classes}")
+    return k
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:
@@ -258,8 +276,30 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     return float(timeout) / 1e6
 
 
+def _top_classes(array: np.ndarray, k: int, labels: Sequence[str]) -> list[str]:
+    """Triton's classification strings, row by row, best first: "<score>:<index>[:<label>]"."""
+    best = np.argsort(-array, axis=1, kind="stable")[:, :k]
+    named = len(labels) == array.shape[1]
+    return [
+        f"{array[row, i]}:{i}:{labels[i]}" if named else f"{array[row, i]}:{i}"
+        for row in range(array.shape[0])
+        for i in best[row]
+    ]
+
+
+def _bytes_tensor(strings: list[str]) -> bytes:
+    """The binary form of a BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
+    encoded = [s.encode() for s in strings]
+    return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+
+
 def encode_infer_response(
-    model: str, version: str, request: InferRequest, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
+    model: str,
+    version: str,
+    request: InferRequest,
+    outputs: Mapping[str, np.ndarray],
+    datatypes: Mapping[str, str],
+    labels: Sequence[str] = (),
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary tensors follow it (else None)."""
     tensors = []
@@ -271,7 +311,17 @@ def encode_infer_response(
             "datatype": datatypes[requested.name],
             "shape": list(array.shape),
         }
-        if requested.binary:
+        if requested.classification:
+            classes = _top_classes(array, requested.classification, labels)
+            tensor["datatype"] = "BYTES"
+            tensor["shape"] = [array.shape[0], requested.classification]
+            if requested.binary:
+                blob = _bytes_tensor(classes)
+                tensor["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                tensor["data"] = classes
+        elif requested.binary:
             blob = np.ascontiguousarray(array).tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -300,7 +350,9 @@ class TensorSchema(BaseModel):
 
 class RequestedOutputSchema(BaseModel):
     name: str
-    parameters: dict[str, Any] | None = Field(default=None, description="binary_data: return this output as bytes")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="binary_data: return this output as bytes; classification: the top k classes"
+    )
 
 
 class InferenceRequestSchema(BaseModel):

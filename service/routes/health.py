@@ -18,7 +18,7 @@ __all__ = ["EXTENSIONS", "router"]
 router = APIRouter(tags=["health and metadata"])
 
 # Triton's names for the protocol extensions this server implements.
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration"]
 
 
 @router.get("/v2/health/live", summary="Is the process up")

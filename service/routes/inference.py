@@ -169,6 +169,7 @@ async def infer(
             request,
             dict(zip(served.runtime.output_names, outputs, strict=True)),
             served.output_datatypes,
+            served.config.labels,
         )
     except ServeError as e:
         _count_failure(state, served, model_name, e.reason)

@@ -175,6 +175,40 @@ def test_a_cnn_batch_gives_the_same_logits_in_binary_and_json(client: httpclient
     np.testing.assert_allclose(as_json, as_binary, rtol=1e-6, atol=1e-6)
 
 
+def text(element: bytes | str) -> str:
+    """A BYTES element as tritonclient gives it: bytes from binary data, str from JSON."""
+    return element.decode() if isinstance(element, bytes) else element
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_classification_gives_the_top_classes_with_their_labels(
+    client: httpclient.InferenceServerClient, binary: bool
+) -> None:
+    x = np.random.default_rng(3).random((4, 1, 8, 8), dtype=np.float32)
+    image = httpclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
+    logits = client.infer("tiny-cnn-bn", [image]).as_numpy("logits")
+    top3 = client.infer(
+        "tiny-cnn-bn", [image], outputs=[httpclient.InferRequestedOutput("logits", binary_data=binary, class_count=3)]
+    ).as_numpy("logits")
+    assert logits is not None and top3 is not None and top3.shape == (4, 3)
+    for row, classes in zip(logits, top3, strict=True):
+        parsed = [text(c).split(":") for c in classes]
+        indices = [int(index) for _, index, _ in parsed]
+        assert indices == list(np.argsort(-row, kind="stable")[:3])
+        assert [label for _, _, label in parsed] == [str(i) for i in indices]  # the digits' labels are "0".."9"
+        np.testing.assert_allclose([float(score) for score, _, _ in parsed], row[indices], rtol=1e-6)
+
+
+def test_classification_without_labels_and_past_the_class_count(client: httpclient.InferenceServerClient) -> None:
+    out = httpclient.InferRequestedOutput("y", binary_data=False, class_count=1)
+    (best,) = client.infer("affine", [affine_input(ROWS[:1])], outputs=[out]).as_numpy("y")[0]
+    y = affine_expected(ROWS[:1])[0][0]
+    assert text(best) == f"{y.max()}:{y.argmax()}"  # "<score>:<index>": affine has no labels
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("affine", [affine_input(ROWS)], outputs=[httpclient.InferRequestedOutput("y", class_count=4)])
+    assert raised.value.status() == "400" and "1..3" in str(raised.value.message())
+
+
 def test_a_generous_timeout_is_accepted(client: httpclient.InferenceServerClient) -> None:
     result = client.infer("affine", [affine_input(ROWS)], timeout=30_000_000)  # microseconds: 30 s
     assert_affine(result, ROWS)

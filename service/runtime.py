@@ -11,6 +11,7 @@ import ctypes
 import importlib.util
 import logging
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -42,6 +43,7 @@ DTYPES: dict[str, np.dtype[np.generic]] = {
 
 _ORT_WARNING = 2
 _ORT_FATAL = 4
+_QUIET = threading.Lock()  # sessions are created one at a time while onnxruntime's log is turned down
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,14 @@ class Runtime:
 
     def __init__(self, model_file: Path, requested: Literal["auto", "cuda", "cpu"], intra_op_threads: int) -> None:
         providers = resolve_provider(requested)
-        ort.set_default_logger_severity(_ORT_FATAL)  # the raw fallback error; we report it ourselves
-        try:
-            self.session = ort.InferenceSession(
-                str(model_file), sess_options=_session_options(intra_op_threads), providers=providers
-            )
-        finally:
-            ort.set_default_logger_severity(_ORT_WARNING)
+        with _QUIET:  # the raw fallback error is onnxruntime's process-wide log; we report it ourselves
+            ort.set_default_logger_severity(_ORT_FATAL)
+            try:
+                self.session = ort.InferenceSession(
+                    str(model_file), sess_options=_session_options(intra_op_threads), providers=providers
+                )
+            finally:
+                ort.set_default_logger_severity(_ORT_WARNING)
         provider = self.session.get_providers()[0]
         fallback = None
         if requested != "cpu" and provider != CUDA:

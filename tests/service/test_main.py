@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.conftest import affine_expected, free_port, infer_json
 
@@ -34,6 +35,14 @@ def start_service(repository: Path, **env: str) -> tuple[subprocess.Popen[str], 
     raise RuntimeError(f"the service did not become ready: {process.communicate()[1]}")
 
 
+def pending(url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "normserve_pending_requests" and sample.labels.get("model") == "affine":
+                return float(sample.value)
+    return 0.0
+
+
 def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Path) -> None:
     # A 1.5 s batch delay holds the accepted requests in the queue when SIGTERM arrives.
     process, url = start_service(built_repository, NORMSERVE_MAX_QUEUE_DELAY_MS="1500")
@@ -48,7 +57,10 @@ def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Pa
     senders = [threading.Thread(target=send, args=(i,)) for i in range(4)]
     for thread in senders:
         thread.start()
-    time.sleep(0.5)  # accepted and queued
+    deadline = time.monotonic() + 20
+    while pending(url) < 4:  # all four accepted and queued
+        assert time.monotonic() < deadline, "the requests were never queued"
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     with pytest.raises(httpx.TransportError):  # no longer accepting

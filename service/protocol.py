@@ -59,6 +59,12 @@ class InferRequest:
     timeout_s: float | None  # Triton's 'timeout' parameter, given in microseconds
 
 
+def _short(value: Any) -> str:
+    """A value the client sent, as it appears in an error message: its repr, cut at 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _spec_text(spec: TensorSpec) -> str:
     return f"{spec.name} ({spec.datatype} {spec.shape})"
 
@@ -78,7 +84,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview
         return _json(body, "the request body"), memoryview(b"")
     if not (header_length.isascii() and header_length.isdigit() and 0 < int(header_length) <= len(body)):
         raise InvalidInput(
-            f"Inference-Header-Content-Length is {header_length!r}; expected the length in bytes of the JSON "
+            f"Inference-Header-Content-Length is {_short(header_length)}; expected the length in bytes of the JSON "
             f"header at the start of the body, between 1 and the body's {len(body)} bytes"
         )
     size = int(header_length)
@@ -88,7 +94,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview
 
 def _check_shape(name: str, shape: Any, spec: TensorSpec, max_batch_size: int) -> list[int]:
     if not (isinstance(shape, list) and all(type(d) is int for d in shape)):
-        raise InvalidInput(f"input '{name}' has shape {shape!r}; expected a list of integers like {spec.shape}")
+        raise InvalidInput(f"input '{name}' has shape {_short(shape)}; expected a list of integers like {spec.shape}")
     dims_ok = len(shape) == len(spec.shape) and all(s == -1 or d == s for d, s in zip(shape, spec.shape, strict=True))
     if not dims_ok:
         raise InvalidInput(f"input '{name}' has shape {shape}; expected {spec.shape} (-1: rows in the batch)")
@@ -140,7 +146,7 @@ def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: l
     expected = math.prod(shape) * dtype.itemsize
     if not (type(size) is int and size == expected):
         raise InvalidInput(
-            f"input '{name}' has binary_data_size {size!r}; shape {shape} of {datatype} needs {expected} bytes"
+            f"input '{name}' has binary_data_size {_short(size)}; shape {shape} of {datatype} needs {expected} bytes"
         )
     if offset + size > len(binary):
         raise InvalidInput(
@@ -169,15 +175,15 @@ def parse_infer_request(
         raise InvalidInput(f"the request is a JSON {type(doc).__name__}; expected an object with 'inputs'")
     request_id = doc.get("id")
     if not (request_id is None or isinstance(request_id, str)):
-        raise InvalidInput(f"'id' is {request_id!r}; expected a string")
+        raise InvalidInput(f"'id' is {_short(request_id)}; expected a string")
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise InvalidInput(f"'parameters' is {parameters!r}; expected an object")
+        raise InvalidInput(f"'parameters' is {_short(parameters)}; expected an object")
 
     inputs = doc.get("inputs")
     if not (isinstance(inputs, list) and len(inputs) > 0):
         raise InvalidInput(
-            f"'inputs' is {'missing' if inputs is None else repr(inputs)[:80]}; expected a list of tensors: "
+            f"'inputs' is {'missing' if inputs is None else _short(inputs)}; expected a list of tensors: "
             + ", ".join(_spec_text(s) for s in config.inputs)
         )
     specs = {s.name: s for s in config.inputs}
@@ -186,20 +192,21 @@ def parse_infer_request(
     offset = 0
     for tensor in inputs:
         if not isinstance(tensor, dict):
-            raise InvalidInput(f"an input is {tensor!r}; expected an object with name, shape, datatype")
+            raise InvalidInput(f"an input is {_short(tensor)}; expected an object with name, shape, datatype")
         name = tensor.get("name")
         for key in ("name", "shape", "datatype"):
             if key not in tensor:
-                raise InvalidInput(f"input {name or '#' + str(len(feeds))} has no '{key}'")
+                which = _short(name) if name is not None else f"#{len(feeds) + 1}"
+                raise InvalidInput(f"input {which} has no '{key}'")
         spec = specs.get(name) if isinstance(name, str) else None
         if spec is None:
             expected = ", ".join(_spec_text(s) for s in config.inputs)
-            raise InvalidInput(f"model {config.name} has no input {name!r}; expected {expected}")
+            raise InvalidInput(f"model {config.name} has no input {_short(name)}; expected {expected}")
         name = spec.name
         if name in feeds:
             raise InvalidInput(f"input '{name}' is given twice")
         if tensor["datatype"] != spec.datatype:
-            raise InvalidInput(f"input '{name}' has datatype {tensor['datatype']!r}; expected {spec.datatype}")
+            raise InvalidInput(f"input '{name}' has datatype {_short(tensor['datatype'])}; expected {spec.datatype}")
         shape = _check_shape(name, tensor["shape"], spec, max_batch_size)
         tensor_parameters = tensor.get("parameters") or {}
         if not isinstance(tensor_parameters, dict):
@@ -230,27 +237,27 @@ def parse_infer_request(
 def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: ModelConfig) -> list[RequestedOutput]:
     binary_default = parameters.get("binary_data_output", False)
     if type(binary_default) is not bool:
-        raise InvalidInput(f"binary_data_output is {binary_default!r}; expected true or false")
+        raise InvalidInput(f"binary_data_output is {_short(binary_default)}; expected true or false")
     requested = doc.get("outputs")
     if requested is None:
         return [RequestedOutput(s.name, binary_default) for s in config.outputs]
     specs = {s.name: s for s in config.outputs}
     names = set(specs)
     if not isinstance(requested, list):
-        raise InvalidInput(f"'outputs' is {requested!r}; expected a list of {{'name': ...}}")
+        raise InvalidInput(f"'outputs' is {_short(requested)}; expected a list of {{'name': ...}}")
     outputs = []
     for output in requested:
         name = output.get("name") if isinstance(output, dict) else None
         if not (isinstance(name, str) and name in names):
             raise InvalidInput(
-                f"model {config.name} has no output {name!r}; expected one of " + ", ".join(sorted(names))
+                f"model {config.name} has no output {_short(name)}; expected one of " + ", ".join(sorted(names))
             )
         output_parameters = output.get("parameters") or {}
         if not isinstance(output_parameters, dict):
             raise InvalidInput(f"output '{name}' parameters must be an object")
         binary = output_parameters.get("binary_data", binary_default)
         if type(binary) is not bool:
-            raise InvalidInput(f"output '{name}' binary_data is {binary!r}; expected true or false")
+            raise InvalidInput(f"output '{name}' binary_data is {_short(binary)}; expected true or false")
         outputs.append(RequestedOutput(str(name), binary, _classification(output_parameters, specs[name])))
     return outputs
 
@@ -263,7 +270,9 @@ def _classification(parameters: dict[str, Any], spec: TensorSpec) -> int:
     if not classes:
         raise InvalidInput(f"output '{spec.name}' has shape {spec.shape}; classification needs [-1, classes]")
     if not (type(k) is int and 1 <= k <= classes):
-        raise InvalidInput(f"output '{spec.name}' classification is {k!r}; expected a count of classes, 1..{classes}")
+        raise InvalidInput(
+            f"output '{spec.name}' classification is {_short(k)}; expected a count of classes, 1..{classes}"
+        )
     return k
 
 
@@ -272,7 +281,7 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     if timeout is None:
         return None
     if not (type(timeout) is int and timeout > 0):
-        raise InvalidInput(f"'timeout' is {timeout!r}; expected a positive number of microseconds")
+        raise InvalidInput(f"'timeout' is {_short(timeout)}; expected a positive number of microseconds")
     return float(timeout) / 1e6
 
 

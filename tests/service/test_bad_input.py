@@ -91,8 +91,8 @@ CASES: list[tuple[Any, ...]] = [
     ("'inputs' an object", Req({"inputs": GOOD_INPUT}), 400, ["expected a list of tensors: x (FP32 [-1, 4])"]),
     ("input not an object", Req({"inputs": [5]}), 400, ["an input is 5", "object with name, shape, datatype"]),
     ("input without name", x_input(name=DROP), 400, ["has no 'name'"]),
-    ("input without shape", x_input(shape=DROP), 400, ["input x has no 'shape'"]),
-    ("input without datatype", x_input(datatype=DROP), 400, ["input x has no 'datatype'"]),
+    ("input without shape", x_input(shape=DROP), 400, ["input 'x' has no 'shape'"]),
+    ("input without datatype", x_input(datatype=DROP), 400, ["input 'x' has no 'datatype'"]),
     ("input without data", x_input(data=DROP), 400, ["input 'x'", "neither 'data' nor parameters.binary_data_size"]),
     ("input given twice", Req({"inputs": [GOOD_INPUT, GOOD_INPUT]}), 400, ["input 'x' is given twice"]),
     # data

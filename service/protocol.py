@@ -186,7 +186,7 @@ def parse_infer_request(
             f"'inputs' is {'missing' if inputs is None else _short(inputs)}; expected a list of tensors: "
             + ", ".join(_spec_text(s) for s in config.inputs)
         )
-    specs = {s.name: s for s in config.inputs}
+    specs = config.input_specs
     feeds: dict[str, np.ndarray] = {}
     rows = 0
     offset = 0
@@ -241,16 +241,15 @@ def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: 
     requested = doc.get("outputs")
     if requested is None:
         return [RequestedOutput(s.name, binary_default) for s in config.outputs]
-    specs = {s.name: s for s in config.outputs}
-    names = set(specs)
+    specs = config.output_specs
     if not isinstance(requested, list):
         raise InvalidInput(f"'outputs' is {_short(requested)}; expected a list of {{'name': ...}}")
     outputs = []
     for output in requested:
         name = output.get("name") if isinstance(output, dict) else None
-        if not (isinstance(name, str) and name in names):
+        if not (isinstance(name, str) and name in specs):
             raise InvalidInput(
-                f"model {config.name} has no output {_short(name)}; expected one of " + ", ".join(sorted(names))
+                f"model {config.name} has no output {_short(name)}; expected one of " + ", ".join(sorted(specs))
             )
         output_parameters = output.get("parameters") or {}
         if not isinstance(output_parameters, dict):

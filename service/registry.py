@@ -52,7 +52,7 @@ class ServedVersion:
 
     @functools.cached_property
     def output_datatypes(self) -> dict[str, str]:
-        return {s.name: s.datatype for s in self.version.config.outputs}
+        return {name: spec.datatype for name, spec in self.version.config.output_specs.items()}
 
 
 @dataclass

@@ -10,6 +10,7 @@ sha256 in its report is refused: the file changed after it was verified.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -70,6 +71,14 @@ class ModelConfig(BaseModel):
     trained: bool = True
     description: str = ""
     input_description: str = ""
+
+    @functools.cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.inputs}
+
+    @functools.cached_property
+    def output_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.outputs}
 
 
 class VersionReport(BaseModel):

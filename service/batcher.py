@@ -37,6 +37,7 @@ __all__ = ["LOOP_BLOCK_BUDGET_S", "OVERLAP_BUDGET_S", "Batcher", "BatchFailed", 
 log = logging.getLogger(__name__)
 
 OVERLAP_BUDGET_S = 0.5e-3  # with 2+ cores, a batch longer than this runs on a thread: compute overlaps parsing
+_QUIET_PASSES = 2  # loop passes without a new request before a batch is taken (with no queue delay set)
 LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
 
 
@@ -113,6 +114,7 @@ class Batcher:
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # requests in the queue that are still waiting (not expired)
         self._queued_rows = 0
+        self._arrivals = 0  # requests ever queued: tells the worker whether more are still coming in
         self._wake: asyncio.Event | None = None
         self._full: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -157,6 +159,7 @@ class Batcher:
         request = _Request(feeds, rows, loop.create_future(), time.monotonic(), deadline)
         request.timer = loop.call_at(loop.time() + (deadline - request.enqueued), self._expire, request)
         self._queue.append(request)
+        self._arrivals += 1
         self._queued += 1
         self._queued_rows += rows
         self._metrics.pending.inc()
@@ -196,10 +199,27 @@ class Batcher:
                 continue
             if self.max_queue_delay_s > 0 and not self._closing:
                 await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
+            else:
+                await self._settle()
             batch = self._take()
             if batch:
                 await self._execute(batch)
-            await asyncio.sleep(0)  # after a batch on the loop: let timers and the other requests run
+
+    async def _settle(self) -> None:
+        """Yield to the loop until requests stop arriving (or a batch is full), at least once.
+
+        Requests whose bytes have already reached the server are parsed by other tasks within a
+        loop pass or two; letting them join makes the batch as large as the load allows, at the
+        cost of a few loop passes for a lone request. It also lets timers, health checks and
+        refusals run between batches that run on the loop.
+        """
+        quiet = 0
+        while quiet < _QUIET_PASSES and self._queued_rows < self.max_batch_size and not self._closing:
+            arrivals = self._arrivals
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if self._arrivals == arrivals else 0
+        if quiet == 0:
+            await asyncio.sleep(0)
 
     async def _wait_for_rows(self, until: float) -> None:
         """Sleep until the batch is full or ``until`` (monotonic) has come."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -81,6 +82,8 @@ def create_app(settings: Settings) -> NormserveApp:
         except Exception as e:  # a bug: say so in readiness rather than load forever
             log.exception("loading the models failed")
             state.load_error = f"loading the models failed: {e}"
+        gc.collect()
+        gc.freeze()  # what start-up built lives as long as the server: later collections need not scan it
         state.started = True
         served = sum(v.served is not None for e in state.registry.models.values() for v in e.versions.values())
         log.info("serving %d model versions from %s", served, settings.repository)

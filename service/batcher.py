@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 OVERLAP_BUDGET_S = 0.5e-3  # with 2+ cores, a batch longer than this runs on a thread: compute overlaps parsing
 _QUIET_PASSES = 2  # loop passes without a new request before a batch is taken (with no queue delay set)
+_MAX_PASSES = 16  # however steadily requests trickle in, a batch is taken after this many passes
 LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
 
 
@@ -213,12 +214,15 @@ class Batcher:
         cost of a few loop passes for a lone request. It also lets timers, health checks and
         refusals run between batches that run on the loop.
         """
-        quiet = 0
-        while quiet < _QUIET_PASSES and self._queued_rows < self.max_batch_size and not self._closing:
+        quiet = passes = 0
+        while quiet < _QUIET_PASSES and passes < _MAX_PASSES and self._queued_rows < self.max_batch_size:
+            if self._closing:
+                break
             arrivals = self._arrivals
             await asyncio.sleep(0)
+            passes += 1
             quiet = quiet + 1 if self._arrivals == arrivals else 0
-        if quiet == 0:
+        if passes == 0:
             await asyncio.sleep(0)
 
     async def _wait_for_rows(self, until: float) -> None:

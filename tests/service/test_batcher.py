@@ -193,3 +193,19 @@ async def test_a_deadline_that_passes_while_the_loop_runs_batches_is_still_kept(
     assert not isinstance(results[0], BaseException)  # ran at once
     assert isinstance(results[2], DeadlineExceeded)  # its turn came at 60 ms, past its 40 ms deadline
     assert 2.0 not in np.concatenate(model.batches)
+
+
+async def test_with_no_delay_requests_arriving_meanwhile_still_share_the_batch() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=0.0)
+    batcher.start()
+
+    async def arrive(i: int) -> list[np.ndarray]:
+        for _ in range(i):  # one loop pass apart, as requests whose handlers are still parsing
+            await asyncio.sleep(0)
+        return await batcher.submit(rows(i, 1), 1, later())
+
+    results = await asyncio.gather(*(arrive(i) for i in range(6)))
+    await batcher.stop()
+    assert [len(b) for b in model.batches] == [6]
+    assert [out[0][0, 0] for out in results] == [2.0 * i for i in range(6)]

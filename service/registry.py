@@ -73,6 +73,14 @@ class ModelEntry:
     state: ModelState = ModelState.UNAVAILABLE  # of the model as a whole, while it has no versions
     reason: str = ""  # why the model as a whole is unavailable (bad config, no versions) or still loading
 
+    def version(self, version: str) -> VersionState:
+        """One version of the model, served or not; 404 when the repository has no such version."""
+        state = self.versions.get(version)
+        if state is None:
+            known = ", ".join(sorted(self.versions, key=int)) or "none"
+            raise ModelNotFound(f"model {self.name!r} has no version {version!r}; it has: {known}")
+        return state
+
     def latest_ready(self) -> ServedVersion | None:
         ready = [v for v in self.versions.values() if v.served is not None]
         return max(ready, key=lambda v: int(v.version)).served if ready else None
@@ -102,10 +110,7 @@ class Registry:
             if served is None:
                 raise NotReady(f"model {name!r} is not ready: {self.reason(entry)}")
             return served
-        state = entry.versions.get(version)
-        if state is None:
-            known = ", ".join(sorted(entry.versions, key=int)) or "none"
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; it has: {known}")
+        state = entry.version(version)
         if state.served is None:
             raise NotReady(f"model {name!r} version {version} is not ready: {state.state} {state.reason}".rstrip())
         return state.served

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service import __version__
-from service.errors import ModelNotFound, NotReady
+from service.errors import NotReady
 from service.registry import ModelEntry, ServedVersion
 from service.repository import ModelConfig, TensorSpec
 from service.state import service_state
@@ -57,9 +57,7 @@ def _described(entry: ModelEntry, version: str | None) -> tuple[ModelConfig, Ser
     """The model's config and the version that serves for ``version`` (None: the newest ready one)."""
     if entry.config is None:
         raise NotReady(f"model {entry.name!r} is not available: {entry.reason}")
-    if version is not None and version not in entry.versions:
-        raise ModelNotFound(f"model {entry.name!r} has no version {version!r}; it has: {', '.join(entry.versions)}")
-    served = entry.versions[version].served if version is not None else entry.latest_ready()
+    served = entry.version(version).served if version is not None else entry.latest_ready()
     return entry.config, served
 
 

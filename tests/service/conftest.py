@@ -110,6 +110,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample of the server's /metrics, matched by name and all its labels (0 when absent)."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
 class RunningServer:
     """uvicorn serving ``create_app(settings)`` on a thread, on a free loopback port."""
 
@@ -137,13 +146,7 @@ class RunningServer:
         self.thread.join(timeout=30)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample of /metrics (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics").text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return 0.0
+        return metric(self.url, name, **labels)
 
 
 ServeFactory = Callable[..., contextlib.AbstractContextManager[RunningServer]]

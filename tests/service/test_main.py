@@ -14,9 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import affine_expected, free_port, infer_json
+from tests.service.conftest import affine_expected, free_port, infer_json, metric
 
 
 def start_service(repository: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
@@ -35,14 +34,6 @@ def start_service(repository: Path, **env: str) -> tuple[subprocess.Popen[str], 
     raise RuntimeError(f"the service did not become ready: {process.communicate()[1]}")
 
 
-def pending(url: str) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == "normserve_pending_requests" and sample.labels.get("model") == "affine":
-                return float(sample.value)
-    return 0.0
-
-
 def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Path) -> None:
     # A 1.5 s batch delay holds the accepted requests in the queue when SIGTERM arrives.
     process, url = start_service(built_repository, NORMSERVE_MAX_QUEUE_DELAY_MS="1500")
@@ -58,7 +49,7 @@ def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Pa
     for thread in senders:
         thread.start()
     deadline = time.monotonic() + 20
-    while pending(url) < 4:  # all four accepted and queued
+    while metric(url, "normserve_pending_requests", model="affine", version="1") < 4:  # all four accepted and queued
         assert time.monotonic() < deadline, "the requests were never queued"
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)

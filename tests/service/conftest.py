@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+import torch
 import uvicorn
 from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,15 +86,24 @@ def write_affine(root: Path, version: str = "1") -> None:
 
 
 @pytest.fixture(scope="session")
-def built_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A repository, and beside it the artifacts folder with tiny-cnn-bn's checkpoint."""
     root = tmp_path_factory.mktemp("repository")
     write_affine(root)
     spec = tiny_cnn_spec()
     model = randomize_batchnorms(build_model(spec.arch, config_to_dict(spec.config)))
-    meta = make_checkpoint(spec, model, {"test_accuracy": None})
-    del meta["state_dict"]
-    export_model(model, meta, root)
-    return root
+    checkpoint = make_checkpoint(spec, model, {"test_accuracy": None})
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    (artifacts / spec.name).mkdir()
+    torch.save(checkpoint, artifacts / spec.name / "checkpoint.pt")
+    del checkpoint["state_dict"]
+    export_model(model, checkpoint, root)
+    return root, artifacts
+
+
+@pytest.fixture(scope="session")
+def built_repository(built_models: tuple[Path, Path]) -> Path:
+    return built_models[0]
 
 
 @pytest.fixture

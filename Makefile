@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install models serve test lint format lock clean
+.PHONY: help install models serve test bench lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[train,dev]"
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[train,dev,bench]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -29,6 +29,9 @@ serve: models  ## build the default models if missing, then serve them on port 8
 test: lint  ## install everything, lint, and run the tests
 	$(BIN)/python -m pytest
 
+bench: models  ## the benchmark suite (about 12 minutes): rewrites docs/benchmarks.md and docs/bench/
+	$(BIN)/python -m bench.suite
+
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -41,7 +44,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 
 lock:  ## re-resolve the pins in requirements.lock from pyproject.toml, in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet ".[train,dev]"
+	.lock-venv/bin/python -m pip install --quiet ".[train,dev,bench]"
 	.lock-venv/bin/python -m pip freeze --all --exclude normserve --exclude pip | grep -v '^-e' | sed 's/+cpu$$//' > requirements.lock  # torch's local build tag is not on PyPI
 	rm -rf .lock-venv
 

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "DTYPES", "ProviderStatus", "Runtime", "cuda_status", "resolve_provider"]
+__all__ = ["CPU", "CUDA", "DTYPES", "ProviderStatus", "Runtime", "cuda_status", "resolve_provider", "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,13 @@ def resolve_provider(requested: Literal["auto", "cuda", "cpu"]) -> list[str]:
     return [CUDA, CPU]
 
 
-def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, optimize: bool = True) -> ort.SessionOptions:
+    """The options every served session uses (``optimize=False`` turns onnxruntime's graph rewrites off,
+    for the benchmark that shows what they are worth)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -106,7 +110,7 @@ class Runtime:
             ort.set_default_logger_severity(_ORT_FATAL)
             try:
                 self.session = ort.InferenceSession(
-                    str(model_file), sess_options=_session_options(intra_op_threads), providers=providers
+                    str(model_file), sess_options=session_options(intra_op_threads), providers=providers
                 )
             finally:
                 ort.set_default_logger_severity(_ORT_WARNING)

@@ -1,0 +1,540 @@
+"""The benchmark suite behind ``make bench``: every scenario, one run, one machine, ratios from the same run.
+
+The servers run on core 0 and the load generator on core 1 (``taskset``), with onnxruntime's
+threads matched to the server's cores. In order:
+
+1. start-up: normserve with the default models, started ``startups`` times, timed to ready;
+2. memory: its RSS once ready, and again after 100,000 tiny-model requests;
+3. the tiny model (cnn-bn), JSON then binary: concurrency 1, 16 and 64, then fixed rates from a
+   quarter of the saturated throughput to past it (open loop);
+4. the large model (resnet18-bn), binary at concurrency 1, 8 and 32 with batching on, then off
+   (a second server), and JSON at concurrency 8 (the server's CPU outside onnxruntime, JSON vs binary);
+5. baselines on the same core: the naive FastAPI app and the bare ASGI app, concurrency 1, 16, 64;
+6. ceilings and graphs: in-process onnxruntime at every batch size, folded vs unfolded graphs with
+   onnxruntime's optimizations off and on;
+7. a py-spy profile of normserve at the tiny model's concurrency 64, and, where ``wrk`` is
+   installed, a cross-check of the two HTTP ceilings with it.
+
+It writes ``docs/benchmarks.md`` (between its markers; the text around them is kept), the plots
+and ``docs/bench/suite.json``.
+
+    make bench                                   # about 12 minutes
+    python -m bench.suite --smoke --repository R --tiny tiny-cnn-bn --large tiny-cnn-bn \\
+        --artifacts A --doc /tmp/bench.md        # seconds: the test suite runs this
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.loadgen.driver import Target, encode_request
+from bench.loadgen.report import machine
+from bench.loadgen.run import LevelResult, RunConfig, run_levels
+from bench.loadgen.samples import ModelSignature, build_requests, read_signature
+
+__all__ = ["Plan", "FULL", "SMOKE", "run_suite", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each part runs."""
+
+    window_s: float
+    warmup_s: float
+    max_windows: int
+    large_window_s: float
+    tiny_concurrency: tuple[int, ...]
+    large_concurrency: tuple[int, ...]
+    rate_fractions: tuple[float, ...]  # of the saturated (concurrency 64) throughput
+    memory_requests: int
+    startups: int
+    inprocess_seconds: float
+    tiny_batches: tuple[int, ...]
+    large_batches: tuple[int, ...]
+    profile_s: float
+    wrk_s: int
+
+
+FULL = Plan(
+    window_s=2.0,
+    warmup_s=2.0,
+    max_windows=6,
+    large_window_s=3.0,
+    tiny_concurrency=(1, 16, 64),
+    large_concurrency=(1, 8, 32),
+    rate_fractions=(0.25, 0.5, 0.75, 0.9, 1.0, 1.2),
+    memory_requests=100_000,
+    startups=3,
+    inprocess_seconds=1.5,
+    tiny_batches=(1, 2, 4, 8, 16, 32, 64),
+    large_batches=(1, 4, 8, 32),
+    profile_s=8.0,
+    wrk_s=8,
+)
+SMOKE = Plan(
+    window_s=0.25,
+    warmup_s=0.1,
+    max_windows=2,
+    large_window_s=0.25,
+    tiny_concurrency=(1, 8),
+    large_concurrency=(1, 4),
+    rate_fractions=(0.5, 1.0),
+    memory_requests=300,
+    startups=1,
+    inprocess_seconds=0.05,
+    tiny_batches=(1, 4),
+    large_batches=(1, 2),
+    profile_s=1.0,
+    wrk_s=1,
+)
+
+
+# -- servers --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+@dataclass
+class Server:
+    """A server process pinned to the server cores."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    ready_path: str
+    process: subprocess.Popen[bytes] | None = None
+    startup_s: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> float:
+        """Start it and wait until ``ready_path`` answers 200; returns the seconds that took."""
+        began = time.perf_counter()
+        self.process = subprocess.Popen(
+            self.argv, env=os.environ | self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        while _get(self.url + self.ready_path, timeout=1.0)[0] != 200:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self._stderr()}")
+            if time.perf_counter() - began > timeout_s:
+                self.stop()
+                raise RuntimeError(f"{self.name} was not ready within {timeout_s:g} s")
+            time.sleep(0.01)
+        self.startup_s = time.perf_counter() - began
+        return self.startup_s
+
+    def _stderr(self) -> str:
+        assert self.process is not None and self.process.stderr is not None
+        return self.process.stderr.read().decode(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return round(float(psutil.Process(self.pid).memory_info().rss) / 2**20, 1)
+
+
+@contextmanager
+def running(server: Server) -> Any:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Suite:
+    plan: Plan
+    repository: Path
+    tiny: str
+    large: str
+    artifacts: Path
+    server_cores: list[int]
+    generator_cores: list[int]
+    results: dict[str, Any]
+
+    @property
+    def taskset(self) -> list[str]:
+        return ["taskset", "-c", ",".join(map(str, self.server_cores))] if self.server_cores else []
+
+    @property
+    def threads(self) -> int:
+        return len(self.server_cores) or os.cpu_count() or 1
+
+    def normserve(self, **env: str) -> Server:
+        port = _free_port()
+        settings = {
+            "NORMSERVE_REPOSITORY": str(self.repository),
+            "NORMSERVE_PORT": str(port),
+            "NORMSERVE_INTRA_OP_THREADS": str(self.threads),
+            "NORMSERVE_LOG_LEVEL": "warning",
+        }
+        return Server(
+            "normserve", [*self.taskset, sys.executable, "-m", "service"], settings | env, port, "/v2/health/ready"
+        )
+
+    def uvicorn(self, name: str, app: str, **env: str) -> Server:
+        port = _free_port()
+        argv = [*self.taskset, sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning"]
+        argv += ["--no-access-log", "--loop", "uvloop", "--http", "httptools"]
+        return Server(name, argv, env, port, "/openapi.json" if "naive" in app else "/")
+
+    def signature(self, model: str) -> ModelSignature:
+        return read_signature(self.repository / model / "config.json")
+
+    def config(self, window_s: float | None = None, **overrides: Any) -> RunConfig:
+        plan = self.plan
+        base = RunConfig(
+            warmup_s=plan.warmup_s, window_s=window_s or plan.window_s, max_windows=plan.max_windows, progress=False
+        )
+        return replace(base, **overrides)
+
+    def measure(
+        self,
+        server: Server,
+        model: str,
+        encoding: str,
+        levels: list[tuple[str, float]],
+        path: str | None = None,
+        config: RunConfig | None = None,
+    ) -> list[dict[str, Any]]:
+        """Each level in turn, with the server's CPU per request and, for normserve, the part of it
+        spent inside onnxruntime (its compute-duration metric) and outside."""
+        target = Target.parse(server.url, path or f"/v2/models/{model}/infer")
+        requests = [encode_request(target, b, h) for b, h in build_requests(self.signature(model), encoding)]
+        rows = []
+        for mode, level in levels:
+            run_config = replace(config or self.config(), server_pid=server.pid)
+            before = _server_counters(server)
+            (result,) = run_levels(target, requests, [(mode, level)], run_config)
+            after = _server_counters(server)
+            rows.append(_level_row(result, before, after))
+            _progress(f"{server.name} {model} {encoding} {mode} {level:g}", rows[-1])
+        return rows
+
+
+def _server_counters(server: Server) -> dict[str, float]:
+    import psutil
+
+    times = psutil.Process(server.pid).cpu_times()
+    counters = {"cpu_s": times.user + times.system}
+    if server.name != "normserve":
+        return counters
+    status, body = _get(server.url + "/metrics")
+    if status != 200:
+        return counters
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "normserve_compute_duration_seconds_sum":
+                counters["compute_s"] = counters.get("compute_s", 0.0) + sample.value
+            elif sample.name == "normserve_request_success_total":
+                counters["requests"] = counters.get("requests", 0.0) + sample.value
+    return counters
+
+
+def _level_row(result: LevelResult, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    row = result.summary()
+    row["windows_detail"] = [w.row() for w in result.windows]
+    requests = after.get("requests", 0.0) - before.get("requests", 0.0)
+    if requests > 0 and "compute_s" in after:
+        cpu = (after["cpu_s"] - before["cpu_s"]) * 1000 / requests
+        compute = (after["compute_s"] - before["compute_s"]) * 1000 / requests
+        row["cpu_per_request_ms"] = {"total": round(cpu, 4), "onnxruntime": round(compute, 4)}
+        row["cpu_per_request_ms"]["outside_onnxruntime"] = round(cpu - compute, 4)
+    return row
+
+
+def _progress(what: str, row: dict[str, Any]) -> None:
+    latency = row["latency_ms"]
+    errors = sum(row["errors"].values())
+    print(
+        f"  {what}: {row['throughput']:,.1f} req/s, p50 {latency['p50']} ms, p99 {latency['p99']} ms, errors {errors}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _closed(levels: tuple[int, ...]) -> list[tuple[str, float]]:
+    return [("concurrency", float(c)) for c in levels]
+
+
+def run_suite(suite: Suite) -> dict[str, Any]:
+    plan, results = suite.plan, suite.results
+    results["machine"] = machine() | {"server_cores": suite.server_cores, "generator_cores": suite.generator_cores}
+    results["plan"] = asdict(plan)
+    results["models"] = {"tiny": suite.tiny, "large": suite.large}
+    tiny_levels = _closed(plan.tiny_concurrency)
+
+    print("start-up and memory", file=sys.stderr)
+    startups, server = [], suite.normserve()
+    for _ in range(plan.startups - 1):
+        startups.append(round(server.start(), 3))
+        server.stop()
+    with running(server):
+        startups.append(round(server.startup_s, 3))
+        rss_ready = server.rss_mb()
+        memory_run = suite.measure(
+            server,
+            suite.tiny,
+            "json",
+            [("concurrency", float(max(plan.tiny_concurrency)))],
+            config=suite.config(requests=plan.memory_requests, warmup_s=0.0),
+        )
+        results["memory"] = {
+            "rss_ready_mb": rss_ready,
+            "rss_after_mb": server.rss_mb(),
+            "requests": memory_run[0]["ok"] + sum(memory_run[0]["errors"].values()),
+        }
+        results["startup_s"] = startups
+        results["provider"] = json.loads(_get(f"{server.url}/v2/models/{suite.tiny}")[1]).get("provider")
+
+        print("tiny model", file=sys.stderr)
+        for encoding in ("json", "binary"):
+            closed = suite.measure(server, suite.tiny, encoding, tiny_levels)
+            saturated = closed[-1]["throughput"]
+            rates = [("rate", round(saturated * f, 1)) for f in plan.rate_fractions if saturated * f > 0]
+            duration = plan.window_s * 3
+            open_ = suite.measure(server, suite.tiny, encoding, rates, config=suite.config(duration_s=duration))
+            results[f"tiny_{encoding}"] = {"closed": closed, "open": open_}
+
+        print("large model, batching on", file=sys.stderr)
+        large_config = suite.config(window_s=plan.large_window_s)
+        large_levels = _closed(plan.large_concurrency)
+        results["large_binary_batching"] = suite.measure(
+            server, suite.large, "binary", large_levels, config=large_config
+        )
+        middle = [("concurrency", float(plan.large_concurrency[len(plan.large_concurrency) // 2]))]
+        results["large_json"] = suite.measure(server, suite.large, "json", middle, config=large_config)
+
+        results["profile"] = profile(suite, server, plan.profile_s)
+        results["wrk"] = {"normserve": wrk(suite, server, suite.tiny)}
+
+    print("large model, batching off", file=sys.stderr)
+    no_batching = json.dumps({suite.large: {"max_batch_size": 1}})
+    with running(suite.normserve(NORMSERVE_MODELS=no_batching)) as server:
+        results["large_binary_no_batching"] = suite.measure(
+            server, suite.large, "binary", large_levels, config=large_config
+        )
+
+    print("baselines", file=sys.stderr)
+    model_file = suite.repository / suite.tiny / "1" / "model.onnx"
+    naive = suite.uvicorn("naive", "bench.naive_app:app", NAIVE_MODEL=str(model_file), NAIVE_THREADS=str(suite.threads))
+    with running(naive):
+        results["naive"] = suite.measure(naive, suite.tiny, "json", tiny_levels)
+    with running(suite.uvicorn("bare", "bench.bare_asgi:app")) as bare:
+        results["bare"] = suite.measure(bare, suite.tiny, "json", tiny_levels, path="/")
+        results["wrk"]["bare"] = wrk(suite, bare, suite.tiny, path="/")
+
+    print("in-process onnxruntime and graph variants", file=sys.stderr)
+    results["inprocess"] = {
+        "tiny": inprocess(suite, model_file, plan.tiny_batches),
+        "large": inprocess(suite, suite.repository / suite.large / "1" / "model.onnx", plan.large_batches),
+    }
+    results["graphs"] = graph_variants(suite)
+    return results
+
+
+# -- in-process onnxruntime and graph variants ----------------------------------------------------
+
+
+def inprocess(suite: Suite, model: Path, batches: tuple[int, ...], optimize: bool = True) -> dict[str, Any]:
+    argv = [*suite.taskset, sys.executable, "-m", "bench.inprocess", str(model), "--json"]
+    argv += ["--threads", str(suite.threads), "--seconds", str(suite.plan.inprocess_seconds), "--batches"]
+    argv += [str(b) for b in batches]
+    if not optimize:
+        argv.append("--no-optimize")
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+    return dict(json.loads(done.stdout))
+
+
+def graph_variants(suite: Suite) -> dict[str, Any]:
+    """Batch-1 and largest-batch time of the served (folded) graph and of the model exported as it
+    was trained (every BatchNorm a node), each with onnxruntime's graph optimizations off and on."""
+    variants: dict[str, Any] = {}
+    for role, model, batches in (
+        ("tiny", suite.tiny, (1, suite.plan.tiny_batches[-1])),
+        ("large", suite.large, (1,)),
+    ):
+        checkpoint = suite.artifacts / model / "checkpoint.pt"
+        if not checkpoint.exists():
+            variants[role] = {"model": model, "skipped": f"no checkpoint at {checkpoint} to export the unfolded graph"}
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            unfolded = Path(scratch) / "unfolded.onnx"
+            bn_nodes = export_unfolded(checkpoint, unfolded)
+            folded = suite.repository / model / "1" / "model.onnx"
+            variants[role] = {"model": model, "batchnorm_nodes_unfolded": bn_nodes}
+            for name, path in (("folded", folded), ("unfolded", unfolded)):
+                for optimize in (False, True):
+                    timing = inprocess(suite, path, batches, optimize)
+                    variants[role][f"{name}, optimizations {'on' if optimize else 'off'}"] = timing["batches"]
+    return variants
+
+
+def export_unfolded(checkpoint: Path, out: Path) -> int:
+    """Export the checkpoint's model as trained, BatchNorms and all; returns the BatchNormalization count."""
+    import onnx
+    import torch
+
+    from export.build import verification_inputs
+    from export.onnx_export import export_onnx, op_histogram
+    from models.train import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    x, _, _ = verification_inputs(meta)
+    proto = export_onnx(model, torch.tensor(x[:2]), optimize=False)
+    onnx.save(proto, out)
+    return op_histogram(proto).get("BatchNormalization", 0)
+
+
+# -- profile and cross-check ----------------------------------------------------------------------
+
+
+def profile(suite: Suite, server: Server, seconds: float) -> dict[str, Any]:
+    """Where normserve's core goes at the tiny model's highest concurrency: py-spy's own-time samples."""
+    from bench.profile import summarize_raw
+
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if py_spy is None:
+        return {"skipped": "py-spy is not installed"}
+    level = [("concurrency", float(max(suite.plan.tiny_concurrency)))]
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch) / "profile.txt"
+        argv = [py_spy, "record", "--pid", str(server.pid), "--duration", str(max(1, round(seconds)))]
+        argv += ["--rate", "250", "--format", "raw", "--output", str(raw), "--nonblocking"]
+        spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        suite.measure(server, suite.tiny, "json", level, config=suite.config(duration_s=seconds, warmup_s=0.0))
+        _, err = spy.communicate(timeout=seconds + 60)
+        if spy.returncode != 0 or not raw.exists():
+            return {"skipped": f"py-spy failed: {err.decode(errors='replace').strip()[-300:]}"}
+        return summarize_raw(raw.read_text())
+
+
+def wrk(suite: Suite, server: Server, model: str, path: str | None = None) -> dict[str, Any] | None:
+    """The same JSON request at the highest concurrency from wrk (C), when it is installed: shows how
+    close the Python load generator comes to the HTTP ceiling."""
+    if shutil.which("wrk") is None:
+        return None
+    connections = max(suite.plan.tiny_concurrency)
+    body, headers = build_requests(suite.signature(model), "json", distinct=1)[0]
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(body)
+        f.flush()
+        argv = ["taskset", "-c", ",".join(map(str, suite.generator_cores))] if suite.generator_cores else []
+        argv += ["wrk", "-t1", f"-c{connections}", f"-d{suite.plan.wrk_s}s", "--latency"]
+        argv += ["-s", str(ROOT / "bench" / "wrk" / "post.lua"), server.url + (path or f"/v2/models/{model}/infer")]
+        env = os.environ | {"BODY_FILE": f.name, "CONTENT_TYPE": headers["Content-Type"]}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=suite.plan.wrk_s + 60)
+    from bench.profile import parse_wrk
+
+    return {"connections": connections, **parse_wrk(done.stdout)}
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def _cores(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c != ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="checkpoints, for the unfolded graphs")
+    p.add_argument("--tiny", default="cnn-bn", help="the tiny model (default %(default)s)")
+    p.add_argument("--large", default="resnet18-bn", help="the large model (default %(default)s)")
+    p.add_argument("--server-cores", type=_cores, default=[0], help="cores for the servers (default 0)")
+    p.add_argument("--generator-cores", type=_cores, default=[1], help="cores for the load generator (default 1)")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="the document to write")
+    p.add_argument("--smoke", action="store_true", help="seconds-long windows: checks the suite runs, measures nothing")
+    args = p.parse_args(argv)
+    from bench.suite_report import write_report
+
+    available = sorted(os.sched_getaffinity(0))
+    wanted = set(args.server_cores) | set(args.generator_cores)
+    if shutil.which("taskset") is None or not wanted <= set(available) or len(available) < 2:
+        print(
+            f"warning: cannot pin to cores {sorted(wanted)} (this process may use {available}); unpinned",
+            file=sys.stderr,
+        )
+        args.server_cores, args.generator_cores = [], []
+    if args.generator_cores:
+        os.sched_setaffinity(0, args.generator_cores)
+    suite = Suite(
+        SMOKE if args.smoke else FULL,
+        args.repository.resolve(),
+        args.tiny,
+        args.large,
+        args.artifacts.resolve(),
+        args.server_cores,
+        args.generator_cores,
+        {"command": " ".join(["python -m bench.suite", *(argv if argv is not None else sys.argv[1:])])},
+    )
+    started = time.perf_counter()
+    results = run_suite(suite)
+    results["suite_seconds"] = round(time.perf_counter() - started, 1)
+    write_report(results, args.doc, smoke=args.smoke)
+    print(f"wrote {args.doc} in {results['suite_seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

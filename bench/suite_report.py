@@ -1,0 +1,346 @@
+"""The suite's results as targets met or missed, markdown tables and plots, written into docs/benchmarks.md.
+
+Only the text between the two markers is rewritten, so what people wrote around it (the design
+notes, the analysis of a missed target) stays.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen.report import plot
+
+__all__ = ["BEGIN", "END", "targets", "render", "write_report"]
+
+BEGIN = "<!-- bench:begin: written by `make bench`; edit outside these markers -->"
+END = "<!-- bench:end -->"
+
+
+def _tp(row: dict[str, Any]) -> float:
+    return float(row["throughput"])
+
+
+def _p(row: dict[str, Any], name: str) -> float:
+    return float(row["latency_ms"][name] or float("nan"))
+
+
+def _outside(row: dict[str, Any]) -> float:
+    return float(row.get("cpu_per_request_ms", {}).get("outside_onnxruntime", float("nan")))
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """T1–T6 of the latency issue, each with the figures it is judged on (all from this run)."""
+    tiny, naive, bare = r["tiny_json"]["closed"], r["naive"], r["bare"]
+    top, one = tiny[-1], tiny[0]
+    conns = int(top["level"])
+    batch1_ms = float(r["inprocess"]["tiny"]["batches"]["1"]["batch_ms"])
+    large_top = r["large_binary_batching"][-1]
+    ceiling = r["inprocess"]["large"]["best"]
+    middle = r["large_json"][0]
+    binary_middle = next(row for row in r["large_binary_batching"] if row["level"] == middle["level"])
+    memory = r["memory"]
+    growth = (memory["rss_after_mb"] - memory["rss_ready_mb"]) / memory["rss_ready_mb"]
+    t2_bound = _p(bare[0], "p50") + batch1_ms + 0.3
+    t4_ratio = _outside(middle) / _outside(binary_middle)
+    return [
+        {
+            "target": "T1",
+            "goal": f"tiny, JSON, {conns} conns: ≥ 5x naive, ≥ 40% of bare ASGI, p99 ≤ 20 ms",
+            "measured": f"{_tp(top) / _tp(naive[-1]):.1f}x naive, {100 * _tp(top) / _tp(bare[-1]):.0f}% of bare, "
+            f"p99 {_p(top, 'p99'):.1f} ms",
+            "met": _tp(top) >= 5 * _tp(naive[-1]) and _tp(top) >= 0.4 * _tp(bare[-1]) and _p(top, "p99") <= 20,
+        },
+        {
+            "target": "T2",
+            "goal": f"tiny, JSON, 1 conn: median ≤ bare median + batch-1 onnxruntime + 0.3 ms = {t2_bound:.3f} ms",
+            "measured": f"median {_p(one, 'p50'):.3f} ms "
+            f"(bare {_p(bare[0], 'p50'):.3f} ms, batch 1 {batch1_ms:.3f} ms)",
+            "met": _p(one, "p50") <= t2_bound,
+        },
+        {
+            "target": "T3",
+            "goal": f"large, binary, {int(large_top['level'])} conns: "
+            "≥ 85% of in-process onnxruntime at its best batch",
+            "measured": f"{_tp(large_top):.1f} req/s = {100 * _tp(large_top) / ceiling['rows_per_s']:.0f}% of "
+            f"{ceiling['rows_per_s']:.1f} rows/s (batch {ceiling['batch']})",
+            "met": _tp(large_top) >= 0.85 * ceiling["rows_per_s"],
+        },
+        {
+            "target": "T4",
+            "goal": "large: server CPU per request outside onnxruntime ≥ 5x lower with binary than JSON",
+            "measured": f"{t4_ratio:.1f}x ({_outside(middle):.2f} ms JSON, {_outside(binary_middle):.3f} ms binary, "
+            f"{int(middle['level'])} conns)",
+            "met": t4_ratio >= 5,
+        },
+        {
+            "target": "T5",
+            "goal": "RSS with the default models ≤ 600 MB; growth after 100,000 requests ≤ 5%",
+            "measured": f"{memory['rss_ready_mb']:.0f} MB ready, {memory['rss_after_mb']:.0f} MB after "
+            f"{memory['requests']:,} requests ({100 * growth:+.1f}%)",
+            "met": memory["rss_ready_mb"] <= 600 and growth <= 0.05 and memory["requests"] >= 100_000,
+        },
+        {
+            "target": "T6",
+            "goal": "ready ≤ 10 s after the process starts, default models built",
+            "measured": "slowest of "
+            + ", ".join(f"{s:.1f}" for s in r["startup_s"])
+            + f": {max(r['startup_s']):.1f} s",
+            "met": max(r["startup_s"]) <= 10,
+        },
+    ]
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def _errors(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0"
+
+
+def _cpu(row: dict[str, Any]) -> list[str]:
+    cpu = row.get("cpu_per_request_ms")
+    if cpu is None:
+        total = row.get("server_cpu_ms_per_request")
+        return [_ms(total), "-", "-"]
+    return [_ms(cpu["total"]), _ms(cpu["onnxruntime"]), _ms(cpu["outside_onnxruntime"])]
+
+
+def _closed_rows(label: str, rows: list[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [label, int(row["level"]), f"{_tp(row):,.0f}"]
+        + [_ms(row["latency_ms"][k]) for k in ("p50", "p90", "p99", "p99.9", "max")]
+        + _cpu(row)
+        + [_errors(row), "yes" if row["stable"] else "no"]
+        for row in rows
+    ]
+
+
+CLOSED_HEADER = ["server", "conns", "req/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"]
+CLOSED_HEADER += ["CPU ms/req", "in onnxruntime", "outside", "errors", "stable"]
+
+
+def _open_rows(label: str, rows: list[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [label, f"{row['level']:,.0f}", f"{_tp(row):,.0f}"]
+        + [_ms(row["latency_ms"][k]) for k in ("p50", "p99", "p99.9", "max")]
+        + [row.get("max_backlog", 0), _errors(row)]
+        for row in rows
+    ]
+
+
+def _inprocess_rows(timing: dict[str, Any]) -> list[list[Any]]:
+    best = str(timing["best"]["batch"])
+    return [
+        [f"**{b}**" if b == best else b, f"{t['batch_ms']:.3f} ms", f"{t['row_us']:.1f} µs", f"{t['rows_per_s']:,.0f}"]
+        for b, t in timing["batches"].items()
+    ]
+
+
+def _graph_rows(graphs: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for role, variant in graphs.items():
+        if "skipped" in variant:
+            rows.append([variant["model"], "not measured: " + variant["skipped"], "", ""])
+            continue
+        for name, timing in variant.items():
+            if not isinstance(timing, dict):
+                continue
+            for batch, t in timing.items():
+                rows.append([f"{variant['model']} ({role})", name, batch, f"{t['row_us']:,.1f} µs"])
+    return rows
+
+
+def _git_commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return done.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def render(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> str:
+    m = r["machine"]
+    met = targets(r)
+    tiny, large = r["models"]["tiny"], r["models"]["large"]
+    bn_nodes = {
+        v["model"]: v["batchnorm_nodes_unfolded"] for v in r["graphs"].values() if "batchnorm_nodes_unfolded" in v
+    }
+    pinning = (
+        f"servers on core {','.join(map(str, m['server_cores']))}, load generator on core "
+        f"{','.join(map(str, m['generator_cores']))} (`taskset`), onnxruntime intra-op threads = server cores"
+        if m["server_cores"]
+        else "not pinned (fewer than two cores, or no `taskset`)"
+    )
+    out = [
+        f"## The suite: `make bench` ({m['date'][:10]})",
+        "",
+        "**This was a smoke run: windows of a fraction of a second. Its figures mean nothing.**\n" if smoke else "",
+        f"- **Machine:** {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}.",
+        f"- **Commit:** {_git_commit()}. **Command:** `{r['command']}`, {r['suite_seconds']:.0f} s in all.",
+        f"- **Pinning:** {pinning}. Provider: {r['provider']}.",
+        "- **Load generator:** `python -m bench.loadgen` (closed loop: latency from the send; open loop: from the "
+        "due time). Each closed-loop level warms up, then runs windows until the last 3 agree within 10 % "
+        "(`stable`); open-loop levels run 3 windows.",
+        "",
+        "### Targets",
+        "",
+        _table(
+            ["target", "goal", "measured (this run)", "met"],
+            [[t["target"], t["goal"], t["measured"], "yes" if t["met"] else "**no**"] for t in met],
+        ),
+        "",
+        f"### Tiny model ({tiny}): closed loop",
+        "",
+        "Every server answers the same request: one held-out digit. CPU is the server process's user + system "
+        "time per request; for normserve, the part inside onnxruntime is its compute-duration metric.",
+        "",
+        _table(
+            CLOSED_HEADER,
+            _closed_rows("normserve, JSON", r["tiny_json"]["closed"])
+            + _closed_rows("normserve, binary", r["tiny_binary"]["closed"])
+            + _closed_rows("naive FastAPI, JSON", r["naive"])
+            + _closed_rows("bare ASGI (HTTP ceiling)", r["bare"]),
+        ),
+        "",
+        "### Tiny model: open loop at fixed rates",
+        "",
+        "Rates are fractions of the closed-loop throughput at the highest concurrency. Past saturation the "
+        "latency is the queue's: requests are charged from the moment they were due.",
+        "",
+        _table(
+            [
+                "normserve",
+                "offered req/s",
+                "achieved",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "max ms",
+                "max backlog",
+                "errors",
+            ],
+            _open_rows("JSON", r["tiny_json"]["open"]) + _open_rows("binary", r["tiny_binary"]["open"]),
+        ),
+        "",
+        f"![tiny model: latency against throughput]({images['tiny']})",
+        "",
+        f"### Large model ({large})",
+        "",
+        _table(
+            CLOSED_HEADER,
+            _closed_rows("batching on, binary", r["large_binary_batching"])
+            + _closed_rows("batching off, binary", r["large_binary_no_batching"])
+            + _closed_rows("batching on, JSON", r["large_json"]),
+        ),
+        "",
+        f"![large model: latency against throughput]({images['large']})",
+        "",
+        "### Ceilings: onnxruntime in-process, same core and threads",
+        "",
+        f"{tiny} (best batch in bold):",
+        "",
+        _table(["batch", "per batch", "per row", "rows/s"], _inprocess_rows(r["inprocess"]["tiny"])),
+        "",
+        f"{large}:",
+        "",
+        _table(["batch", "per batch", "per row", "rows/s"], _inprocess_rows(r["inprocess"]["large"])),
+        "",
+        "### Folded vs unfolded graphs, onnxruntime's graph optimizations off and on",
+        "",
+        "The unfolded graph is the checkpoint exported as trained, every BatchNorm a BatchNormalization node ("
+        + ", ".join(f"{model}: {count}" for model, count in bn_nodes.items())
+        + "); the folded graph is the served model.onnx, with none.",
+        "",
+        _table(["model", "graph", "batch", "per row"], _graph_rows(r["graphs"])),
+        "",
+        "### Memory and start-up",
+        "",
+        f"- RSS once ready with every default model loaded: {r['memory']['rss_ready_mb']:.0f} MB; after "
+        f"{r['memory']['requests']:,} requests: {r['memory']['rss_after_mb']:.0f} MB.",
+        "- Process start to `/v2/health/ready` answering 200: " + ", ".join(f"{s:.2f} s" for s in r["startup_s"]) + ".",
+        "",
+    ]
+    out += _profile_section(r.get("profile", {}))
+    out += _wrk_section(r.get("wrk", {}), r)
+    return "\n".join(out).replace("\n\n\n", "\n\n")
+
+
+def _profile_section(profile: dict[str, Any]) -> list[str]:
+    out = ["### Where normserve's core goes (py-spy, tiny model, JSON, highest concurrency)", ""]
+    if "skipped" in profile or not profile.get("samples"):
+        return out + [f"Not profiled: {profile.get('skipped', 'no samples')}.", ""]
+    out += [
+        _table(["area", "share of samples"], [[a, f"{s}%"] for a, s in profile["areas"].items()]),
+        "",
+        "Functions with the most samples of their own:",
+        "",
+        _table(["function", "share"], [[f"`{f}`", f"{s}%"] for f, s in profile["own"]]),
+        "",
+    ]
+    return out
+
+
+def _wrk_section(wrk: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    if not wrk or not wrk.get("bare"):
+        return ["### Cross-check with wrk", "", "Not run: `wrk` is not installed (`apt-get install wrk`).", ""]
+    rows = []
+    for name, key in (("normserve, JSON", "normserve"), ("bare ASGI", "bare")):
+        w = wrk.get(key)
+        ours = (r["tiny_json"]["closed"] if key == "normserve" else r["bare"])[-1]
+        if w:
+            rows.append([name, w["connections"], f"{w['throughput']:,.0f}", f"{_tp(ours):,.0f}", _ms(w.get("p99_ms"))])
+    return [
+        "### Cross-check with wrk",
+        "",
+        "The same request from wrk (C) on the generator's core. Where the bare app's figures differ, the Python "
+        "load generator is the limit, not the app.",
+        "",
+        _table(["server", "conns", "wrk req/s", "bench.loadgen req/s", "wrk p99 ms"], rows),
+        "",
+    ]
+
+
+def write_report(r: dict[str, Any], doc: Path, smoke: bool = False) -> None:
+    """Write the results, the plots and the document's generated section."""
+    assets = doc.parent / "bench"
+    assets.mkdir(parents=True, exist_ok=True)
+    (assets / "suite.json").write_text(json.dumps(r, indent=1) + "\n")
+    plot(
+        assets / "tiny.png",
+        {
+            "JSON, open loop": r["tiny_json"]["open"],
+            "binary, open loop": r["tiny_binary"]["open"],
+            "JSON, closed loop": r["tiny_json"]["closed"],
+            "naive, closed loop": r["naive"],
+        },
+        f"tiny model ({r['models']['tiny']}): latency against throughput",
+    )
+    plot(
+        assets / "large.png",
+        {"batching on": r["large_binary_batching"], "batching off": r["large_binary_no_batching"]},
+        f"large model ({r['models']['large']}), binary: latency against throughput",
+    )
+    section = render(r, {"tiny": "bench/tiny.png", "large": "bench/large.png"}, smoke)
+    text = doc.read_text() if doc.exists() else "# normserve benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + section + "\n" + END + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + BEGIN + "\n" + section + "\n" + END + "\n"
+    doc.write_text(text)

@@ -1,0 +1,73 @@
+"""A smoke run of the benchmark suite: every scenario for a fraction of a second, on the test models.
+
+It checks that ``make bench`` runs end to end and writes a complete document; its figures mean
+nothing and no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke(built_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    repository, artifacts = built_models
+    doc = tmp_path_factory.mktemp("docs") / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nWritten by hand, kept.\n")
+    command = [sys.executable, "-m", "bench.suite", "--smoke", "--repository", str(repository)]
+    command += ["--tiny", "tiny-cnn-bn", "--large", "tiny-cnn-bn", "--artifacts", str(artifacts), "--doc", str(doc)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return doc, done.stderr
+
+
+def test_the_suite_writes_every_section_and_keeps_the_text_around_it(smoke: tuple[Path, str]) -> None:
+    doc, _ = smoke
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nWritten by hand, kept.\n")
+    assert "smoke run" in text
+    for heading in [
+        "### Targets",
+        "### Tiny model (tiny-cnn-bn): closed loop",
+        "### Tiny model: open loop at fixed rates",
+        "### Large model (tiny-cnn-bn)",
+        "### Ceilings: onnxruntime in-process",
+        "### Folded vs unfolded graphs",
+        "### Memory and start-up",
+        "### Where normserve's core goes",
+        "### Cross-check with wrk",
+    ]:
+        assert heading in text, heading
+    for target in ["T1", "T2", "T3", "T4", "T5", "T6"]:
+        assert f"| {target} |" in text
+    assert "not measured" not in text  # the checkpoint is there, so the unfolded graph was exported
+    for image in ["tiny.png", "large.png"]:
+        assert (doc.parent / "bench" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) -> None:
+    doc, _ = smoke
+    results = json.loads((doc.parent / "bench" / "suite.json").read_text())
+    levels = [*results["tiny_json"]["closed"], *results["tiny_json"]["open"], *results["tiny_binary"]["closed"]]
+    levels += [*results["tiny_binary"]["open"], *results["large_binary_batching"], *results["large_json"]]
+    levels += [*results["large_binary_no_batching"], *results["naive"], *results["bare"]]
+    assert len(levels) == 2 + 2 + 2 + 2 + 2 + 1 + 2 + 2 + 2
+    for level in levels:
+        assert level["ok"] > 0 and level["errors"] == {}, level
+    assert results["memory"]["requests"] == 300
+    assert results["memory"]["rss_ready_mb"] > 0
+    for row in results["tiny_json"]["closed"]:  # normserve's CPU is split into onnxruntime and the rest
+        cpu = row["cpu_per_request_ms"]
+        assert cpu["total"] == pytest.approx(cpu["onnxruntime"] + cpu["outside_onnxruntime"], abs=1e-3)
+    graphs = results["graphs"]["tiny"]
+    assert graphs["batchnorm_nodes_unfolded"] > 0
+    assert set(graphs) >= {"folded, optimizations on", "unfolded, optimizations off"}
+    assert results["profile"]["samples"] > 0 or shutil.which("py-spy") is None

@@ -16,7 +16,7 @@ AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics", ("prometheus_client/", "service/metrics.py")),
     ("batching", ("service/batcher.py",)),
     ("inference endpoint", ("service/routes/inference.py", "service/app.py")),
-    ("HTTP (uvicorn, httptools)", ("uvicorn/", "httptools")),
+    ("HTTP (uvicorn, httptools)", ("uvicorn/protocols/", "uvicorn/middleware/", "httptools")),
 ]
 OTHER = "event loop, sockets and the rest"
 

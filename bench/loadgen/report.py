@@ -114,7 +114,8 @@ def _ms(value: float | None) -> str:
 
 
 def plot(path: Path, runs: dict[str, list[dict[str, Any]]], title: str) -> None:
-    """Median (solid) and p99 (dashed) latency against achieved throughput, one colour per run.
+    """Median (solid) and p99 (dashed) latency against achieved throughput, one colour per run, each
+    run's points joined in the order its load (concurrency or rate) rose.
 
     Args:
         runs: label -> level summaries (``LevelResult.summary()``), in any order.
@@ -126,7 +127,7 @@ def plot(path: Path, runs: dict[str, list[dict[str, Any]]], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, (label, summaries) in enumerate(runs.items()):
-        points = sorted((s for s in summaries if s["ok"]), key=lambda s: s["throughput"])
+        points = sorted((s for s in summaries if s["ok"]), key=lambda s: s["level"])  # in the order load rose
         if not points:
             continue
         x = [s["throughput"] for s in points]

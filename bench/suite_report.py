@@ -168,7 +168,10 @@ def _graph_rows(graphs: dict[str, Any]) -> list[list[Any]]:
 def _git_commit() -> str:
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        code_only = ["--", ".", ":!docs"]  # the document itself is expected to differ
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", *code_only], capture_output=True, text=True
+        )
         return done.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

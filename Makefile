@@ -29,7 +29,7 @@ serve: models  ## build the default models if missing, then serve them on port 8
 test: lint  ## install everything, lint, and run the tests
 	$(BIN)/python -m pytest
 
-bench: models  ## the benchmark suite (about 12 minutes): rewrites docs/benchmarks.md and docs/bench/
+bench: models  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
 	$(BIN)/python -m bench.suite
 
 lint: $(STAMP)  ## ruff and mypy

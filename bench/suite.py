@@ -18,7 +18,7 @@ threads matched to the server's cores. In order:
 It writes ``docs/benchmarks.md`` (between its markers; the text around them is kept), the plots
 and ``docs/bench/suite.json``.
 
-    make bench                                   # about 12 minutes
+    make bench                                   # about 8 minutes
     python -m bench.suite --smoke --repository R --tiny tiny-cnn-bn --large tiny-cnn-bn \\
         --artifacts A --doc /tmp/bench.md        # seconds: the test suite runs this
 """

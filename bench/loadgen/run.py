@@ -13,7 +13,7 @@ import asyncio
 import gc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bench.loadgen.driver import Load, Target, clock
@@ -49,7 +49,6 @@ class LevelResult:
     stable: bool
     max_backlog: int = 0
     server_rss_mb: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         result = {"mode": self.mode, "level": self.level, "stable": self.stable}
@@ -58,7 +57,7 @@ class LevelResult:
             result["max_backlog"] = self.max_backlog
         if self.server_rss_mb is not None:
             result["server_rss_mb"] = self.server_rss_mb
-        return result | self.extra
+        return result
 
 
 def _server_cpu(pid: int | None) -> Callable[[], float | None]:

@@ -9,7 +9,9 @@ Fold BatchNorm, export ONNX, verify and write the model repository.
 
 Each export is verified (export/verify.py: no BatchNormalization node, parity with the unfolded
 PyTorch model, batch invariance, held-out accuracy against the model's target) and refused, writing
-nothing to the repository, if a check fails.
+nothing to the repository, if a check fails. A model with BatchNorm also gets its batch-statistics
+graph (export/batch_stats.py: the model as train() mode normalizes, checked against PyTorch) and
+its running statistics, written beside model.onnx as batch_stats.onnx and bn_stats.json.
 The full report goes to <artifacts>/<name>/export_report.json either way, and into the
 repository beside model.onnx when the export is accepted. A summary table ends the run.
 """
@@ -32,15 +34,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from export.batch_stats import export_batch_stats, running_statistics, verify_batch_stats
 from export.fold import FoldError, fold_batchnorms
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
 from export.repository import write_version
-from export.verify import VerificationError, verify_export
+from export.verify import Verification, VerificationError, verify_export
 from models.data import LABELS, load_splits
 from models.norms import ChannelLayerNorm
 from models.train import checkpoint_matches, init_untrained, load_checkpoint, train_model
 from models.zoo import DEFAULT_MODELS
 from service.repository import (
+    BATCH_STATS_FILE,
+    BN_STATS_FILE,
+    BatchNormStats,
     ModelConfig,
     ModelVersion,
     RepositoryError,
@@ -60,6 +66,8 @@ NORM_TYPES = (
     ChannelLayerNorm,
 )
 RANDOM_SAMPLES = 64
+# Bumped when the exporter writes something new into a version: older exports are then rebuilt.
+EXPORT_FORMAT = "normserve.export/2"  # 2: batch-statistics graph and BatchNorm statistics
 DIGITS_INPUT = "8x8 grayscale digit, pixel intensities in [0, 1] (scikit-learn load_digits images / 16)"
 
 
@@ -112,8 +120,10 @@ def export_model(
     ops_unfolded = op_histogram(export_onnx(model, example, optimize=False))
     ops_folded = op_histogram(export_onnx(folded.model, example, optimize=False))
     verification = verify_export(served, model, x, y, meta.get("min_test_accuracy") or 0.0)
+    files, batch_stats_report = _batch_stats_files(model, example, x, y, verification)
     checks = verification.as_dict()
     report: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
         "model": name,
         "version": version,
         "trained": meta["trained"],
@@ -135,6 +145,7 @@ def export_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "served_weights": sum(int(np.prod(t.dims)) for t in served.graph.initializer),
         "norm_layers": norm_layer_counts(model),
+        "batch_stats": batch_stats_report,
         "versions": _versions(),
         "checkpoint_sha256": meta.get("checkpoint_sha256"),
         "export_seconds": round(time.perf_counter() - start, 2),
@@ -152,8 +163,33 @@ def export_model(
         description=meta["description"],
         input_description=DIGITS_INPUT if y is not None else "image tensor (random weights: outputs carry no meaning)",
     )
-    written = write_version(repository, config, version, served.SerializeToString(), report)
+    written = write_version(repository, config, version, served.SerializeToString(), report, files)
     return written, written.report.model_dump()
+
+
+def _batch_stats_files(
+    model: nn.Module, example: torch.Tensor, x: np.ndarray, y: np.ndarray | None, verification: Verification
+) -> tuple[dict[str, bytes], dict[str, Any] | None]:
+    """For a model with BatchNorm: its batch-statistics graph and statistics, as files to write beside
+    model.onnx, and what the report says of them. Their checks join ``verification``."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return {}, None
+    graph, layer_names = export_batch_stats(model, example)
+    verification.checks.extend(verify_batch_stats(graph, model, layer_names, x, y))
+    stats = BatchNormStats.model_validate(
+        {"logits_output": OUTPUT_NAME, "layers": running_statistics(model, layer_names)}
+    )
+    files = {BATCH_STATS_FILE: graph.SerializeToString(), BN_STATS_FILE: stats.model_dump_json(indent=1).encode()}
+    described = {
+        "file": BATCH_STATS_FILE,
+        "statistics_file": BN_STATS_FILE,
+        "layers": layer_names,
+        "outputs": [o.name for o in graph.graph.output],
+        "ops": op_histogram(graph),
+        "note": "normalizes with the statistics of the batch it is given, as PyTorch train() mode does; "
+        "served by the batchnorm endpoint only, never by infer",
+    }
+    return files, described
 
 
 def export_checkpoint(checkpoint: Path, repository: Path, version: str = "1") -> dict[str, Any]:
@@ -192,12 +228,13 @@ def summary_table(reports: list[dict[str, Any]]) -> str:
 
 
 def _up_to_date(repository: Path, name: str, version: str, checkpoint: Path) -> dict[str, Any] | None:
-    """The report of the built version if it was exported from ``checkpoint`` as it is now, else None."""
+    """The report of the built version if this exporter made it from ``checkpoint`` as it is now, else None."""
     try:
         report = load_version(repository / name, version).report.model_dump()
     except RepositoryError:
         return None
-    return report if report.get("checkpoint_sha256") == sha256_file(checkpoint) else None
+    current = report.get("format") == EXPORT_FORMAT and report.get("checkpoint_sha256") == sha256_file(checkpoint)
+    return report if current else None
 
 
 def build_defaults(

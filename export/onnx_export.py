@@ -36,7 +36,12 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, *, optimize: bool = True, opset: int = OPSET
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    optimize: bool = True,
+    opset: int = OPSET,
+    output_names: list[str] | None = None,
 ) -> onnx.ModelProto:
     """Export ``model`` (eval mode) to a self-contained ONNX model with input (batch, ...) -> output.
 
@@ -46,6 +51,7 @@ def export_onnx(
         optimize: run the exporter's graph optimizer. It folds BatchNorm into a preceding
             Conv/Gemm by itself, so export with ``optimize=False`` to see the graph as the model is.
         opset: ONNX opset version.
+        output_names: the graph's outputs, in the order forward returns them (default: one, ``logits``).
     """
     if example.shape[0] < 2:
         raise ValueError(f"example batch must have at least 2 rows to keep the batch dynamic, got {example.shape[0]}")
@@ -58,7 +64,7 @@ def export_onnx(
             opset_version=opset,
             optimize=optimize,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=output_names or [OUTPUT_NAME],
             dynamic_shapes=({0: batch},),
             verbose=False,
         )

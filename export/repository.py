@@ -56,15 +56,21 @@ def _write_config(model_dir: Path, config: ModelConfig, version: str) -> None:
 
 
 def write_version(
-    root: Path, config: ModelConfig, version: str, model_bytes: bytes, report: dict[str, Any]
+    root: Path,
+    config: ModelConfig,
+    version: str,
+    model_bytes: bytes,
+    report: dict[str, Any],
+    files: dict[str, bytes] | None = None,
 ) -> ModelVersion:
-    """Write ``config.json`` and ``<version>/{model.onnx, report.json}`` under ``root/<config.name>``.
+    """Write ``config.json`` and ``<version>/{model.onnx, report.json}`` under ``root/<config.name>``,
+    with ``files`` (name -> bytes, e.g. the batch-statistics graph) beside model.onnx.
 
     The version folder is written and synced beside its final place, then renamed into it: a new
     version appears whole or not at all. Replacing an existing version renames the old one away
     first (restored if the second rename fails), so for that instant the version is absent, never
-    half-written. The report gets the model's sha256, and the written version is read back (its
-    hash checked) before it is returned.
+    half-written. The report gets the sha256 of model.onnx and of every other file, and the written
+    version is read back (its hashes checked) before it is returned.
 
     Raises:
         ValueError: ``version`` is not a positive integer, or the config changes the inputs,
@@ -74,13 +80,25 @@ def write_version(
         raise ValueError(f"version {version!r} is not a positive integer")
     model_dir = Path(root) / config.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    report = {**report, "model": config.name, "version": version, "sha256": hashlib.sha256(model_bytes).hexdigest()}
+    files = files or {}
+    reserved = {MODEL_FILE, REPORT_FILE, CONFIG_FILE} & set(files)
+    if reserved:
+        raise ValueError(f"extra files may not be named {sorted(reserved)}; the repository writes those itself")
+    report = {
+        **report,
+        "model": config.name,
+        "version": version,
+        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    }
     VersionReport.model_validate(report)
 
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}.new-"))
     staging.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
     try:
         _write_durably(staging / MODEL_FILE, model_bytes)
+        for name, data in files.items():
+            _write_durably(staging / name, data)
         _write_durably(staging / REPORT_FILE, json.dumps(report, indent=2).encode())
         _write_config(model_dir, config, version)
         final = model_dir / version

@@ -5,7 +5,8 @@ A batch closes when it holds ``max_batch_size`` rows or when its first request h
 while the previous batch ran, so a lone request never waits and a loaded server batches by itself.
 A request of several rows counts as that many rows and is never split across batches. Each caller
 gets back exactly its own rows: BatchNorm's running statistics make a row's answer independent of
-the rows it shared a batch with.
+the rows it shared a batch with. A graph whose answer does depend on its batch (the batch-statistics
+graph of the batchnorm endpoint) gets a batcher with ``max_requests=1``: each request is one batch.
 
 Where a batch runs is decided from its cost, measured at warm-up, and from the cores the server
 may use. With a second core, a batch that costs more than ``OVERLAP_BUDGET_S`` runs on the
@@ -91,6 +92,7 @@ class Batcher:
         queue_limit: queued requests at most; past it, requests are refused with 503.
         metrics: this model version's metric children.
         cores: the cores the server may use (see ``available_cores``).
+        max_requests: requests per batch at most; 1 runs each request as its own batch, unmixed.
     """
 
     def __init__(
@@ -103,8 +105,10 @@ class Batcher:
         queue_limit: int,
         metrics: ModelMetrics,
         cores: int = 1,
+        max_requests: int | None = None,
     ) -> None:
         self.name = name
+        self.max_requests = max_requests
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.queue_limit = queue_limit
@@ -216,6 +220,8 @@ class Batcher:
         """
         quiet = passes = 0
         while quiet < _QUIET_PASSES and passes < _MAX_PASSES and self._queued_rows < self.max_batch_size:
+            if self.max_requests == 1:
+                break  # nothing can join the batch
             if self._closing:
                 break
             arrivals = self._arrivals
@@ -252,7 +258,7 @@ class Batcher:
                 self._expire(request)
                 self._queue.popleft()
                 continue
-            if rows + request.rows > self.max_batch_size:
+            if rows + request.rows > self.max_batch_size or len(batch) == self.max_requests:
                 break
             self._queue.popleft()
             self._dequeued(request)
@@ -288,6 +294,10 @@ class Batcher:
                     request.future.set_exception(error)
             return
         self._metrics.executed(rows, time.perf_counter() - start)
+        if len(batch) == 1:  # whole: a graph that returns per-batch values (statistics) keeps them
+            if not batch[0].future.done():
+                batch[0].future.set_result(outputs)
+            return
         offset = 0
         for request in batch:
             end = offset + request.rows

@@ -1,6 +1,8 @@
 """Prometheus metrics, in a registry of the app's own (so that two apps in one process never collide).
 
 Names follow Triton's where one exists (``nv_inference_request_success`` -> ``normserve_request_success_total``).
+The batchnorm endpoint's batch-statistics graph has the same families under ``normserve_batchnorm_``
+(``Metrics.batchnorm``), so its requests never blur the figures of ``infer``.
 """
 
 from __future__ import annotations
@@ -14,49 +16,53 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+    """Every metric family, in ``registry`` (a new one by default), named ``<prefix>_...``.
+
+    The main set (prefix ``normserve``) also creates ``batchnorm``: the same families for the
+    batchnorm endpoint, in the same registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "normserve") -> None:
+        self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        p = prefix
+        what = "Inference" if p == "normserve" else "Batchnorm endpoint"
         model = ["model", "version"]
-        self.request_success = Counter(
-            "normserve_request_success", "Inference requests answered with 200", model, registry=r
-        )
+        self.request_success = Counter(f"{p}_request_success", f"{what} requests answered with 200", model, registry=r)
         self.request_failure = Counter(
-            "normserve_request_failure",
-            "Inference requests answered with an error, by reason (invalid_input, not_found, too_large, "
+            f"{p}_request_failure",
+            f"{what} requests answered with an error, by reason (invalid_input, not_found, too_large, "
             "unsupported_media_type, not_ready, overloaded, deadline, internal)",
             [*model, "reason"],
             registry=r,
         )
         self.inference_count = Counter(
-            "normserve_inference_count", "Rows inferred (a request of n rows counts n)", model, registry=r
+            f"{p}_inference_count", "Rows inferred (a request of n rows counts n)", model, registry=r
         )
-        self.execution_count = Counter("normserve_execution_count", "Batches run by onnxruntime", model, registry=r)
-        self.batch_size = Histogram(
-            "normserve_batch_size", "Rows per batch run", model, buckets=_BATCH_BUCKETS, registry=r
-        )
+        self.execution_count = Counter(f"{p}_execution_count", "Batches run by onnxruntime", model, registry=r)
+        self.batch_size = Histogram(f"{p}_batch_size", "Rows per batch run", model, buckets=_BATCH_BUCKETS, registry=r)
         self.queue_seconds = Histogram(
-            "normserve_queue_duration_seconds",
+            f"{p}_queue_duration_seconds",
             "Time a request waited in its model's queue",
             model,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.compute_seconds = Histogram(
-            "normserve_compute_duration_seconds",
+            f"{p}_compute_duration_seconds",
             "Time onnxruntime took per batch",
             model,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.pending = Gauge("normserve_pending_requests", "Requests queued, not yet running", model, registry=r)
+        self.pending = Gauge(f"{p}_pending_requests", "Requests queued, not yet running", model, registry=r)
         self.provider = Gauge(
-            "normserve_model_provider",
+            f"{p}_model_provider",
             "1 for the execution provider each model version really runs on",
             [*model, "provider"],
             registry=r,
         )
-        self.model_ready = Gauge("normserve_model_ready", "1 when the model version serves", model, registry=r)
+        self.model_ready = Gauge(f"{p}_model_ready", "1 when the model version serves", model, registry=r)
+        self.batchnorm: Metrics | None = Metrics(r, "normserve_batchnorm") if p == "normserve" else None
 
     def model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)

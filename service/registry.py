@@ -1,6 +1,8 @@
 """The models being served: load the repository, warm each version, swap on reload, drain on unload.
 
-Each model version gets its own onnxruntime session and batcher. A model that fails to load is
+Each model version gets its own onnxruntime session and batcher; a BatchNorm model's version also
+gets its batch-statistics graph, with a batcher that runs each request as its own batch (its answer
+depends on the batch), for the batchnorm endpoint. A model that fails to load is
 kept as UNAVAILABLE with the reason, and never stops the others. A reload builds and warms the new
 sessions off the event loop, swaps them in at once, and lets the old batchers finish what they
 had accepted: no request is lost.
@@ -22,10 +24,19 @@ from service.batcher import Batcher, available_cores
 from service.config import BatchingSettings, Settings
 from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
 from service.metrics import Metrics, ModelMetrics
-from service.repository import NAME_PATTERN, ModelConfig, ModelVersion, list_versions, load_config, load_version
+from service.repository import (
+    NAME_PATTERN,
+    BatchNormStats,
+    ModelConfig,
+    ModelVersion,
+    list_versions,
+    load_bn_stats,
+    load_config,
+    load_version,
+)
 from service.runtime import CUDA, DTYPES, Runtime
 
-__all__ = ["ModelState", "Registry", "ServedVersion", "VersionState"]
+__all__ = ["BatchStatsGraph", "ModelState", "Registry", "ServedVersion", "VersionState"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,16 @@ class ModelState(enum.StrEnum):
 
 
 @dataclass
+class BatchStatsGraph:
+    """A BatchNorm model version's batch-statistics graph: never batched with other requests."""
+
+    runtime: Runtime
+    batcher: Batcher  # max_requests=1: each request is one batch
+    stats: BatchNormStats
+    metrics: ModelMetrics
+
+
+@dataclass
 class ServedVersion:
     """One model version that serves: its session, its batcher and its metric children."""
 
@@ -45,6 +66,11 @@ class ServedVersion:
     batcher: Batcher
     batching: BatchingSettings
     metrics: ModelMetrics
+    batch_stats: BatchStatsGraph | None = None  # BatchNorm models exported with one
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [self.batcher] + ([self.batch_stats.batcher] if self.batch_stats else [])
 
     @property
     def config(self) -> ModelConfig:
@@ -203,7 +229,8 @@ class Registry:
                 return new
             for state in new.versions.values():
                 if state.served is not None:
-                    state.served.batcher.start()
+                    for batcher in state.served.batchers:
+                        batcher.start()
                     self._publish(name, state)
             self.models[name] = new  # the swap: new requests go to the new sessions from here on
             if old is not None:
@@ -253,7 +280,8 @@ class Registry:
     async def _retire(self, entry: ModelEntry, keep: ModelEntry | None) -> None:
         for state in entry.versions.values():
             if state.served is not None:
-                await state.served.batcher.stop()
+                for batcher in state.served.batchers:
+                    await batcher.stop()
                 replacement = keep.versions.get(state.version) if keep is not None else None
                 successor = replacement.served if replacement is not None else None
                 provider = state.served.runtime.provider.provider
@@ -262,16 +290,24 @@ class Registry:
                 elif successor.runtime.provider.provider != provider:  # the old provider no longer runs it
                     self.metrics.provider.labels(entry.name, state.version, provider).set(0)
 
+    def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
+        """Each graph a version serves, with the metric families it reports in."""
+        graphs = [(self.metrics, served.runtime)]
+        if served.batch_stats is not None and self.metrics.batchnorm is not None:
+            graphs.append((self.metrics.batchnorm, served.batch_stats.runtime))
+        return graphs
+
     def _publish(self, name: str, state: VersionState) -> None:
-        served = state.served
-        if served is None:
+        if state.served is None:
             return
-        self.metrics.provider.labels(name, state.version, served.runtime.provider.provider).set(1)
-        self.metrics.model_ready.labels(name, state.version).set(1)
+        for metrics, runtime in self._graphs(state.served):
+            metrics.provider.labels(name, state.version, runtime.provider.provider).set(1)
+            metrics.model_ready.labels(name, state.version).set(1)
 
     def _unpublish(self, name: str, version: str, served: ServedVersion) -> None:
-        self.metrics.provider.labels(name, version, served.runtime.provider.provider).set(0)
-        self.metrics.model_ready.labels(name, version).set(0)
+        for metrics, runtime in self._graphs(served):
+            metrics.provider.labels(name, version, runtime.provider.provider).set(0)
+            metrics.model_ready.labels(name, version).set(0)
 
     def _build(self, model_dir: Path) -> ModelEntry:
         """Read, create and warm every version of one model (blocking: runs in a thread)."""
@@ -297,6 +333,7 @@ class Registry:
             _check_graph(runtime, config)
             batching = self.settings.batching(name, config.max_batch_size)
             runtime.warm(_example(config), batching.max_batch_size)
+            batch_stats = self._build_batch_stats(loaded, batching) if loaded.has_batch_stats else None
         except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph
             log.exception("cannot load %s version %s", name, version)
             return VersionState(version, ModelState.UNAVAILABLE, str(e).strip())
@@ -312,8 +349,40 @@ class Registry:
             self.cores,
         )
         return VersionState(
-            version, ModelState.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics)
+            version, ModelState.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)
         )
+
+    def _build_batch_stats(self, loaded: ModelVersion, batching: BatchingSettings) -> BatchStatsGraph:
+        """The version's batch-statistics graph, checked against its statistics file and warmed."""
+        config = loaded.config
+        stats = load_bn_stats(loaded)
+        runtime = Runtime(loaded.batch_stats_file, self.settings.provider, self.settings.intra_op_threads)
+        expected = [
+            stats.logits_output,
+            *(name for layer in stats.layers for name in (layer.mean_output, layer.var_output)),
+        ]
+        inputs = [s.name for s in config.inputs]
+        if sorted(runtime.output_names) != sorted(expected) or sorted(runtime.input_names) != sorted(inputs):
+            raise ValueError(
+                f"{loaded.batch_stats_file.name} has inputs {runtime.input_names} and outputs {runtime.output_names}, "
+                f"but config.json and bn_stats.json expect {inputs} and {expected}"
+            )
+        runtime.warm(_example(config), batching.max_batch_size)
+        if self.metrics.batchnorm is None:
+            raise RuntimeError("the registry's metrics have no batchnorm families")
+        metrics = self.metrics.batchnorm.model(config.name, loaded.version)
+        batcher = Batcher(
+            f"{config.name} version {loaded.version} (batch statistics)",
+            runtime.run,
+            runtime.estimate,
+            batching.max_batch_size,
+            0.0,  # nothing may join a batch, so there is nothing to wait for
+            batching.queue_limit,
+            metrics,
+            self.cores,
+            max_requests=1,
+        )
+        return BatchStatsGraph(runtime, batcher, stats, metrics)
 
 
 def _valid_name(name: str) -> bool:

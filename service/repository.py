@@ -3,9 +3,14 @@
     <root>/<model>/config.json               ModelConfig: inputs, outputs, max batch size, labels, norm layers
     <root>/<model>/<version>/model.onnx      the served graph, every BatchNorm folded
     <root>/<model>/<version>/report.json     VersionReport: fold and parity figures, sha256 of model.onnx
+    <root>/<model>/<version>/batch_stats.onnx    (BatchNorm models) the graph that normalizes with the
+                                                 statistics of its own batch, as train() mode does
+    <root>/<model>/<version>/bn_stats.json       (BatchNorm models) BatchNormStats: per layer, the running
+                                                 mean and variance, and the batch-statistics graph's outputs
 
-Versions are positive integers, as in Triton. A version whose model.onnx does not hash to the
-sha256 in its report is refused: the file changed after it was verified.
+Versions are positive integers, as in Triton. A version whose model.onnx, or any file its report
+lists under ``files``, does not hash to the sha256 in its report is refused: the file changed after
+it was verified.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 __all__ = [
+    "BATCH_STATS_FILE",
+    "BN_STATS_FILE",
+    "BatchNormLayer",
+    "BatchNormStats",
     "CONFIG_FILE",
     "MODEL_FILE",
     "NAME_PATTERN",
@@ -32,6 +41,7 @@ __all__ = [
     "TensorSpec",
     "VersionReport",
     "list_versions",
+    "load_bn_stats",
     "load_config",
     "load_version",
     "sha256_file",
@@ -40,9 +50,12 @@ __all__ = [
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "report.json"
+BATCH_STATS_FILE = "batch_stats.onnx"
+BN_STATS_FILE = "bn_stats.json"
 VERSION_PATTERN = re.compile(r"^[1-9][0-9]*$")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a model name is a folder name and a URL path segment
 
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Datatype = Literal["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
 
 
@@ -89,6 +102,47 @@ class VersionReport(BaseModel):
     model: str
     version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The version's other files (batch_stats.onnx, bn_stats.json), by name, with their sha256.
+    files: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")], Sha256] = Field(
+        default_factory=dict
+    )
+
+
+class BatchNormLayer(BaseModel):
+    """One BatchNorm of the trained model: its running statistics, and where the batch-statistics graph
+    returns this batch's mean and (biased) variance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str  # qualified name in the PyTorch model, e.g. "stem.0.1"
+    type: str  # BatchNorm2d, TokenBatchNorm, ...
+    channels: int = Field(ge=1)
+    channel_axis: int
+    reduced_over: str  # the axes a channel's statistics are taken over, e.g. "N, H, W"
+    eps: float = Field(gt=0)
+    momentum: float | None
+    running_mean: list[float]
+    running_var: list[float]
+    mean_output: str
+    var_output: str
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> BatchNormLayer:
+        if not (len(self.running_mean) == len(self.running_var) == self.channels):
+            raise ValueError(
+                f"layer {self.name}: {len(self.running_mean)} running means and {len(self.running_var)} variances, "
+                f"expected {self.channels} each (one per channel)"
+            )
+        return self
+
+
+class BatchNormStats(BaseModel):
+    """bn_stats.json: every BatchNorm layer, in the order the model calls them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    logits_output: str
+    layers: list[BatchNormLayer] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -101,6 +155,15 @@ class ModelVersion:
     @property
     def model_file(self) -> Path:
         return self.path / MODEL_FILE
+
+    @property
+    def has_batch_stats(self) -> bool:
+        """Whether the version carries a batch-statistics graph and its BatchNorm statistics."""
+        return BATCH_STATS_FILE in self.report.files and BN_STATS_FILE in self.report.files
+
+    @property
+    def batch_stats_file(self) -> Path:
+        return self.path / BATCH_STATS_FILE
 
 
 def sha256_file(path: Path) -> str:
@@ -151,12 +214,29 @@ def load_version(model_dir: Path, version: str, config: ModelConfig | None = Non
             f"{path / REPORT_FILE} describes {report.model!r} version {report.version!r}, "
             f"expected {config.name!r} version {version!r}"
         )
-    if not (path / MODEL_FILE).is_file():
-        raise RepositoryError(f"{path / MODEL_FILE} is missing")
-    actual = sha256_file(path / MODEL_FILE)
-    if actual != report.sha256:
+    for name, expected in {MODEL_FILE: report.sha256, **report.files}.items():
+        _check_hash(path / name, expected)
+    return ModelVersion(config, version, path, report)
+
+
+def _check_hash(file: Path, expected: str) -> None:
+    if not file.is_file():
+        raise RepositoryError(f"{file} is missing")
+    actual = sha256_file(file)
+    if actual != expected:
         raise RepositoryError(
-            f"{path / MODEL_FILE} has sha256 {actual}, but its report records {report.sha256}: "
+            f"{file} has sha256 {actual}, but its report records {expected}: "
             "the file changed after it was exported and verified"
         )
-    return ModelVersion(config, version, path, report)
+
+
+def load_bn_stats(version: ModelVersion) -> BatchNormStats:
+    """Read a version's bn_stats.json, hashing it again: it may have changed since the version loaded."""
+    file = version.path / BN_STATS_FILE
+    if BN_STATS_FILE not in version.report.files:
+        raise RepositoryError(f"{version.path / REPORT_FILE} lists no {BN_STATS_FILE}")
+    _check_hash(file, version.report.files[BN_STATS_FILE])
+    try:
+        return BatchNormStats.model_validate(_read_json(file))
+    except ValidationError as e:
+        raise RepositoryError(f"{file} is not valid BatchNorm statistics: {e}") from None

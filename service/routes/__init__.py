@@ -2,9 +2,15 @@
 
 from fastapi import APIRouter
 
-from service.routes import health, inference, metrics, repository
+from service.routes import batchnorm, health, inference, metrics, repository
 
 __all__ = ["ROUTERS"]
 
 # Included one by one, each at the top level: nested routers cost a match per level on every request.
-ROUTERS: list[APIRouter] = [health.router, inference.router, repository.router, metrics.router]
+ROUTERS: list[APIRouter] = [
+    health.router,
+    inference.router,
+    batchnorm.router,
+    repository.router,
+    metrics.router,
+]

@@ -17,8 +17,8 @@ __all__ = ["EXTENSIONS", "router"]
 
 router = APIRouter(tags=["health and metadata"])
 
-# Triton's names for the protocol extensions this server implements.
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration"]
+# Triton's names for the protocol extensions this server implements, then normserve's own.
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "batchnorm"]
 
 
 @router.get("/v2/health/live", summary="Is the process up")

@@ -26,7 +26,7 @@ from service.protocol import InferenceRequestSchema, InferenceResponseSchema, en
 from service.registry import ServedVersion
 from service.state import ServiceState, service_state
 
-__all__ = ["InferenceEndpoint", "RequestHeaders", "infer", "router"]
+__all__ = ["OPENAPI_REQUEST", "InferenceEndpoint", "RequestHeaders", "infer", "read_request_body", "router"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -137,6 +137,16 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return body
 
 
+async def read_request_body(state: ServiceState, headers: RequestHeaders, receive: Receive) -> bytes:
+    """The body of an inference request, read within the size limit and inflated if it is compressed;
+    415 for a content type or encoding this server does not read."""
+    encoding = _check_content_type(headers)
+    body = await read_body(receive, headers.content_length, state.settings.max_body_bytes)
+    if encoding != "identity":
+        body = _decompress(body, encoding, state.settings.max_body_bytes)
+    return body
+
+
 def _count_failure(state: ServiceState, served: ServedVersion | None, model_name: str, reason: str) -> None:
     """Label a failure with the version that served, else the model if it exists: never with a name the
     client made up, which would add a time series per typo."""
@@ -154,10 +164,7 @@ async def infer(
     request_id.set(headers.request_id or f"r{next(_ids)}")
     served: ServedVersion | None = None
     try:
-        encoding = _check_content_type(headers)
-        body = await read_body(receive, headers.content_length, state.settings.max_body_bytes)
-        if encoding != "identity":
-            body = _decompress(body, encoding, state.settings.max_body_bytes)
+        body = await read_request_body(state, headers, receive)
         # No await from here to submit: a reload cannot retire the version between lookup and queueing.
         served = state.registry.get(model_name, model_version)
         request = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
@@ -218,11 +225,12 @@ class InferenceEndpoint:
         await send({"type": "http.response.body", "body": body})
 
 
+OPENAPI_REQUEST = {
+    "required": True,
+    "content": {"application/json": {"schema": InferenceRequestSchema.model_json_schema()}},
+}
 _OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": InferenceRequestSchema.model_json_schema()}},
-    },
+    "requestBody": OPENAPI_REQUEST,
     "responses": {"200": {"content": {"application/json": {"schema": InferenceResponseSchema.model_json_schema()}}}},
 }
 

@@ -1,0 +1,165 @@
+"""POST /v2/models/{m}[/versions/{v}]/batchnorm: one batch with running and with batch statistics.
+
+The request is an inference request, as ``infer`` takes it (JSON or binary tensors; ``outputs``
+and ``classification`` are ignored). The batch runs twice: through the served graph, with the
+running statistics (dynamically batched with other requests, which cannot change its answer), and
+through the batch-statistics graph, alone (its answer is a property of exactly this batch). The
+answer is ``service.batchnorm.compare``'s, as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from service.batchnorm import compare
+from service.errors import InvalidInput, ServeError
+from service.logs import request_id
+from service.protocol import parse_infer_request
+from service.registry import BatchStatsGraph, ServedVersion
+from service.routes.inference import OPENAPI_REQUEST, RequestHeaders, read_request_body
+from service.state import ServiceState, service_state
+
+__all__ = ["batchnorm", "router"]
+
+router = APIRouter(tags=["batchnorm"])
+_ids = itertools.count(1)
+
+
+def batch_stats_graph(served: ServedVersion) -> BatchStatsGraph:
+    """The version's batch-statistics graph; 400 for a model without BatchNorm, saying what it has."""
+    if served.batch_stats is not None:
+        return served.batch_stats
+    config = served.config
+    norms = ", ".join(f"{kind} x{count}" for kind, count in config.norm_layers.items()) or "none recorded"
+    if any("BatchNorm" in kind for kind in config.norm_layers):
+        raise InvalidInput(
+            f"model {config.name} version {served.version.version} was exported without a batch-statistics graph "
+            f"(its norm layers: {norms}); export it again with `python -m export.build --force`"
+        )
+    raise InvalidInput(
+        f"model {config.name} has no BatchNorm layer (its norm layers: {norms}), so it has no running statistics "
+        "to compare with batch statistics: GroupNorm, InstanceNorm and LayerNorm normalize each sample on its own. "
+        "Expected a BatchNorm model"
+    )
+
+
+def _count_failure(state: ServiceState, graph: BatchStatsGraph | None, model_name: str, reason: str) -> None:
+    if graph is not None:
+        graph.metrics.failure(reason)
+    elif state.metrics.batchnorm is not None:  # as infer does: never a label for a model the server lacks
+        known = model_name in state.registry.models
+        state.metrics.batchnorm.failure(model_name if known else "", "", reason)
+
+
+async def batchnorm(
+    state: ServiceState, model_name: str, model_version: str | None, headers: RequestHeaders, request: Request
+) -> bytes:
+    """Answer one batchnorm request as JSON; raises ServeError for anything the client should hear about."""
+    request_id.set(headers.request_id or f"bn{next(_ids)}")
+    graph: BatchStatsGraph | None = None
+    try:
+        body = await read_request_body(state, headers, request.receive)
+        served = state.registry.get(model_name, model_version)
+        graph = batch_stats_graph(served)
+        parsed = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
+        timeout = parsed.timeout_s if parsed.timeout_s is not None else state.settings.request_timeout_ms / 1000
+        deadline = time.monotonic() + timeout
+        running, batch = await asyncio.gather(
+            served.batcher.submit(parsed.feeds, parsed.rows, deadline),
+            graph.batcher.submit(parsed.feeds, parsed.rows, deadline),
+        )
+        logits = running[served.runtime.output_names.index(graph.stats.logits_output)]
+        answer = compare(
+            logits, dict(zip(graph.runtime.output_names, batch, strict=True)), graph.stats, served.config.labels
+        )
+        head: dict[str, Any] = {"model_name": model_name, "model_version": served.version.version}
+        if parsed.id is not None:
+            head["id"] = parsed.id
+        response = orjson.dumps(head | answer, option=orjson.OPT_SERIALIZE_NUMPY)
+    except ServeError as e:
+        _count_failure(state, graph, model_name, e.reason)
+        raise
+    except Exception:
+        _count_failure(state, graph, model_name, "internal")
+        raise
+    graph.metrics.success.inc()
+    return response
+
+
+class _Side(BaseModel):
+    logits: list[list[float]] = Field(description="(N, classes)")
+    probabilities: list[list[float]] = Field(description="softmax of the logits, (N, classes)")
+    predictions: list[int] = Field(description="the predicted class of each sample")
+
+
+class _Layer(BaseModel):
+    name: str = Field(examples=["stem.0.1"])
+    type: str = Field(examples=["BatchNorm2d"])
+    channels: int
+    reduced_over: str = Field(examples=["N, H, W"], description="the axes one channel's statistics are taken over")
+    running_mean: list[float]
+    running_var: list[float]
+    batch_mean: list[float]
+    batch_var: list[float] = Field(description="biased, as train() mode normalizes with")
+    distance: float = Field(description="see the response's 'distance' field")
+
+
+class BatchNormResponseSchema(BaseModel):
+    """Documentation only: what the batchnorm endpoint answers."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    batch_size: int
+    labels: list[str]
+    running: _Side = Field(description="the served graph: running statistics, as /infer answers")
+    batch: _Side = Field(description="the batch-statistics graph: this batch's own statistics, as train() mode")
+    changed: list[bool] = Field(description="per sample: the two predicted classes differ")
+    layers: list[_Layer]
+    distance: str = Field(description="how each layer's distance is defined")
+    note: str | None = Field(default=None, description="present for a batch of one: what its statistics do")
+
+
+_OPENAPI = {
+    "requestBody": OPENAPI_REQUEST,
+    "responses": {"200": {"content": {"application/json": {"schema": BatchNormResponseSchema.model_json_schema()}}}},
+}
+_DESCRIPTION = (
+    "Run one batch with BatchNorm's running statistics (the served graph, as infer) and with the batch's own "
+    "statistics (as train() mode; never batched with other requests), and compare them per sample and per layer. "
+    "400 for a model without BatchNorm."
+)
+
+
+async def _answer(request: Request, model_name: str, model_version: str | None) -> Response:
+    headers = RequestHeaders.from_raw(request.scope["headers"])
+    body = await batchnorm(service_state(request), model_name, model_version, headers, request)
+    return Response(body, media_type="application/json")
+
+
+@router.post(
+    "/v2/models/{model_name}/batchnorm",
+    summary="Running vs batch statistics, newest ready version",
+    description=_DESCRIPTION,
+    openapi_extra=_OPENAPI,
+)
+async def batchnorm_latest(request: Request, model_name: str) -> Response:
+    return await _answer(request, model_name, None)
+
+
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/batchnorm",
+    summary="Running vs batch statistics, one version",
+    description=_DESCRIPTION,
+    openapi_extra=_OPENAPI,
+)
+async def batchnorm_version(request: Request, model_name: str, model_version: str) -> Response:
+    return await _answer(request, model_name, model_version)

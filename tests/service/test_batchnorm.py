@@ -1,0 +1,264 @@
+"""The batchnorm endpoint: running vs batch statistics of one batch, through HTTP.
+
+The tiny BatchNorm CNN of the shared repository is loaded here from its checkpoint, so the
+endpoint's statistics can be held against numpy's on the inputs of each BatchNorm, and its outputs
+against PyTorch in eval and in train() mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from export.build import export_model
+from models.data import load_splits
+from models.train import load_checkpoint, make_checkpoint
+from models.zoo import build_model, config_to_dict
+from service.batchnorm import DISTANCE, ONE_SAMPLE_NOTE
+from service.config import Settings
+from service.repository import BATCH_STATS_FILE, BN_STATS_FILE
+from tests.conftest import tiny_cnn_spec
+from tests.service.conftest import RunningServer, ServeFactory, free_port, infer_json
+
+pytestmark = pytest.mark.anyio
+
+CNN = "tiny-cnn-bn"
+GN = "tiny-cnn-gn"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def tiny_bn(built_models: tuple[Path, Path]) -> nn.Module:
+    """The repository's tiny-cnn-bn as PyTorch has it: unfolded, in eval mode."""
+    model, _ = load_checkpoint(built_models[1] / CNN / "checkpoint.pt")
+    return model
+
+
+@pytest.fixture(scope="module")
+def with_gn(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared repository plus a tiny GroupNorm CNN, exported by the real exporter."""
+    root = tmp_path_factory.mktemp("with-gn") / "repository"
+    shutil.copytree(built_repository, root)
+    spec = tiny_cnn_spec("gn")
+    model = build_model(spec.arch, config_to_dict(spec.config)).eval()
+    meta = make_checkpoint(spec, model, {"test_accuracy": None})
+    del meta["state_dict"]
+    export_model(model, meta, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(with_gn: Path) -> Iterator[RunningServer]:
+    """One server for the read-only tests of this module."""
+    with RunningServer(Settings(repository=with_gn, port=free_port(), provider="cpu")) as running:
+        yield running
+
+
+def digits(n: int, start: int = 0) -> np.ndarray:
+    return np.array(load_splits().x_test[start : start + n])
+
+
+def bn_inputs(model: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
+    """What each BatchNorm of ``model`` receives on ``x`` (the inputs do not depend on the BN's mode
+    for the first layer only, so run in train() mode as the batch-statistics graph does)."""
+    model = copy.deepcopy(model)
+    seen: dict[str, np.ndarray] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm):
+            m.train()
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0].numpy().copy()))
+    with torch.no_grad():
+        model(torch.tensor(x))
+    return seen
+
+
+def post(server: RunningServer, model: str, x: np.ndarray, **extra: object) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/{model}/batchnorm", json=infer_json("input", x, **extra), timeout=30)
+
+
+def test_statistics_equal_numpys_and_running_outputs_equal_infers(server: RunningServer, tiny_bn: nn.Module) -> None:
+    x = digits(8)
+    response = post(server, CNN, x, id="stats")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["model_name"], answer["model_version"], answer["id"]) == (CNN, "1", "stats")
+    assert answer["batch_size"] == 8 and "note" not in answer and answer["distance"] == DISTANCE
+
+    inputs = bn_inputs(tiny_bn, x)
+    layers = {name: m for name, m in tiny_bn.named_modules() if isinstance(m, _BatchNorm)}
+    assert [layer["name"] for layer in answer["layers"]] == list(layers)
+    for layer in answer["layers"]:
+        bn, seen = layers[layer["name"]], inputs[layer["name"]]
+        mean, var = seen.mean(axis=(0, 2, 3)), seen.var(axis=(0, 2, 3))  # numpy's var is the biased one
+        np.testing.assert_allclose(layer["batch_mean"], mean, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(layer["batch_var"], var, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(layer["running_mean"], bn.running_mean.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(layer["running_var"], bn.running_var.numpy(), rtol=1e-6)
+        rm, rv = bn.running_mean.numpy().astype(np.float64), bn.running_var.numpy().astype(np.float64)
+        bm, bv = np.array(layer["batch_mean"]), np.array(layer["batch_var"])
+        expected = np.sqrt(np.mean(((bm - rm) ** 2 + (np.sqrt(bv) - np.sqrt(rv)) ** 2) / (rv + bn.eps)))
+        assert layer["distance"] == pytest.approx(expected, rel=1e-6)
+        assert (layer["type"], layer["channels"], layer["reduced_over"]) == ("BatchNorm2d", bn.num_features, "N, H, W")
+
+    infer = httpx.post(f"{server.url}/v2/models/{CNN}/infer", json=infer_json("input", x)).json()
+    served = np.array(infer["outputs"][0]["data"], dtype=np.float32).reshape(8, 10)
+    np.testing.assert_allclose(answer["running"]["logits"], served, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        eval_out = tiny_bn(torch.tensor(x)).numpy()
+        train_model = copy.deepcopy(tiny_bn)
+        for m in train_model.modules():
+            if isinstance(m, _BatchNorm):
+                m.train()
+        train_out = train_model(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(answer["running"]["logits"], eval_out, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(answer["batch"]["logits"], train_out, rtol=1e-5, atol=1e-4)
+    assert np.abs(train_out - eval_out).max() > 0.1  # the random running statistics are far from these digits'
+
+    for side in ("running", "batch"):
+        probabilities = np.array(answer[side]["probabilities"])
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-9)
+        assert answer[side]["predictions"] == np.argmax(answer[side]["logits"], axis=1).tolist()
+    assert answer["changed"] == [
+        r != b for r, b in zip(answer["running"]["predictions"], answer["batch"]["predictions"], strict=True)
+    ]
+    assert answer["labels"] == [str(d) for d in range(10)]  # the class names of config.json
+
+
+def test_a_batch_of_one_is_answered_and_says_what_its_statistics_do(server: RunningServer) -> None:
+    response = post(server, CNN, digits(1))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["batch_size"] == 1 and answer["note"] == ONE_SAMPLE_NOTE
+    assert all(np.isfinite(layer["batch_var"]).all() for layer in answer["layers"])
+    assert np.isfinite(answer["batch"]["logits"]).all()
+
+
+def test_binary_input_gets_the_same_answer_as_json(server: RunningServer) -> None:
+    x = digits(3, start=10)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [3, 1, 8, 8],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    binary = httpx.post(
+        f"{server.url}/v2/models/{CNN}/versions/1/batchnorm",
+        content=header + x.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+    assert binary.status_code == 200, binary.text
+    as_json = post(server, CNN, x).json()
+    assert binary.json()["batch"]["logits"] == as_json["batch"]["logits"]
+
+
+def test_a_model_without_batchnorm_gets_a_400_naming_its_norm_layers(server: RunningServer) -> None:
+    response = post(server, GN, digits(2))
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "has no BatchNorm layer" in error and "GroupNorm x" in error and "Expected a BatchNorm model" in error
+    assert server.metric("normserve_batchnorm_request_failure_total", model=GN, version="", reason="invalid_input") >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v2/models/nope/batchnorm", infer_json("input", np.zeros((1, 1, 8, 8))), 404, "unknown model 'nope'"),
+        (f"/v2/models/{CNN}/versions/7/batchnorm", infer_json("input", np.zeros((1, 1, 8, 8))), 404, "no version '7'"),
+        (f"/v2/models/{CNN}/batchnorm", infer_json("input", np.zeros((1, 1, 4, 4))), 400, "expected [-1, 1, 8, 8]"),
+        (f"/v2/models/{CNN}/batchnorm", infer_json("input", np.zeros((17, 1, 8, 8))), 400, "max batch size of 16"),
+        (f"/v2/models/{CNN}/batchnorm", {"inputs": "x"}, 400, "expected a list of tensors"),
+    ],
+)
+def test_bad_requests_get_the_errors_infer_gives(
+    server: RunningServer, path: str, body: dict[str, object], status: int, message: str
+) -> None:
+    response = httpx.post(f"{server.url}{path}", json=body)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+def test_an_unsupported_content_type_is_415_and_counted(server: RunningServer) -> None:
+    before = server.metric(
+        "normserve_batchnorm_request_failure_total", model=CNN, version="", reason="unsupported_media_type"
+    )
+    response = httpx.post(
+        f"{server.url}/v2/models/{CNN}/batchnorm", content=b"x", headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 415 and "application/json" in response.json()["error"]
+    after = server.metric(
+        "normserve_batchnorm_request_failure_total", model=CNN, version="", reason="unsupported_media_type"
+    )
+    assert after == before + 1
+
+
+async def test_concurrent_requests_are_never_batched_together(serve: ServeFactory) -> None:
+    rng = np.random.default_rng(1)
+    x = load_splits().x_test
+    batches = [x[rng.choice(len(x), size=int(n), replace=False)] for n in rng.integers(1, 9, size=24)]
+    # A queue delay makes the served graph batch the concurrent requests; the batch-statistics graph must not.
+    with serve(max_queue_delay_ms=20) as server:
+        url = f"{server.url}/v2/models/{CNN}/batchnorm"
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
+            alone = [(await client.post(url, json=infer_json("input", b))).json() for b in batches]
+            labels = {"model": CNN, "version": "1"}
+            executions = server.metric("normserve_batchnorm_execution_count_total", **labels)
+            served_executions = server.metric("normserve_execution_count_total", **labels)
+            together = await asyncio.gather(*(client.post(url, json=infer_json("input", b)) for b in batches))
+        assert server.metric("normserve_batchnorm_execution_count_total", **labels) - executions == len(batches)
+        assert server.metric("normserve_execution_count_total", **labels) - served_executions < len(batches)
+        assert server.metric("normserve_batchnorm_request_success_total", **labels) == 2 * len(batches)
+    for solo, response in zip(alone, together, strict=True):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        np.testing.assert_allclose(answer["batch"]["logits"], solo["batch"]["logits"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(answer["running"]["logits"], solo["running"]["logits"], rtol=0, atol=1e-5)
+        for mine, theirs in zip(answer["layers"], solo["layers"], strict=True):
+            np.testing.assert_allclose(mine["batch_mean"], theirs["batch_mean"], rtol=0, atol=1e-5)
+
+
+def test_the_extension_is_listed_and_documented(server: RunningServer) -> None:
+    assert "batchnorm" in httpx.get(f"{server.url}/v2").json()["extensions"]
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    for path in ("/v2/models/{model_name}/batchnorm", "/v2/models/{model_name}/versions/{model_version}/batchnorm"):
+        documented = paths[path]["post"]
+        assert "requestBody" in documented and "BatchNormResponseSchema" in json.dumps(documented)
+
+
+@pytest.mark.parametrize("file", [BATCH_STATS_FILE, BN_STATS_FILE])
+def test_a_tampered_batch_statistics_file_is_refused_like_a_tampered_model(
+    serve: ServeFactory, repository: Path, file: str
+) -> None:
+    path = repository / CNN / "1" / file
+    path.write_bytes(path.read_bytes().replace(b"0", b"1", 1) if file.endswith("json") else path.read_bytes() + b"\0")
+    with serve(repository=repository) as server:
+        ready = httpx.get(f"{server.url}/v2/health/ready").json()
+        state = next(m for m in ready["models"] if m["name"] == CNN)
+        assert state["state"] == "UNAVAILABLE"
+        assert file in state["reason"] and "the file changed after it was exported and verified" in state["reason"]
+        response = post(server, CNN, digits(2))
+        assert response.status_code == 503 and "not ready" in response.json()["error"]
+        assert (
+            httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.zeros((1, 4)))).status_code
+            == 200
+        )

@@ -101,7 +101,7 @@ class VersionReport(BaseModel):
 
     model: str
     version: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256  # of model.onnx
     # The version's other files (batch_stats.onnx, bn_stats.json), by name, with their sha256.
     files: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")], Sha256] = Field(
         default_factory=dict
@@ -137,7 +137,7 @@ class BatchNormLayer(BaseModel):
 
 
 class BatchNormStats(BaseModel):
-    """bn_stats.json: every BatchNorm layer, in the order the model calls them."""
+    """bn_stats.json: every BatchNorm layer, in the order the model defines them."""
 
     model_config = ConfigDict(extra="forbid")
 

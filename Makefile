@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install models serve test bench lint format lock clean
+.PHONY: help install browser models serve test bench lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -26,7 +26,19 @@ models: $(STAMP)  ## train, fold, export and verify the default models (skips wh
 serve: models  ## build the default models if missing, then serve them on port 8000
 	NORMSERVE_REPOSITORY=$(REPOSITORY) $(BIN)/python -m service
 
-test: lint  ## install everything, lint, and run the tests
+# The demo page's test drives Debian's chromium (Playwright's own browser download needs the network
+# at test time). Where it cannot be installed, that test is skipped and says why.
+browser:  ## install Debian's chromium for the demo page's browser test, where apt-get can
+	@if [ -x /usr/bin/chromium ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+			|| echo "make browser: apt-get could not install chromium; the demo page's test will be skipped"; \
+	else \
+		echo "make browser: no /usr/bin/chromium, and no apt-get as root to install it; the demo page's test will be skipped"; \
+	fi
+
+test: lint browser  ## install everything, lint, and run the tests
 	$(BIN)/python -m pytest
 
 bench: models  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/

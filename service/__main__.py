@@ -26,7 +26,9 @@ def main() -> None:
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{shown}:{settings.port}"
     log.info(
-        "starting on %s: inference %s/v2, readiness %s/v2/health/ready, docs %s/docs, metrics %s/metrics",
+        "starting on %s: inference %s/v2, readiness %s/v2/health/ready, docs %s/docs, metrics %s/metrics, "
+        "demo page %s/demo",
+        url,
         url,
         url,
         url,

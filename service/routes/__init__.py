@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from service.routes import batchnorm, health, inference, metrics, repository
+from service.routes import batchnorm, demo, health, inference, metrics, repository
 
 __all__ = ["ROUTERS"]
 
@@ -13,4 +13,5 @@ ROUTERS: list[APIRouter] = [
     batchnorm.router,
     repository.router,
     metrics.router,
+    demo.router,
 ]

@@ -1,6 +1,11 @@
+import json
+from pathlib import Path
+
 import numpy as np
 
-from models.data import load_splits
+from models.data import PIXEL_SCALE, demo_digits, load_splits
+
+DEMO_DIGITS = Path(__file__).parents[2] / "service" / "static" / "demo" / "digits.json"
 
 
 def test_split_is_fixed_disjoint_stratified_and_scaled() -> None:
@@ -22,3 +27,13 @@ def test_split_is_fixed_disjoint_stratified_and_scaled() -> None:
     again = load_splits()
     np.testing.assert_array_equal(again.y_test, s.y_test)
     np.testing.assert_array_equal(again.x_test, s.x_test)
+
+
+def test_demo_page_ships_exactly_the_held_out_split() -> None:
+    shipped = json.loads(DEMO_DIGITS.read_text())
+    assert shipped == demo_digits(), "regenerate it: python -m models.data --write-demo-digits " + str(DEMO_DIGITS)
+    s = load_splits()
+    images = np.array(shipped["images"], dtype=np.float32).reshape(-1, 1, 8, 8) / shipped["pixel_scale"]
+    assert shipped["pixel_scale"] == PIXEL_SCALE
+    np.testing.assert_array_equal(images, s.x_test)
+    np.testing.assert_array_equal(shipped["targets"], s.y_test)

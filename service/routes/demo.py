@@ -1,0 +1,36 @@
+"""The demo page: ``GET /demo`` and the static files beside it (``service/static/demo/``).
+
+The page is plain HTML, JavaScript and CSS that talk to this server's own API only: readiness,
+model metadata, ``/infer`` and ``/batchnorm``. Its held-out digits come from ``digits.json``,
+written by ``python -m models.data --write-demo-digits`` (the service has no scikit-learn).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+
+__all__ = ["DEMO_DIR", "router"]
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "static" / "demo"
+
+router = APIRouter(tags=["demo"])
+
+# Read on every request, so an edited page shows on reload; the files are small.
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+@router.get("/demo", response_class=HTMLResponse, summary="The demo page: draw a digit, compare the models")
+async def page() -> HTMLResponse:
+    return HTMLResponse((DEMO_DIR / "index.html").read_text(encoding="utf-8"), headers=_NO_CACHE)
+
+
+@router.get("/demo/{asset}", summary="A static file of the demo page", response_model=None)
+async def asset(asset: str) -> Response:
+    # Only the files of that folder, looked up in its listing: no path from the request is ever opened.
+    files = {p.name: p for p in DEMO_DIR.iterdir() if p.is_file()}
+    if asset not in files:
+        return JSONResponse({"error": f"no demo file {asset!r}; the page is /demo"}, status_code=404)
+    return FileResponse(files[asset], headers=_NO_CACHE)

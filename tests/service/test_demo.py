@@ -1,0 +1,211 @@
+"""The demo page, ``/demo``: its files over HTTP, and the page itself in a real browser.
+
+The browser is Debian's chromium (``make browser`` installs it), driven by Playwright against a real
+server on a loopback port, whose repository holds ``affine`` (not a digit model), ``tiny-cnn-bn``,
+``tiny-cnn-gn`` and ``broken`` (a model.onnx changed after export, so never ready).
+Set NORMSERVE_DEMO_SCREENSHOT=path.png to keep the page's screenshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from export.build import DIGITS_INPUT, norm_layer_counts
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from export.repository import write_version
+from models.data import LABELS
+from models.zoo import build_model, config_to_dict
+from service.repository import ModelConfig, TensorSpec
+from tests.conftest import tiny_cnn_spec
+from tests.service.conftest import AFFINE_CONFIG, RunningServer, ServeFactory, affine_onnx, infer_json
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_demo_page_and_only_its_own_files_are_served(server: RunningServer) -> None:
+    page = httpx.get(f"{server.url}/demo")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/demo/demo.js"' in page.text
+    for name, kind in [("demo.js", "javascript"), ("demo.css", "text/css"), ("digits.json", "application/json")]:
+        asset = httpx.get(f"{server.url}/demo/{name}")
+        assert asset.status_code == 200 and kind in asset.headers["content-type"], name
+    digits = httpx.get(f"{server.url}/demo/digits.json").json()
+    assert len(digits["images"]) == len(digits["targets"]) == 270
+    for name in ["nothing.js", "%2E%2E", "__init__.py"]:
+        missing = httpx.get(f"{server.url}/demo/{name}")
+        assert missing.status_code == 404
+        assert missing.json()["error"].endswith("; the page is /demo"), missing.text
+    assert "error" in httpx.get(f"{server.url}/demo/..%2Froutes%2Fdemo.py").json()
+
+
+@pytest.fixture(scope="module")
+def demo_repository(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test repository plus ``tiny-cnn-gn``: a digit model without BatchNorm. Exported with the real
+    exporter's ONNX export and repository writer, unverified and untrained (2 s instead of 6 s)."""
+    root = tmp_path_factory.mktemp("demo-repository")
+    shutil.copytree(built_repository, root, dirs_exist_ok=True)
+    spec = tiny_cnn_spec("gn")
+    model = build_model(spec.arch, config_to_dict(spec.config)).eval()
+    graph = export_onnx(model, torch.zeros(2, 1, 8, 8))
+    config = ModelConfig(
+        name=spec.name,
+        max_batch_size=spec.max_batch_size,
+        inputs=[TensorSpec(name=INPUT_NAME, datatype="FP32", shape=[-1, 1, 8, 8])],
+        outputs=[TensorSpec(name=OUTPUT_NAME, datatype="FP32", shape=[-1, 10])],
+        labels=LABELS,
+        norm_layers=norm_layer_counts(model),
+        description=spec.description,
+        input_description=DIGITS_INPUT,
+    )
+    write_version(root, config, "1", graph.SerializeToString(), {"trained": False, "description": "test"})
+    broken = write_version(root, AFFINE_CONFIG.model_copy(update={"name": "broken"}), "1", affine_onnx(), {})
+    with broken.model_file.open("ab") as f:
+        f.write(b"\0")  # no longer the verified bytes: the server refuses the version
+    return root
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A fresh headless chromium (no profile, no network of its own); fails the test on any page error."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM}: `make browser` installs Debian's chromium (as root, with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def softmax(logits: list[float]) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def direct_probabilities(server: RunningServer, model: str, pixels: list[float]) -> np.ndarray:
+    """What /infer answers for the page's current input, as probabilities."""
+    x = np.asarray(pixels, dtype=np.float32).reshape(1, 1, 8, 8)
+    answer = httpx.post(f"{server.url}/v2/models/{model}/infer", json=infer_json("input", x)).json()
+    return softmax(answer["outputs"][0]["data"])
+
+
+def wait_for_current(page: Any, selector: str) -> None:
+    """Wait until the element at ``selector`` shows the answer for the page's current input."""
+    page.wait_for_function(
+        "s => document.querySelector(s)?.dataset.input === document.querySelector('#grid').dataset.input", arg=selector
+    )
+
+
+def test_demo_page_draws_predicts_and_compares_batch_statistics(
+    serve: ServeFactory, demo_repository: Path, browser: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(f"{m.text} ({m.location['url']})") if m.type == "error" else None)
+    with serve(repository=demo_repository) as server:
+        page.goto(f"{server.url}/demo")
+        expect(page.locator("#server-status")).to_contain_text("server ready; not ready: broken")
+        expect(page.locator('#model-list [data-model="broken"]')).to_contain_text(
+            re.compile(r"broken is not ready: UNAVAILABLE .*the file changed after it was exported and verified")
+        )
+        expect(page.locator('#model-list [data-model="affine"]')).to_contain_text("not a digit model (input x [-1, 4])")
+        expect(page.locator('#model-list [data-model="tiny-cnn-bn"]')).to_contain_text("BatchNorm2d")
+
+        # Draw a 7 with the mouse: the 8x8 input gets ink, and every digit model predicts it.
+        box = page.locator("#canvas").bounding_box()
+        assert box is not None
+        seven = [(0.3, 0.2), (0.7, 0.2), (0.45, 0.8)]  # fractions of the canvas
+        at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in seven]
+        page.mouse.move(*at[0])
+        page.mouse.down()
+        for x, y in at[1:]:
+            page.mouse.move(x, y, steps=10)
+        page.mouse.up()
+        expect(page.locator("#input-source")).to_have_attribute("data-kind", "drawing")
+        for model in ["tiny-cnn-bn", "tiny-cnn-gn"]:
+            wait_for_current(page, f'#predictions [data-model="{model}"]')
+        card = page.locator('#predictions [data-model="tiny-cnn-bn"]')
+        expect(card.locator(".predicted")).to_have_text(re.compile(r"^\d$"))
+        pixels = json.loads(page.locator("#grid").get_attribute("data-pixels") or "[]")
+        assert len(pixels) == 64 and max(pixels) > 0.5 and min(pixels) == 0.0
+        running = direct_probabilities(server, "tiny-cnn-bn", pixels)
+        shown = json.loads(card.locator(".bars").get_attribute("data-probabilities") or "[]")
+        np.testing.assert_allclose(shown, running, rtol=1e-5, atol=1e-7)
+
+        # The BatchNorm panel: only the BN model is offered; the GN model needs no running statistics.
+        expect(page.locator("#bn-model option")).to_have_count(1)
+        page.select_option("#bn-model", "tiny-cnn-bn")
+        expect(page.locator("#bn-others")).to_contain_text("tiny-cnn-gn (GroupNorm")
+        wait_for_current(page, "#bn-result")
+        expect(page.locator("#bn-note")).to_be_visible()  # a batch of one: what its statistics do
+        page.click("#add-shifted")
+        page.click("#add-other")
+        expect(page.locator("#bn-companions button")).to_have_count(8)
+        expect(page.locator("#bn-result")).to_have_attribute("data-batch-size", "9")
+        expect(page.locator("#bn-status")).to_have_attribute("data-state", "done")
+        expect(page.locator("#bn-note")).to_be_hidden()
+        with_running = json.loads(page.locator("#bn-running").get_attribute("data-probabilities") or "[]")
+        with_batch = json.loads(page.locator("#bn-batch").get_attribute("data-probabilities") or "[]")
+        np.testing.assert_allclose(with_running, running, rtol=1e-5, atol=1e-7)  # as /infer answers
+        assert np.abs(np.subtract(with_batch, with_running)).max() > 1e-3, "batch statistics changed nothing"
+        changed = int(np.argmax(with_batch)) != int(np.argmax(with_running))
+        expect(page.locator("#bn-changed")).to_have_text("changed" if changed else "same")
+        expect(page.locator("#bn-summary")).to_contain_text(re.compile(r"\d of 9 samples"))
+        expect(page.locator("#bn-layers tbody tr")).to_have_count(_batchnorm_layers(server, "tiny-cnn-bn"))
+
+        # The keyboard: the 8x8 grid edits the input; Tab from Clear reaches "Random held-out sample",
+        # and Enter loads one, with its true label.
+        page.focus("#grid")
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("Space")
+        expect(page.locator("#input-source")).to_have_attribute("data-kind", "edited")
+        edited = json.loads(page.locator("#grid").get_attribute("data-pixels") or "[]")
+        # the cursor starts at row 4, column 4 (index 27); one step right is 28
+        assert [i for i in range(64) if edited[i] != pixels[i]] == [28]
+        page.focus("#clear")
+        page.keyboard.press("Tab")
+        expect(page.locator("#random")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.locator("#input-source")).to_have_attribute("data-kind", "sample")
+        expect(page.locator("#input-source")).to_have_attribute("data-label", re.compile(r"^\d$"))
+        wait_for_current(page, '#predictions [data-model="tiny-cnn-bn"]')
+        wait_for_current(page, "#bn-result")
+        expect(page.locator("#bn-result")).to_have_attribute("data-batch-size", "9")  # the companions stay
+
+        page.screenshot(path=tmp_path / "demo.png", full_page=True)
+        if os.environ.get("NORMSERVE_DEMO_SCREENSHOT"):
+            page.screenshot(path=os.environ["NORMSERVE_DEMO_SCREENSHOT"], full_page=True)
+    assert not errors, errors
+
+
+def _batchnorm_layers(server: RunningServer, model: str) -> int:
+    """How many BatchNorm layers the model has, from its metadata."""
+    norm_layers = httpx.get(f"{server.url}/v2/models/{model}").json()["norm_layers"]
+    return sum(count for kind, count in norm_layers.items() if "BatchNorm" in kind)

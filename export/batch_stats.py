@@ -55,9 +55,12 @@ def _reduced_axes(ndim: int, channel_dim: int) -> list[int]:
     return [d for d in range(ndim) if d != channel_dim % ndim]
 
 
-def reduced_over(bn: _BatchNorm) -> str:
-    """The axes one channel's statistics are taken over, as words for people."""
-    return "B, T" if bn_channel_dim(bn) == -1 else "N, H, W" if isinstance(bn, nn.BatchNorm2d) else "N, ..."
+def reduced_over(shape: torch.Size, channel_dim: int) -> str:
+    """The axes of an input of ``shape`` that one channel's statistics are taken over, as words for people."""
+    if channel_dim % len(shape) == len(shape) - 1 and len(shape) == 3:
+        return "B, T"  # tokens (B, T, D)
+    names = {2: "N", 3: "N, L", 4: "N, H, W", 5: "N, D, H, W"}
+    return names.get(len(shape), f"every axis but {channel_dim}")
 
 
 class _Sink:
@@ -71,8 +74,9 @@ class _Sink:
 class BatchStatsNorm(nn.Module):
     """A BatchNorm that always normalizes with the statistics of its input batch (biased variance).
 
-    Each call appends its batch mean and variance, each (C,), to ``sink``, for ``BatchStatsModel``
-    to return as graph outputs.
+    Each call leaves its batch mean and variance, each (C,), in ``sink``, for ``BatchStatsModel`` to
+    return as graph outputs; a layer called twice in one forward pass is refused, since one pair of
+    outputs could not hold both calls' statistics.
     """
 
     def __init__(self, bn: _BatchNorm, sink: _Sink) -> None:
@@ -94,6 +98,8 @@ class BatchStatsNorm(nn.Module):
             y = y * self.weight.reshape(shape)
         if self.bias is not None:
             y = y + self.bias.reshape(shape)
+        if id(self) in self.sink.stats:
+            raise ValueError("a BatchNorm called twice in one forward pass has two sets of batch statistics")
         self.sink.stats[id(self)] = (mean.flatten(), var.flatten())
         return y
 
@@ -146,20 +152,42 @@ def export_batch_stats(model: nn.Module, example: torch.Tensor) -> tuple[onnx.Mo
     return proto, wrapped.layer_names
 
 
-def running_statistics(model: nn.Module, layer_names: list[str]) -> list[dict[str, Any]]:
-    """Per BatchNorm: what the service shows beside the batch's statistics (bn_stats.json)."""
+@torch.no_grad()
+def _input_shapes(model: nn.Module, layer_names: list[str], example: torch.Tensor) -> dict[str, torch.Size]:
+    """The shape of what each named BatchNorm receives when ``model`` (eval mode) runs ``example``."""
+    shapes: dict[str, torch.Size] = {}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _, args, name=name: shapes.__setitem__(name, args[0].shape)
+        )
+        for name in layer_names
+    ]
+    try:
+        model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def running_statistics(model: nn.Module, layer_names: list[str], example: torch.Tensor) -> list[dict[str, Any]]:
+    """Per BatchNorm: what the service shows beside the batch's statistics (bn_stats.json), with the
+    axes its statistics pool and how many values per channel one sample gives them (from ``example``)."""
+    shapes = _input_shapes(model, layer_names, example)
     layers = []
     for i, name in enumerate(layer_names):
         bn = model.get_submodule(name)
         if not isinstance(bn, _BatchNorm) or bn.running_mean is None or bn.running_var is None:
             raise ValueError(f"{name!r} is not a BatchNorm with running statistics")
+        shape = shapes[name]
         layers.append(
             {
                 "name": name,
                 "type": type(bn).__name__,
                 "channels": bn.num_features,
                 "channel_axis": bn_channel_dim(bn),
-                "reduced_over": reduced_over(bn),
+                "reduced_over": reduced_over(shape, bn_channel_dim(bn)),
+                "positions": shape.numel() // (shape[0] * bn.num_features),
                 "eps": bn.eps,
                 "momentum": bn.momentum,
                 "running_mean": bn.running_mean.tolist(),

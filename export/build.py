@@ -177,7 +177,7 @@ def _batch_stats_files(
     graph, layer_names = export_batch_stats(model, example)
     verification.checks.extend(verify_batch_stats(graph, model, layer_names, x, y))
     stats = BatchNormStats.model_validate(
-        {"logits_output": OUTPUT_NAME, "layers": running_statistics(model, layer_names)}
+        {"logits_output": OUTPUT_NAME, "layers": running_statistics(model, layer_names, example)}
     )
     files = {BATCH_STATS_FILE: graph.SerializeToString(), BN_STATS_FILE: stats.model_dump_json(indent=1).encode()}
     described = {

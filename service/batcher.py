@@ -147,13 +147,20 @@ class Batcher:
             self._thread.shutdown(wait=True)
 
     async def submit(self, feeds: Feeds, rows: int, deadline: float) -> Outputs:
-        """Queue one request of ``rows`` rows and wait for its own rows of every output.
+        """Queue one request of ``rows`` rows and wait for its own rows of every output (with
+        ``max_requests=1``: every output whole, per-batch values included).
 
         Args:
             feeds: the request's validated inputs, each with ``rows`` rows.
             rows: its batch dimension, 1..max_batch_size.
             deadline: ``time.monotonic()`` after which it must not run.
         """
+        return await self.enqueue(feeds, rows, deadline)
+
+    def enqueue(self, feeds: Feeds, rows: int, deadline: float) -> asyncio.Future[Outputs]:
+        """``submit`` without the wait: queued (or refused) before this returns, with no await in between,
+        so that a caller can queue on two batchers before a reload can retire either. Cancelling the
+        future takes the request out of its batch."""
         if self._closing or self._wake is None:
             raise NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
         if self._queued >= self.queue_limit:
@@ -171,7 +178,7 @@ class Batcher:
         self._wake.set()
         if self._full is not None and self._queued_rows >= self.max_batch_size and not self._full.done():
             self._full.set_result(None)
-        return await request.future
+        return request.future
 
     def _expire(self, request: _Request) -> None:
         if request.state is not _State.QUEUED:
@@ -294,7 +301,7 @@ class Batcher:
                     request.future.set_exception(error)
             return
         self._metrics.executed(rows, time.perf_counter() - start)
-        if len(batch) == 1:  # whole: a graph that returns per-batch values (statistics) keeps them
+        if self.max_requests == 1:  # whole: a graph whose outputs hold per-batch values (statistics) keeps them
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)
             return

@@ -92,6 +92,7 @@ def compare(
                 "type": layer.type,
                 "channels": layer.channels,
                 "reduced_over": layer.reduced_over,
+                "values_per_channel": len(running_logits) * layer.positions,
                 "running_mean": layer.running_mean,
                 "running_var": layer.running_var,
                 "batch_mean": mean,

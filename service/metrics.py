@@ -1,8 +1,10 @@
 """Prometheus metrics, in a registry of the app's own (so that two apps in one process never collide).
 
 Names follow Triton's where one exists (``nv_inference_request_success`` -> ``normserve_request_success_total``).
-The batchnorm endpoint's batch-statistics graph has the same families under ``normserve_batchnorm_``
-(``Metrics.batchnorm``), so its requests never blur the figures of ``infer``.
+The batchnorm endpoint has the same families under ``normserve_batchnorm_`` (``Metrics.batchnorm``):
+its requests, and the batches of its batch-statistics graph. The running-statistics half of each of
+its requests runs on the served graph, so its rows and batches also count in ``normserve_inference_count``,
+``normserve_execution_count`` and the queue and batch-size histograms, as the work they are.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from service.config import BatchingSettings, Settings
 from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
 from service.metrics import Metrics, ModelMetrics
 from service.repository import (
+    BN_STATS_FILE,
     NAME_PATTERN,
     BatchNormStats,
     ModelConfig,
@@ -279,16 +280,20 @@ class Registry:
 
     async def _retire(self, entry: ModelEntry, keep: ModelEntry | None) -> None:
         for state in entry.versions.values():
-            if state.served is not None:
-                for batcher in state.served.batchers:
-                    await batcher.stop()
-                replacement = keep.versions.get(state.version) if keep is not None else None
-                successor = replacement.served if replacement is not None else None
-                provider = state.served.runtime.provider.provider
-                if successor is None:
-                    self._unpublish(entry.name, state.version, state.served)
-                elif successor.runtime.provider.provider != provider:  # the old provider no longer runs it
-                    self.metrics.provider.labels(entry.name, state.version, provider).set(0)
+            if state.served is None:
+                continue
+            for batcher in state.served.batchers:
+                await batcher.stop()
+            replacement = keep.versions.get(state.version) if keep is not None else None
+            successor = replacement.served if replacement is not None else None
+            # Per metric family (infer's, the batchnorm endpoint's): what the successor runs there, if anything.
+            after = {id(m): r.provider.provider for m, r in self._graphs(successor)} if successor else {}
+            for metrics, runtime in self._graphs(state.served):
+                provider = runtime.provider.provider
+                if id(metrics) not in after:  # nothing serves this graph of the version any more
+                    metrics.model_ready.labels(entry.name, state.version).set(0)
+                if after.get(id(metrics)) != provider:  # the old provider no longer runs it
+                    metrics.provider.labels(entry.name, state.version, provider).set(0)
 
     def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
         """Each graph a version serves, with the metric families it reports in."""
@@ -303,11 +308,6 @@ class Registry:
         for metrics, runtime in self._graphs(state.served):
             metrics.provider.labels(name, state.version, runtime.provider.provider).set(1)
             metrics.model_ready.labels(name, state.version).set(1)
-
-    def _unpublish(self, name: str, version: str, served: ServedVersion) -> None:
-        for metrics, runtime in self._graphs(served):
-            metrics.provider.labels(name, version, runtime.provider.provider).set(0)
-            metrics.model_ready.labels(name, version).set(0)
 
     def _build(self, model_dir: Path) -> ModelEntry:
         """Read, create and warm every version of one model (blocking: runs in a thread)."""
@@ -333,7 +333,7 @@ class Registry:
             _check_graph(runtime, config)
             batching = self.settings.batching(name, config.max_batch_size)
             runtime.warm(_example(config), batching.max_batch_size)
-            batch_stats = self._build_batch_stats(loaded, batching) if loaded.has_batch_stats else None
+            batch_stats = self._build_batch_stats(loaded, runtime, batching) if loaded.has_batch_stats else None
         except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph
             log.exception("cannot load %s version %s", name, version)
             return VersionState(version, ModelState.UNAVAILABLE, str(e).strip())
@@ -352,10 +352,16 @@ class Registry:
             version, ModelState.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)
         )
 
-    def _build_batch_stats(self, loaded: ModelVersion, batching: BatchingSettings) -> BatchStatsGraph:
-        """The version's batch-statistics graph, checked against its statistics file and warmed."""
+    def _build_batch_stats(self, loaded: ModelVersion, served: Runtime, batching: BatchingSettings) -> BatchStatsGraph:
+        """The version's batch-statistics graph, checked against its statistics file and the served graph
+        (whose logits it is compared with), and warmed."""
         config = loaded.config
         stats = load_bn_stats(loaded)
+        if stats.logits_output not in served.output_names:
+            raise ValueError(
+                f"{BN_STATS_FILE} compares output {stats.logits_output!r}, which model.onnx does not have "
+                f"(it has {served.output_names})"
+            )
         runtime = Runtime(loaded.batch_stats_file, self.settings.provider, self.settings.intra_op_threads)
         expected = [
             stats.logits_output,

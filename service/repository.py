@@ -119,6 +119,7 @@ class BatchNormLayer(BaseModel):
     channels: int = Field(ge=1)
     channel_axis: int
     reduced_over: str  # the axes a channel's statistics are taken over, e.g. "N, H, W"
+    positions: int = Field(ge=1)  # values per channel that one sample gives (H * W, or T tokens)
     eps: float = Field(gt=0)
     momentum: float | None
     running_mean: list[float]

@@ -1,7 +1,8 @@
 """POST /v2/models/{m}[/versions/{v}]/batchnorm: one batch with running and with batch statistics.
 
-The request is an inference request, as ``infer`` takes it (JSON or binary tensors; ``outputs``
-and ``classification`` are ignored). The batch runs twice: through the served graph, with the
+The request is an inference request, as ``infer`` takes it (JSON or binary tensors), checked as
+``infer`` checks it; what it asks of the outputs (binary data, classification) does not apply: the
+answer is always JSON. The batch runs twice: through the served graph, with the
 running statistics (dynamically batched with other requests, which cannot change its answer), and
 through the batch-statistics graph, alone (its answer is a property of exactly this batch). The
 answer is ``service.batchnorm.compare``'s, as JSON.
@@ -9,7 +10,6 @@ answer is ``service.batchnorm.compare``'s, as JSON.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from typing import Any
@@ -19,12 +19,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from service.batcher import Feeds, Outputs
 from service.batchnorm import compare
 from service.errors import InvalidInput, ServeError
 from service.logs import request_id
 from service.protocol import parse_infer_request
 from service.registry import BatchStatsGraph, ServedVersion
-from service.routes.inference import OPENAPI_REQUEST, RequestHeaders, read_request_body
+from service.routes.inference import OPENAPI_REQUEST, RequestHeaders, count_failure, read_request_body
 from service.state import ServiceState, service_state
 
 __all__ = ["batchnorm", "router"]
@@ -51,12 +52,26 @@ def batch_stats_graph(served: ServedVersion) -> BatchStatsGraph:
     )
 
 
-def _count_failure(state: ServiceState, graph: BatchStatsGraph | None, model_name: str, reason: str) -> None:
-    if graph is not None:
-        graph.metrics.failure(reason)
-    elif state.metrics.batchnorm is not None:  # as infer does: never a label for a model the server lacks
-        known = model_name in state.registry.models
-        state.metrics.batchnorm.failure(model_name if known else "", "", reason)
+async def _run_both(
+    served: ServedVersion, graph: BatchStatsGraph, feeds: Feeds, rows: int, deadline: float
+) -> tuple[Outputs, Outputs]:
+    """Run the batch through both graphs. Both are queued before the first await (a reload cannot retire
+    one in between, as infer's lookup-to-queue path has no await either); if one half fails, the other
+    is taken out of its queue, so that an answered error leaves no work behind."""
+    running = served.batcher.enqueue(feeds, rows, deadline)
+    try:
+        batch = graph.batcher.enqueue(feeds, rows, deadline)
+    except ServeError:
+        running.cancel()
+        raise
+    try:
+        return await running, await batch
+    finally:
+        for future in (running, batch):
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # the failure that was not raised counts as seen, not as never retrieved
 
 
 async def batchnorm(
@@ -71,11 +86,7 @@ async def batchnorm(
         graph = batch_stats_graph(served)
         parsed = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
         timeout = parsed.timeout_s if parsed.timeout_s is not None else state.settings.request_timeout_ms / 1000
-        deadline = time.monotonic() + timeout
-        running, batch = await asyncio.gather(
-            served.batcher.submit(parsed.feeds, parsed.rows, deadline),
-            graph.batcher.submit(parsed.feeds, parsed.rows, deadline),
-        )
+        running, batch = await _run_both(served, graph, parsed.feeds, parsed.rows, time.monotonic() + timeout)
         logits = running[served.runtime.output_names.index(graph.stats.logits_output)]
         answer = compare(
             logits, dict(zip(graph.runtime.output_names, batch, strict=True)), graph.stats, served.config.labels
@@ -85,10 +96,10 @@ async def batchnorm(
             head["id"] = parsed.id
         response = orjson.dumps(head | answer, option=orjson.OPT_SERIALIZE_NUMPY)
     except ServeError as e:
-        _count_failure(state, graph, model_name, e.reason)
+        count_failure(state, graph.metrics if graph else None, model_name, e.reason, state.metrics.batchnorm)
         raise
     except Exception:
-        _count_failure(state, graph, model_name, "internal")
+        count_failure(state, graph.metrics if graph else None, model_name, "internal", state.metrics.batchnorm)
         raise
     graph.metrics.success.inc()
     return response
@@ -105,6 +116,7 @@ class _Layer(BaseModel):
     type: str = Field(examples=["BatchNorm2d"])
     channels: int
     reduced_over: str = Field(examples=["N, H, W"], description="the axes one channel's statistics are taken over")
+    values_per_channel: int = Field(description="how many values each channel's batch statistics pool")
     running_mean: list[float]
     running_var: list[float]
     batch_mean: list[float]

@@ -17,6 +17,16 @@ __all__ = ["DEMO_DIR", "router"]
 DEMO_DIR = Path(__file__).resolve().parent.parent / "static" / "demo"
 
 router = APIRouter(tags=["demo"])
+# The page's files, fixed when the service starts: no path from a request is ever opened, and no
+# dotfile, editor backup or link that lands in the folder later is served.
+_FILES = {
+    p.name: p
+    for p in sorted(DEMO_DIR.iterdir())
+    if p.is_file()
+    and not p.is_symlink()
+    and not p.name.startswith(".")
+    and p.suffix in (".html", ".js", ".css", ".json")
+}
 
 # Read on every request, so an edited page shows on reload; the files are small.
 _NO_CACHE = {"Cache-Control": "no-cache"}
@@ -29,8 +39,6 @@ async def page() -> HTMLResponse:
 
 @router.get("/demo/{asset}", summary="A static file of the demo page", response_model=None)
 async def asset(asset: str) -> Response:
-    # Only the files of that folder, looked up in its listing: no path from the request is ever opened.
-    files = {p.name: p for p in DEMO_DIR.iterdir() if p.is_file()}
-    if asset not in files:
+    if asset not in _FILES:
         return JSONResponse({"error": f"no demo file {asset!r}; the page is /demo"}, status_code=404)
-    return FileResponse(files[asset], headers=_NO_CACHE)
+    return FileResponse(_FILES[asset], headers=_NO_CACHE)

@@ -22,11 +22,20 @@ from fastapi.responses import Response
 
 from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
 from service.logs import request_id
+from service.metrics import Metrics, ModelMetrics
 from service.protocol import InferenceRequestSchema, InferenceResponseSchema, encode_infer_response, parse_infer_request
 from service.registry import ServedVersion
 from service.state import ServiceState, service_state
 
-__all__ = ["OPENAPI_REQUEST", "InferenceEndpoint", "RequestHeaders", "infer", "read_request_body", "router"]
+__all__ = [
+    "OPENAPI_REQUEST",
+    "InferenceEndpoint",
+    "RequestHeaders",
+    "count_failure",
+    "infer",
+    "read_request_body",
+    "router",
+]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -147,13 +156,16 @@ async def read_request_body(state: ServiceState, headers: RequestHeaders, receiv
     return body
 
 
-def _count_failure(state: ServiceState, served: ServedVersion | None, model_name: str, reason: str) -> None:
-    """Label a failure with the version that served, else the model if it exists: never with a name the
-    client made up, which would add a time series per typo."""
+def count_failure(
+    state: ServiceState, served: ModelMetrics | None, model_name: str, reason: str, family: Metrics | None = None
+) -> None:
+    """Label a failure with the version that served (its metric children ``served``), else with the model
+    if it exists: never with a name the client made up, which would add a time series per typo.
+    ``family`` is where the unlabelled failures go (the server's main metrics by default)."""
     if served is not None:
-        served.metrics.failure(reason)
+        served.failure(reason)
     else:
-        state.metrics.failure(model_name if model_name in state.registry.models else "", "", reason)
+        (family or state.metrics).failure(model_name if model_name in state.registry.models else "", "", reason)
 
 
 async def infer(
@@ -179,10 +191,10 @@ async def infer(
             served.config.labels,
         )
     except ServeError as e:
-        _count_failure(state, served, model_name, e.reason)
+        count_failure(state, served.metrics if served else None, model_name, e.reason)
         raise
     except Exception:
-        _count_failure(state, served, model_name, "internal")
+        count_failure(state, served.metrics if served else None, model_name, "internal")
         raise
     served.metrics.success.inc()
     return response

@@ -24,19 +24,30 @@ def test_the_shipped_digits_are_the_held_out_split() -> None:
 def test_every_sample_is_counted_once_in_batches_of_exactly_the_size(server: RunningServer) -> None:
     x, y = held_out_digits()
     x, y = x[:21], y[:21]
-    seen: list[int] = []
-    with httpx.Client(base_url=server.url, event_hooks={"request": [lambda r: seen.append(_rows(r))]}) as client:
+    answers: list[tuple[np.ndarray, dict]] = []  # each request's batch, and the endpoint's answer to it
+
+    def keep(response: httpx.Response) -> None:
+        response.read()
+        batch = json.loads(response.request.content)["inputs"][0]
+        answers.append((np.array(batch["data"], dtype=np.float32).reshape(batch["shape"]), response.json()))
+
+    with httpx.Client(base_url=server.url, event_hooks={"response": [keep]}) as client:
         result = measure(client, CNN, x, y, 8)
-        alone = measure(client, CNN, x, y, 1)
-    assert seen == [8, 8, 8] + [1] * 21  # 21 = 8 + 8 + 5 new rows, the last batch filled up from the start
-    assert result["samples"] == 21 and result["requests"] == 3
-    # Running statistics do not care about the batch; batch statistics do.
-    assert result["running_accuracy"] == alone["running_accuracy"]
-    assert 0 <= result["batch_accuracy"] <= 1 and 0 <= result["changed_predictions"] <= 21
-
-
-def _rows(request: httpx.Request) -> int:
-    return int(json.loads(request.content)["inputs"][0]["shape"][0])
+    assert [len(batch) for batch, _ in answers] == [8, 8, 8]
+    # 21 = 8 + 8 + 5 new rows: the last batch is filled up from the start, and only its new rows count.
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in answers])[:21], x)
+    np.testing.assert_array_equal(answers[2][0][5:], x[:3])
+    kept = {side: np.concatenate([a[side]["predictions"] for _, a in answers])[:21] for side in ("running", "batch")}
+    changed = np.concatenate([a["changed"] for _, a in answers])[:21]
+    assert result == {
+        "model": CNN,
+        "batch_size": 8,
+        "samples": 21,
+        "requests": 3,
+        "running_accuracy": float((kept["running"] == y).mean()),
+        "batch_accuracy": float((kept["batch"] == y).mean()),
+        "changed_predictions": int(changed.sum()),
+    }
 
 
 def test_a_model_without_the_endpoint_fails_with_the_servers_message(server: RunningServer, capsys) -> None:

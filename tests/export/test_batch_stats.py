@@ -52,10 +52,21 @@ def test_the_graph_gives_pytorch_train_mode_output_at_every_batch_size(exported,
     model, graph, layers = exported
     x = load_splits().x_test[:size]
     logits, *stats = cpu_session(graph).run(None, {"input": x})
+    reference = _bn_train_mode(model)
+    inputs: dict[str, np.ndarray] = {}
+    for name in layers:
+        reference.get_submodule(name).register_forward_pre_hook(
+            lambda _, a, name=name: inputs.__setitem__(name, a[0].numpy().astype(np.float64))
+        )
     with torch.no_grad():
-        train_out = _bn_train_mode(model)(torch.tensor(x)).numpy()
+        train_out = reference(torch.tensor(x)).numpy()
     assert np.all(np.abs(logits - train_out) <= 1e-4 + 1e-5 * np.abs(train_out))
     assert len(stats) == 2 * len(layers)
+    for i, name in enumerate(layers):  # each layer's statistics, as numpy takes them from what it receives
+        seen = inputs[name]
+        axes = (0, 1) if seen.ndim == 3 else (0, 2, 3)  # tokens (B, T, D) or images (N, C, H, W)
+        np.testing.assert_allclose(stats[2 * i], seen.mean(axis=axes), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats[2 * i + 1], seen.var(axis=axes), rtol=1e-4, atol=1e-5)
 
 
 def test_the_graph_differs_from_eval_output_on_a_skewed_batch(exported) -> None:
@@ -96,10 +107,22 @@ def test_a_graph_that_uses_running_statistics_fails_the_difference_check(exporte
 
 def test_running_statistics_are_the_models_buffers(exported) -> None:
     model, _, layers = exported
-    stats = running_statistics(model, layers)
+    model = copy.deepcopy(model)  # the hooks below stay on this copy
+    x = torch.tensor(load_splits().x_test[:3])
+    shapes: dict[str, torch.Size] = {}
+    for name in layers:
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _, a, name=name: shapes.__setitem__(name, a[0].shape)
+        )
+    stats = running_statistics(model, layers, x)
     for entry, name in zip(stats, layers, strict=True):
         bn = model.get_submodule(name)
         assert entry["name"] == name and entry["channels"] == bn.num_features
+        shape = shapes[name]
+        if len(shape) == 4:  # (N, C, H, W): each sample gives H * W values per channel
+            assert (entry["reduced_over"], entry["positions"]) == ("N, H, W", shape[2] * shape[3])
+        else:  # (B, T, D) tokens: T values per feature
+            assert (entry["reduced_over"], entry["positions"]) == ("B, T", shape[1])
         np.testing.assert_array_equal(entry["running_mean"], bn.running_mean.numpy())
         np.testing.assert_array_equal(entry["running_var"], bn.running_var.numpy())
 

@@ -114,6 +114,7 @@ def test_statistics_equal_numpys_and_running_outputs_equal_infers(server: Runnin
         expected = np.sqrt(np.mean(((bm - rm) ** 2 + (np.sqrt(bv) - np.sqrt(rv)) ** 2) / (rv + bn.eps)))
         assert layer["distance"] == pytest.approx(expected, rel=1e-6)
         assert (layer["type"], layer["channels"], layer["reduced_over"]) == ("BatchNorm2d", bn.num_features, "N, H, W")
+        assert layer["values_per_channel"] == seen.shape[0] * seen.shape[2] * seen.shape[3]
 
     infer = httpx.post(f"{server.url}/v2/models/{CNN}/infer", json=infer_json("input", x)).json()
     served = np.array(infer["outputs"][0]["data"], dtype=np.float32).reshape(8, 10)
@@ -262,3 +263,26 @@ def test_a_tampered_batch_statistics_file_is_refused_like_a_tampered_model(
             httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.zeros((1, 4)))).status_code
             == 200
         )
+
+
+async def test_a_reload_under_batchnorm_traffic_loses_nothing_and_unload_clears_both_graphs_gauges(
+    serve: ServeFactory,
+) -> None:
+    x = load_splits().x_test
+    labels = {"model": CNN, "version": "1"}
+    with serve() as server:
+        url = f"{server.url}/v2/models/{CNN}/batchnorm"
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
+            requests = [client.post(url, json=infer_json("input", x[i : i + 4])) for i in range(0, 96, 4)]
+            reload = client.post(f"{server.url}/v2/repository/models/{CNN}/load")
+            responses = await asyncio.gather(*requests[:12], reload, *requests[12:])  # the reload halfway
+        assert len(responses) == 25
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+        for family in ("normserve", "normserve_batchnorm"):
+            assert server.metric(f"{family}_model_ready", **labels) == 1
+            assert server.metric(f"{family}_model_provider", **labels, provider="CPUExecutionProvider") == 1
+        assert httpx.post(f"{server.url}/v2/repository/models/{CNN}/unload").status_code == 200
+        for family in ("normserve", "normserve_batchnorm"):
+            assert server.metric(f"{family}_model_ready", **labels) == 0
+            assert server.metric(f"{family}_model_provider", **labels, provider="CPUExecutionProvider") == 0
+        assert httpx.post(url, json=infer_json("input", x[:2])).status_code == 404

@@ -1,26 +1,90 @@
 # syntax=docker/dockerfile:1
-# normserve: the model repository, built reproducibly in an image.
+# normserve's images. Three targets:
 #
-#   docker build -t normserve-models .
+#   docker build -t normserve .                          # cpu (the default): onnxruntime's CPU build, no torch
+#   docker build --target gpu -t normserve:gpu .         # onnxruntime-gpu with CUDA 13 and cuDNN 9 from pip wheels
+#   docker build --target models -t normserve:models .   # torch: trains, folds, exports and verifies the models
 #
-# This stage trains, folds, exports and verifies the default models exactly as `make models`
-# does, and leaves the verified repository in /models. The serving stage (onnxruntime, no torch)
-# copies /models from it; it lands with the service.
-FROM python:3.11.7-slim-bookworm AS models
+# The runtime images hold the model repository in /models (read-only, root's). By default the models
+# stage builds it as `make models` does; --build-arg MODEL_REPOSITORY=model_repository copies one
+# already built into the build context instead (no torch then), and MODEL_REPOSITORY=- leaves /models
+# empty for a repository mounted at run time. Run as in docs/deploy.md:
+#
+#   docker run --rm -p 8000:8000 --read-only --stop-timeout 40 normserve
+#
+# Where no registry or package index is reachable, `make image` builds this same file with podman from
+# a local base image and wheels downloaded on the host (docker/build-image.sh, BASE_IMAGE, PIP_INDEX).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
+FROM ${BASE_IMAGE} AS base
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+# One virtual environment, so the same commands work on python:3.11-slim and on Debian's own python3.
+RUN python3 -m venv /opt/venv
+WORKDIR /opt/normserve
+# What pip installs is decided by these two files alone: a code change does not reinstall anything.
+COPY pyproject.toml requirements.lock ./
+COPY docker/deps.py docker/
 
-WORKDIR /src
-
-# Dependencies in their own layer, before the code, so a code change does not reinstall them.
-# torch comes from PyTorch's CPU index (the PyPI build of the same version pulls in CUDA).
-COPY requirements.lock ./
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu --requirement requirements.lock
-
+FROM base AS models
+# --no-index when the build has no network: the wheels in docker/wheels/ only (mounted, never copied).
+ARG PIP_INDEX=""
+ARG MODEL_REPOSITORY=""
+# hadolint ignore=SC2046
+RUN --mount=type=bind,source=docker/wheels,target=/wheels \
+    if [ -z "$MODEL_REPOSITORY" ]; then \
+        pip install $PIP_INDEX --find-links /wheels --extra-index-url https://download.pytorch.org/whl/cpu \
+            --constraint requirements.lock $(python3 docker/deps.py cpu train); \
+    fi
 COPY models/ models/
 COPY export/ export/
 COPY service/ service/
-RUN python -m export.build --artifacts /artifacts --repository /models
+RUN --mount=type=bind,target=/context \
+    case "$MODEL_REPOSITORY" in \
+        "") python -m export.build --artifacts /tmp/artifacts --repository /models && rm -rf /tmp/artifacts ;; \
+        -) mkdir /models ;; \
+        *) cp -r "/context/$MODEL_REPOSITORY" /models ;; \
+    esac \
+    && chmod -R a+rX,go-w /models
+
+FROM base AS serve
+# A user of its own, written by hand: a minimal base may have no useradd.
+RUN echo "normserve:x:10001:10001:normserve:/nonexistent:/usr/sbin/nologin" >>/etc/passwd \
+    && echo "normserve:x:10001:" >>/etc/group
+ENV NORMSERVE_REPOSITORY=/models \
+    NORMSERVE_HOST=0.0.0.0 \
+    NORMSERVE_PORT=8000 \
+    NORMSERVE_SHUTDOWN_TIMEOUT_S=30
+EXPOSE 8000
+# Stop with SIGTERM and a grace above NORMSERVE_SHUTDOWN_TIMEOUT_S (docker stop -t 40, compose
+# stop_grace_period: 40s, Kubernetes terminationGracePeriodSeconds: 45): accepted requests finish.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 CMD ["python", "-m", "service.healthcheck"]
+# Exactly what `make serve` runs.
+ENTRYPOINT ["python", "-m", "service"]
+
+FROM serve AS gpu
+ARG PIP_INDEX=""
+# hadolint ignore=SC2046
+RUN --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock $(python3 docker/deps.py gpu)
+COPY service/ service/
+COPY --from=models /models /models
+# A GPU image that runs on CPU is a broken GPU deployment: say so, and stay not ready.
+ENV NORMSERVE_PROVIDER=cuda \
+    NORMSERVE_REQUIRE_GPU=1
+USER 10001:10001
+
+FROM serve AS cpu
+ARG PIP_INDEX=""
+# hadolint ignore=SC2046
+RUN --mount=type=bind,source=docker/wheels,target=/wheels \
+    pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock $(python3 docker/deps.py cpu)
+COPY service/ service/
+COPY --from=models /models /models
+ENV NORMSERVE_PROVIDER=cpu
+USER 10001:10001

@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install browser models serve test bench lint format lock clean
+.PHONY: help install browser models serve test bench image image-gpu lint format lock clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[train,dev,bench]"
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[gpu,train,dev,bench]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -41,6 +41,14 @@ browser:  ## install Debian's chromium for the demo page's browser test, where a
 test: lint browser  ## install everything, lint, and run the tests
 	$(BIN)/python -m pytest
 
+# Images are built with podman from a local Debian base and wheels downloaded here (docker/build-image.sh),
+# so they build without a registry; the Dockerfile builds unchanged with docker anywhere else.
+image: models  ## the CPU image normserve:cpu, with the default models (podman; docs/deploy.md)
+	PYTHON=$(BIN)/python docker/build-image.sh cpu normserve:cpu $(REPOSITORY)
+
+image-gpu: models  ## the GPU image normserve:gpu (about 2.8 GB: CUDA 13 and cuDNN 9 wheels)
+	PYTHON=$(BIN)/python docker/build-image.sh gpu normserve:gpu $(REPOSITORY)
+
 bench: models  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
 	$(BIN)/python -m bench.suite
 
@@ -56,7 +64,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 
 lock:  ## re-resolve the pins in requirements.lock from pyproject.toml, in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet ".[train,dev,bench]"
+	.lock-venv/bin/python -m pip install --quiet ".[gpu,train,dev,bench]"
 	.lock-venv/bin/python -m pip freeze --all --exclude normserve --exclude pip | grep -v '^-e' | sed 's/+cpu$$//' > requirements.lock  # torch's local build tag is not on PyPI
 	rm -rf .lock-venv
 

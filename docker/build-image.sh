@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Build normserve's image with podman where no image registry or package index is reachable from
+# inside a build: `make image` (CPU) and `make image-gpu` run this.
+#
+#   docker/build-image.sh cpu [TAG] [MODEL_REPOSITORY]     # default tag normserve:cpu, repository model_repository
+#   docker/build-image.sh gpu [TAG] [MODEL_REPOSITORY]
+#   docker/build-image.sh env                               # print the podman environment, to `eval` before podman
+#
+# 1. podman, buildah, runc and mmdebstrap from apt where missing (as root);
+# 2. podman's engine settings (docker/podman/containers.conf) and storage under NORMSERVE_PODMAN_DIR
+#    (default ~/.cache/normserve/podman), so nothing of it lands in the project;
+# 3. a Debian bookworm base (Python 3.11) made once with mmdebstrap and imported as
+#    localhost/normserve-base:bookworm, cached outside the project;
+# 4. the wheels the image installs, downloaded on the host into docker/wheels/ (ignored by git);
+# 5. `podman build --network none --pull=never` of the Dockerfile's target, with those wheels only.
+#
+# The Dockerfile itself builds unchanged elsewhere (`docker build .`), from python:3.11-slim and PyPI.
+# MODEL_REPOSITORY is a folder inside the project copied into the image as its /models, or "-" for
+# none (the repository is then mounted at run time, as the container tests do).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache=${NORMSERVE_PODMAN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/normserve/podman}
+base_image=localhost/normserve-base:bookworm
+
+podman_env() {
+    mkdir -p "$cache/storage" "$cache/run"
+    if [ ! -f "$cache/storage.conf" ]; then
+        printf '[storage]\ndriver = "overlay"\ngraphroot = "%s/storage"\nrunroot = "%s/run"\n' "$cache" "$cache" \
+            >"$cache/storage.conf"
+    fi
+    export CONTAINERS_CONF="$root/docker/podman/containers.conf"
+    export CONTAINERS_STORAGE_CONF="$cache/storage.conf"
+}
+
+install_tools() {
+    local missing=()
+    for tool in podman buildah runc mmdebstrap; do
+        command -v "$tool" >/dev/null || missing+=("$tool")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "build-image: ${missing[*]} missing, and no apt-get as root to install them" >&2
+        exit 3
+    fi
+    echo "build-image: installing ${missing[*]} with apt-get" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc mmdebstrap uidmap >/dev/null
+}
+
+base() {
+    podman image exists "$base_image" && return
+    local tarball="$cache/base-bookworm.tar"
+    if [ ! -f "$tarball" ]; then
+        echo "build-image: making the base image with mmdebstrap (about 2 minutes, once)" >&2
+        mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates bookworm "$cache/base-bookworm.partial.tar"
+        mv "$cache/base-bookworm.partial.tar" "$tarball"
+    fi
+    podman import --quiet "$tarball" "$base_image" >/dev/null
+}
+
+wheels() {
+    local groups=("$@")
+    # Every manylinux tag bookworm's glibc (2.36) runs, so that pip picks the same wheels it would there.
+    local platforms=()
+    local platform
+    for platform in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 linux_x86_64; do
+        platforms+=(--platform "$platform")
+    done
+    # shellcheck disable=SC2046  # one requirement per line
+    "${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+        --python-version 3.11 --implementation cp "${platforms[@]}" --constraint "$root/requirements.lock" \
+        --dest "$root/docker/wheels" $(python3 "$root/docker/deps.py" "${groups[@]}")
+}
+
+case "${1:-}" in
+    env)
+        podman_env
+        echo "export CONTAINERS_CONF='$CONTAINERS_CONF' CONTAINERS_STORAGE_CONF='$CONTAINERS_STORAGE_CONF'"
+        exit 0
+        ;;
+    cpu | gpu) target=$1 ;;
+    *)
+        echo "usage: $0 cpu|gpu [TAG] [MODEL_REPOSITORY] | env" >&2
+        exit 2
+        ;;
+esac
+tag=${2:-normserve:$target}
+repository=${3:-model_repository}
+if [ "$repository" != "-" ] && [ ! -d "$root/$repository" ]; then
+    echo "build-image: no model repository at $root/$repository; run \`make models\` first, or pass - for none" >&2
+    exit 2
+fi
+
+install_tools
+podman_env
+base
+wheels "$target"
+start=$(date +%s)
+podman build --quiet --network none --pull=never --format docker --target "$target" \
+    --build-arg BASE_IMAGE="$base_image" --build-arg PIP_INDEX=--no-index \
+    --build-arg MODEL_REPOSITORY="$repository" --tag "$tag" "$root" >/dev/null
+echo "build-image: built $tag in $(($(date +%s) - start)) s ($(podman image inspect --format '{{.Size}}' "$tag" | numfmt --to=iec))" >&2

@@ -1,0 +1,180 @@
+"""The CPU image, built with podman and run for real: as its users run it, and stopped under load.
+
+The image is built by ``docker/build-image.sh`` (what ``make image`` runs) with an empty /models,
+and runs with ``--network host`` on a free loopback port, the tests' repository mounted read-only,
+as its non-root user with a read-only root filesystem. The build is cached between runs: after a
+code change only the layers from the code on are rebuilt.
+
+Skipped with one line only where podman cannot be installed or run here (the reason is shown).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from service.runtime import Runtime
+from tests.service.conftest import affine_expected, free_port, infer_json, metric
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD = ROOT / "docker" / "build-image.sh"
+TAG = "localhost/normserve:test"
+CNN = "tiny-cnn-bn"
+GRACE_S = 40  # the documented stop grace, above NORMSERVE_SHUTDOWN_TIMEOUT_S (30)
+REQUESTS = 7
+
+
+def podman_env() -> dict[str, str]:
+    """The environment the build script gives podman (its engine settings and storage)."""
+    out = subprocess.run(["bash", str(BUILD), "env"], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ)
+    for assignment in out.removeprefix("export ").split():
+        key, _, value = assignment.partition("=")
+        env[key] = value.strip("'")
+    return env
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, env=ENV, check=check, timeout=timeout)
+
+
+ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The CPU image with no models of its own, built (or found in the cache) by the build script."""
+    ENV.update(podman_env())
+    build = subprocess.run(
+        ["bash", str(BUILD), "cpu", TAG, "-"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=1200
+    )
+    if build.returncode == 3:  # the script's word for "podman cannot be installed here"
+        pytest.skip(f"podman cannot be installed or run here: {build.stderr.strip()}")
+    assert build.returncode == 0, f"the image build failed:\n{build.stdout}\n{build.stderr}"
+    return TAG
+
+
+@pytest.fixture(scope="module")
+def readable_repository(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' repository, readable by the image's user (pytest's folders are private to root)."""
+    root = tmp_path_factory.mktemp("mounted") / "repository"
+    shutil.copytree(built_repository, root)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+@dataclass
+class Container:
+    name: str
+    url: str
+    port: int
+
+    def logs(self) -> str:
+        result = podman("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+
+def start(image: str, repository: Path, **env: str) -> Container:
+    port = free_port()
+    name = f"normserve-test-{uuid.uuid4().hex[:8]}"
+    settings = {"NORMSERVE_HOST": "127.0.0.1", "NORMSERVE_PORT": str(port), **env}
+    podman(
+        "run", "--detach", "--name", name, "--network", "host", "--read-only",
+        "--volume", f"{repository}:/models:ro",
+        *(a for k, v in settings.items() for a in ("--env", f"{k}={v}")),
+        image,
+    )  # fmt: skip
+    container = Container(name, f"http://127.0.0.1:{port}", port)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{container.url}/v2/health/ready", timeout=2).status_code == 200:
+                return container
+        except httpx.HTTPError:
+            pass
+        if podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip() != "true":
+            break
+        time.sleep(0.25)
+    logs = container.logs()
+    podman("rm", "--force", name, check=False)
+    raise AssertionError(f"the container did not turn ready:\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def container(image: str, readable_repository: Path) -> Iterator[Container]:
+    running = start(image, readable_repository)
+    try:
+        yield running
+    finally:
+        podman("rm", "--force", "--time", "0", running.name, check=False)
+
+
+def test_it_runs_as_its_own_user_on_a_read_only_root_and_passes_its_healthcheck(container: Container) -> None:
+    assert podman("exec", container.name, "id", "-u").stdout.strip() == "10001"
+    refused = podman("exec", container.name, "touch", "/opt/normserve/written", check=False)
+    assert refused.returncode != 0 and "Read-only file system" in refused.stderr
+    assert podman("healthcheck", "run", container.name).returncode == 0
+    config = podman("image", "inspect", "--format", "{{.Config.StopSignal}} {{json .Config.Entrypoint}}", TAG)
+    assert config.stdout.strip() == 'SIGTERM ["python","-m","service"]'  # what `make serve` runs
+
+
+def test_tritonclient_gets_the_in_process_answers_with_json_and_binary(
+    container: Container, readable_repository: Path
+) -> None:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{container.port}")
+    try:
+        assert client.is_server_ready() and client.is_model_ready(CNN)
+        x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+        local = Runtime(readable_repository / CNN / "1" / "model.onnx", "cpu", 0).run({"input": x})[0]
+        for binary in (False, True):
+            tensor = httpclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x, binary_data=binary)
+            wanted = httpclient.InferRequestedOutput("logits", binary_data=binary)
+            result = client.infer(CNN, [tensor], outputs=[wanted])
+            np.testing.assert_allclose(result.as_numpy("logits"), local, rtol=1e-5, atol=1e-6)
+        rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+        affine = client.infer("affine", [httpclient.InferInput("x", [2, 4], "FP32").set_data_from_numpy(rows)])
+        np.testing.assert_allclose(affine.as_numpy("y"), affine_expected(rows)[0], rtol=1e-6)
+    finally:
+        client.close()
+    assert metric(container.url, "normserve_request_success_total", model=CNN, version="1") >= 2
+    assert metric(container.url, "normserve_model_provider", model=CNN, version="1", provider="CPUExecutionProvider")
+
+
+def test_podman_stop_under_load_answers_every_accepted_request_and_exits_within_the_grace(
+    image: str, readable_repository: Path
+) -> None:
+    # A 1.5 s queue delay keeps the requests in the server when the stop comes: 7 rows do not fill
+    # affine's batch of 8, so the batch waits out the delay.
+    running = start(image, readable_repository, NORMSERVE_MAX_QUEUE_DELAY_MS="1500")
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(REQUESTS) as pool:
+            url = f"{running.url}/v2/models/affine/infer"
+            sent = [pool.submit(httpx.post, url, json=infer_json("x", x), timeout=30) for _ in range(REQUESTS)]
+            deadline = time.monotonic() + 10
+            while metric(running.url, "normserve_pending_requests", model="affine", version="1") < REQUESTS:
+                assert time.monotonic() < deadline, "the requests never queued"
+                time.sleep(0.02)
+            stopped = time.monotonic()
+            podman("stop", "--time", str(GRACE_S), running.name, timeout=GRACE_S + 30)
+            took = time.monotonic() - stopped
+            answers = [f.result() for f in sent]
+        assert [a.status_code for a in answers] == [200] * REQUESTS, [a.text for a in answers if a.status_code != 200]
+        assert all(a.json()["outputs"][0]["data"] == affine_expected(x)[0].ravel().tolist() for a in answers)
+        state = podman("inspect", "--format", "{{.State.ExitCode}}", running.name).stdout.strip()
+        assert state == "0" and took < GRACE_S, (state, took, running.logs())
+    finally:
+        podman("rm", "--force", "--time", "0", running.name, check=False)

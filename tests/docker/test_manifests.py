@@ -1,0 +1,98 @@
+"""The Kubernetes and KServe manifests (docker/k8s/): valid for the API server, and consistent with the image.
+
+Validated offline as a cluster would: kubernetes-validate --strict (Kubernetes' own schemas, unknown
+fields refused) for the Kubernetes kinds, check-jsonschema against KServe's CRD schema for the
+InferenceService, yamllint on every YAML file of docker/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "docker" / "k8s"
+BIN = Path(sys.executable).parent
+KUBERNETES_KINDS = ["deployment.yaml", "deployment-gpu.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"]
+SHUTDOWN_TIMEOUT_S = 30  # NORMSERVE_SHUTDOWN_TIMEOUT_S in the image and the manifests
+
+
+def load(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((K8S / name).read_text())
+    return document
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", KUBERNETES_KINDS)
+def test_each_kubernetes_manifest_passes_strict_validation(name: str) -> None:
+    result = run(str(BIN / "kubernetes-validate"), "--strict", str(K8S / name))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed" in result.stdout + result.stderr
+
+
+def test_strict_validation_refuses_an_unknown_field(tmp_path: Path) -> None:
+    broken = load("deployment.yaml")
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    assert run(str(BIN / "kubernetes-validate"), "--strict", str(tmp_path / "broken.yaml")).returncode != 0
+
+
+def test_the_inferenceservice_passes_kserves_own_schema_and_speaks_v2(tmp_path: Path) -> None:
+    schema = str(K8S / "schema" / "kserve-inferenceservice-v1beta1.schema.json")
+    result = run(str(BIN / "check-jsonschema"), "--schemafile", schema, str(K8S / "inferenceservice.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    model = load("inferenceservice.yaml")["spec"]["predictor"]["model"]
+    runtime = load("servingruntime.yaml")
+    assert model["protocolVersion"] == "v2" and model["runtime"] == runtime["metadata"]["name"]
+    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert runtime["spec"]["supportedModelFormats"][0]["name"] == model["modelFormat"]["name"]
+    wrong = load("inferenceservice.yaml")
+    wrong["spec"]["predictor"]["model"]["protocolVersions"] = "v2"  # a typo KServe would refuse
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+    assert run(str(BIN / "check-jsonschema"), "--schemafile", schema, str(tmp_path / "wrong.yaml")).returncode != 0
+
+
+def test_yamllint_passes_on_every_deployment_file() -> None:
+    result = run(str(BIN / "yamllint"), "--strict", "docker/", ".yamllint.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["deployment.yaml", "deployment-gpu.yaml"])
+def test_the_deployments_probe_stop_and_lock_down_as_the_image_expects(name: str) -> None:
+    pod = load(name)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # The grace covers preStop and the drain: SIGTERM never cuts accepted requests short.
+    assert env["NORMSERVE_SHUTDOWN_TIMEOUT_S"] == str(SHUTDOWN_TIMEOUT_S)
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + SHUTDOWN_TIMEOUT_S
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    assert container["volumeMounts"] == [{"name": "models", "mountPath": env["NORMSERVE_REPOSITORY"], "readOnly": True}]
+    gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+    assert (gpus == "1") == (name == "deployment-gpu.yaml")
+    if gpus:
+        assert env["NORMSERVE_PROVIDER"] == "cuda" and env["NORMSERVE_REQUIRE_GPU"] == "true"
+
+
+def test_the_service_hpa_and_pdb_select_the_deployments_pods() -> None:
+    cpu = load("deployment.yaml")
+    labels = cpu["spec"]["template"]["metadata"]["labels"]
+    service = load("service.yaml")["spec"]
+    assert service["selector"].items() <= labels.items()
+    assert service["ports"][0]["targetPort"] == cpu["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+    assert load("hpa.yaml")["spec"]["scaleTargetRef"]["name"] == cpu["metadata"]["name"]
+    assert load("pdb.yaml")["spec"]["selector"]["matchLabels"] == cpu["spec"]["selector"]["matchLabels"]

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install browser models serve test bench image image-gpu lint format lock clean
+.PHONY: help install debian-tools models serve test bench image image-gpu lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,19 +26,22 @@ models: $(STAMP)  ## train, fold, export and verify the default models (skips wh
 serve: models  ## build the default models if missing, then serve them on port 8000
 	NORMSERVE_REPOSITORY=$(REPOSITORY) $(BIN)/python -m service
 
-# The demo page's test drives Debian's chromium (Playwright's own browser download needs the network
-# at test time). Where it cannot be installed, that test is skipped and says why.
-browser:  ## install Debian's chromium for the demo page's browser test, where apt-get can
-	@if [ -x /usr/bin/chromium ]; then \
+# Debian's packages that tests drive: chromium for the demo page (Playwright's own browser download needs
+# the network at test time), prometheus and promtool for the monitoring files. Where they cannot be
+# installed, those tests are skipped and say why. (podman is installed by docker/build-image.sh.)
+DEBIAN_TOOLS := /usr/bin/chromium:chromium /usr/bin/promtool:prometheus
+debian-tools:  ## install Debian's chromium and prometheus for the browser and monitoring tests, where apt-get can
+	@missing=$$(for t in $(DEBIAN_TOOLS); do [ -x "$${t%%:*}" ] || echo "$${t##*:}"; done); \
+	if [ -z "$$missing" ]; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-			|| echo "make browser: apt-get could not install chromium; the demo page's test will be skipped"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+			|| echo "make debian-tools: apt-get could not install $$missing; their tests will be skipped"; \
 	else \
-		echo "make browser: no /usr/bin/chromium, and no apt-get as root to install it; the demo page's test will be skipped"; \
+		echo "make debian-tools: $$missing missing, and no apt-get as root to install them; their tests will be skipped"; \
 	fi
 
-test: lint browser  ## install everything, lint, and run the tests
+test: lint debian-tools  ## install everything, lint, and run the tests
 	$(BIN)/python -m pytest
 
 # Images are built with podman from a local Debian base and wheels downloaded here (docker/build-image.sh),

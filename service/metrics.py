@@ -64,7 +64,17 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge(f"{p}_model_ready", "1 when the model version serves", model, registry=r)
-        self.batchnorm: Metrics | None = Metrics(r, "normserve_batchnorm") if p == "normserve" else None
+        self.queue_limit = Gauge(
+            f"{p}_queue_limit", "Requests the model version queues before it refuses with 503", model, registry=r
+        )
+        self.batchnorm: Metrics | None = None
+        if p == "normserve":
+            self.gpu_required = Gauge(
+                f"{p}_gpu_required",
+                "1 when NORMSERVE_REQUIRE_GPU is set: a model on CPU keeps it not ready",
+                registry=r,
+            )
+            self.batchnorm = Metrics(r, "normserve_batchnorm")
 
     def model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)

@@ -126,6 +126,7 @@ class Registry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reported_fallbacks: set[str] = set()
         self.cores = available_cores()
+        metrics.gpu_required.set(1 if settings.require_gpu else 0)
 
     # -- lookups (the hot path) --
 
@@ -308,6 +309,7 @@ class Registry:
         for metrics, runtime in self._graphs(state.served):
             metrics.provider.labels(name, state.version, runtime.provider.provider).set(1)
             metrics.model_ready.labels(name, state.version).set(1)
+            metrics.queue_limit.labels(name, state.version).set(state.served.batching.queue_limit)
 
     def _build(self, model_dir: Path) -> ModelEntry:
         """Read, create and warm every version of one model (blocking: runs in a thread)."""

@@ -1,3 +1,3 @@
-"""The service tests' model repository, for the container tests."""
+"""The service tests' model repository and server, for the container and monitoring tests."""
 
-from tests.service.conftest import built_models, built_repository  # noqa: F401
+from tests.service.conftest import built_models, built_repository, serve, server  # noqa: F401

@@ -1,6 +1,6 @@
 """The demo page, ``/demo``: its files over HTTP, and the page itself in a real browser.
 
-The browser is Debian's chromium (``make browser`` installs it), driven by Playwright against a real
+The browser is Debian's chromium (``make debian-tools`` installs it), driven by Playwright against a real
 server on a loopback port, whose repository holds ``affine`` (not a digit model), ``tiny-cnn-bn``,
 ``tiny-cnn-gn`` and ``broken`` (a model.onnx changed after export, so never ready).
 Set NORMSERVE_DEMO_SCREENSHOT=path.png to keep the page's screenshot.
@@ -90,7 +90,7 @@ def demo_repository(built_repository: Path, tmp_path_factory: pytest.TempPathFac
 def browser() -> Iterator[Any]:
     """A fresh headless chromium (no profile, no network of its own); fails the test on any page error."""
     if not CHROMIUM.exists():
-        pytest.skip(f"no {CHROMIUM}: `make browser` installs Debian's chromium (as root, with apt-get)")
+        pytest.skip(f"no {CHROMIUM}: `make debian-tools` installs Debian's chromium (as root, with apt-get)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

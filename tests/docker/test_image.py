@@ -1,4 +1,5 @@
-"""The CPU image, built with podman and run for real: as its users run it, and stopped under load.
+"""The CPU image, built with podman and run for real: as its users run it, stopped under load, and in
+the compose stack (its cpu profile, with Prometheus) through podman-compose.
 
 The image is built by ``docker/build-image.sh`` (what ``make image`` runs) with an empty /models,
 and runs with ``--network host`` on a free loopback port, the tests' repository mounted read-only,
@@ -14,6 +15,7 @@ import concurrent.futures
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -178,3 +180,68 @@ def test_podman_stop_under_load_answers_every_accepted_request_and_exits_within_
         assert state == "0" and took < GRACE_S, (state, took, running.logs())
     finally:
         podman("rm", "--force", "--time", "0", running.name, check=False)
+
+
+@pytest.fixture(scope="module")
+def prometheus_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Prometheus image made here from Debian's prometheus on the same base (no registry to pull from)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("no prometheus: `make debian-tools` installs Debian's prometheus")
+    context = tmp_path_factory.mktemp("prometheus-image")
+    shutil.copy(binary, context / "prometheus")
+    (context / "Containerfile").write_text(
+        'FROM localhost/normserve-base:bookworm\nCOPY prometheus /bin/prometheus\nENTRYPOINT ["/bin/prometheus"]\n'
+    )
+    tag = "localhost/normserve-prometheus:test"
+    podman("build", "--quiet", "--network", "none", "--pull=never", "--tag", tag, str(context), timeout=300)
+    return tag
+
+
+def test_the_compose_file_brings_normserve_and_prometheus_up_in_its_cpu_profile(
+    image: str, prometheus_image: str, readable_repository: Path, tmp_path: Path
+) -> None:
+    compose = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
+    assert compose is not None, "podman-compose is a dev dependency"
+    # The compose files as shipped; only the scrape target follows this test's free port.
+    shutil.copytree(ROOT / "docker", tmp_path / "docker", ignore=shutil.ignore_patterns("wheels", "k8s"))
+    port, prometheus_port = free_port(), free_port()
+    host_config = tmp_path / "docker" / "prometheus" / "prometheus.host.yml"
+    host_config.write_text(host_config.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
+    env = ENV | {
+        "NORMSERVE_IMAGE": image,
+        "PROMETHEUS_IMAGE": prometheus_image,
+        "NORMSERVE_MODELS_DIR": str(readable_repository),
+        "NORMSERVE_PORT": str(port),
+        "PROMETHEUS_PORT": str(prometheus_port),
+    }
+    project = f"normserve-test-{uuid.uuid4().hex[:8]}"
+    base = [compose, "--project-name", project, "-f", "compose.yaml", "-f", "compose.host.yaml", "--profile", "cpu"]
+    cwd = tmp_path / "docker"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+    up = run("up", "--detach", "--no-build", "normserve-cpu", "prometheus")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        url, prometheus = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{prometheus_port}"
+        deadline = time.monotonic() + 90
+        scraped: list[object] = []
+        while time.monotonic() < deadline and not scraped:
+            time.sleep(1)
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code != 200:
+                    continue
+                httpx.post(f"{url}/v2/models/affine/infer", json=infer_json("x", np.zeros((1, 4))), timeout=5)
+                query = {"query": 'normserve_request_success_total{job="normserve", model="affine"} > 0'}
+                scraped = httpx.get(f"{prometheus}/api/v1/query", params=query, timeout=5).json()["data"]["result"]
+            except httpx.HTTPError:
+                continue
+        assert scraped, f"Prometheus never scraped normserve's requests:\n{run('logs').stdout[-3000:]}"
+        up_query = httpx.get(f"{prometheus}/api/v1/query", params={"query": 'up{job="normserve"}'}).json()
+        assert [r["value"][1] for r in up_query["data"]["result"]] == ["1"]
+        rules = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"][0]["rules"]
+        assert {r["name"] for r in rules} >= {"NormserveDown", "NormserveModelNotReady", "NormserveCpuFallback"}
+    finally:
+        run("down", "--volumes", "--timeout", "5")

@@ -64,7 +64,7 @@ wheels() {
     # Every manylinux tag bookworm's glibc (2.36) runs, so that pip picks the same wheels it would there.
     local platforms=()
     local platform
-    for platform in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 linux_x86_64; do
+    for platform in manylinux2014_x86_64 manylinux_2_{17,24,26,27,28,31,34,35,36}_x86_64 linux_x86_64; do
         platforms+=(--platform "$platform")
     done
     # shellcheck disable=SC2046  # one requirement per line

@@ -5,16 +5,17 @@
 #   docker build --target gpu -t normserve:gpu .         # onnxruntime-gpu with CUDA 13 and cuDNN 9 from pip wheels
 #   docker build --target models -t normserve:models .   # torch: trains, folds, exports and verifies the models
 #
-# The runtime images hold the model repository in /models (read-only, root's). By default the models
-# stage builds it as `make models` does; --build-arg MODEL_REPOSITORY=model_repository copies one
-# already built into the build context instead (no torch then), and MODEL_REPOSITORY=- leaves /models
-# empty for a repository mounted at run time. Run as in docs/deploy.md:
+# The runtime images hold the model repository in /models (read-only, root's). MODELS says where it
+# comes from: `build` (the default) trains and exports it as `make models` does; `copy` copies the
+# repository MODEL_REPOSITORY (default model_repository) from the build context, no torch needed;
+# `none` leaves /models empty for a repository mounted at run time. Run as in docs/deploy.md:
 #
 #   docker run --rm -p 8000:8000 --read-only --stop-timeout 40 normserve
 #
 # Where no registry or package index is reachable, `make image` builds this same file with podman from
 # a local base image and wheels downloaded on the host (docker/build-image.sh, BASE_IMAGE, PIP_INDEX).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+ARG MODELS=build
 
 FROM ${BASE_IMAGE} AS base
 ENV PIP_NO_CACHE_DIR=1 \
@@ -28,28 +29,30 @@ RUN python3 -m venv /opt/venv
 WORKDIR /opt/normserve
 # What pip installs is decided by these two files alone: a code change does not reinstall anything.
 COPY pyproject.toml requirements.lock ./
-COPY docker/deps.py docker/
+COPY docker/deps.py docker/gpu.lock docker/
 
-FROM base AS models
+FROM base AS models-build
 # --no-index when the build has no network: the wheels in docker/wheels/ only (mounted, never copied).
 ARG PIP_INDEX=""
-ARG MODEL_REPOSITORY=""
 # hadolint ignore=SC2046
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
-    if [ -z "$MODEL_REPOSITORY" ]; then \
-        pip install $PIP_INDEX --find-links /wheels --extra-index-url https://download.pytorch.org/whl/cpu \
-            --constraint requirements.lock $(python3 docker/deps.py cpu train); \
-    fi
+    pip install $PIP_INDEX --find-links /wheels --extra-index-url https://download.pytorch.org/whl/cpu \
+        --constraint requirements.lock $(python3 docker/deps.py cpu train)
 COPY models/ models/
 COPY export/ export/
 COPY service/ service/
-RUN --mount=type=bind,target=/context \
-    case "$MODEL_REPOSITORY" in \
-        "") python -m export.build --artifacts /tmp/artifacts --repository /models && rm -rf /tmp/artifacts ;; \
-        -) mkdir /models ;; \
-        *) cp -r "/context/$MODEL_REPOSITORY" /models ;; \
-    esac \
-    && chmod -R a+rX,go-w /models
+RUN python -m export.build --artifacts /tmp/artifacts --repository /models && rm -rf /tmp/artifacts
+
+FROM base AS models-copy
+ARG MODEL_REPOSITORY=model_repository
+# A COPY, so that a rebuilt repository invalidates the cache by its contents.
+COPY ${MODEL_REPOSITORY} /models
+
+FROM base AS models-none
+RUN mkdir /models
+
+# hadolint ignore=DL3006
+FROM models-${MODELS} AS models
 
 FROM base AS serve
 # A user of its own, written by hand: a minimal base may have no useradd.
@@ -71,7 +74,8 @@ FROM serve AS gpu
 ARG PIP_INDEX=""
 # hadolint ignore=SC2046
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
-    pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock $(python3 docker/deps.py gpu)
+    pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock --constraint docker/gpu.lock \
+        $(python3 docker/deps.py gpu)
 COPY service/ service/
 COPY --from=models /models /models
 # A GPU image that runs on CPU is a broken GPU deployment: say so, and stay not ready.

@@ -35,7 +35,7 @@ debian-tools:  ## install Debian's chromium and prometheus for the browser and m
 	if [ -z "$$missing" ]; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
 			|| echo "make debian-tools: apt-get could not install $$missing; their tests will be skipped"; \
 	else \
 		echo "make debian-tools: $$missing missing, and no apt-get as root to install them; their tests will be skipped"; \

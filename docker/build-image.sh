@@ -15,12 +15,14 @@
 # 5. `podman build --network none --pull=never` of the Dockerfile's target, with those wheels only.
 #
 # The Dockerfile itself builds unchanged elsewhere (`docker build .`), from python:3.11-slim and PyPI.
-# MODEL_REPOSITORY is a folder inside the project copied into the image as its /models, or "-" for
-# none (the repository is then mounted at run time, as the container tests do).
+# MODEL_REPOSITORY is a folder inside the project copied into the image as its /models (MODELS=copy),
+# or "-" for none (MODELS=none: the repository is mounted at run time, as the container tests do).
+# Exit status 3: podman cannot be installed or cannot run here (the tests skip on it, saying why).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache=${NORMSERVE_PODMAN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/normserve/podman}
+cache=${NORMSERVE_PODMAN_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/normserve/podman}
+python=${PYTHON:-python3}  # 3.11 or newer (deps.py reads pyproject.toml with tomllib), with pip
 base_image=localhost/normserve-base:bookworm
 
 podman_env() {
@@ -44,8 +46,20 @@ install_tools() {
         exit 3
     fi
     echo "build-image: installing ${missing[*]} with apt-get" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc mmdebstrap uidmap >/dev/null
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        podman buildah runc mmdebstrap uidmap >/dev/null; }; then
+        echo "build-image: apt-get could not install ${missing[*]}" >&2
+        exit 3
+    fi
+}
+
+# podman installed is not podman usable (a container without cgroups or overlay, say): try it once.
+check_podman() {
+    local said
+    if ! said=$(podman run --rm --network none --pull=never "$base_image" true 2>&1); then
+        echo "build-image: podman cannot run a container here: $said" >&2
+        exit 3
+    fi
 }
 
 base() {
@@ -68,15 +82,15 @@ wheels() {
         platforms+=(--platform "$platform")
     done
     # shellcheck disable=SC2046  # one requirement per line
-    "${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+    "$python" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
         --python-version 3.11 --implementation cp "${platforms[@]}" --constraint "$root/requirements.lock" \
-        --dest "$root/docker/wheels" $(python3 "$root/docker/deps.py" "${groups[@]}")
+        --constraint "$root/docker/gpu.lock" --dest "$root/docker/wheels" $("$python" "$root/docker/deps.py" "${groups[@]}")
 }
 
 case "${1:-}" in
     env)
-        podman_env
-        echo "export CONTAINERS_CONF='$CONTAINERS_CONF' CONTAINERS_STORAGE_CONF='$CONTAINERS_STORAGE_CONF'"
+        podman_env  # one variable a line, for `eval` and for readers that split lines
+        printf "export CONTAINERS_CONF=%q\nexport CONTAINERS_STORAGE_CONF=%q\n" "$CONTAINERS_CONF" "$CONTAINERS_STORAGE_CONF"
         exit 0
         ;;
     cpu | gpu) target=$1 ;;
@@ -87,7 +101,11 @@ case "${1:-}" in
 esac
 tag=${2:-normserve:$target}
 repository=${3:-model_repository}
-if [ "$repository" != "-" ] && [ ! -d "$root/$repository" ]; then
+if [ "$repository" = "-" ]; then
+    models=(--build-arg MODELS=none)
+elif [ -d "$root/$repository" ]; then
+    models=(--build-arg MODELS=copy --build-arg MODEL_REPOSITORY="$repository")
+else
     echo "build-image: no model repository at $root/$repository; run \`make models\` first, or pass - for none" >&2
     exit 2
 fi
@@ -95,9 +113,10 @@ fi
 install_tools
 podman_env
 base
+check_podman
 wheels "$target"
 start=$(date +%s)
 podman build --quiet --network none --pull=never --format docker --target "$target" \
-    --build-arg BASE_IMAGE="$base_image" --build-arg PIP_INDEX=--no-index \
-    --build-arg MODEL_REPOSITORY="$repository" --tag "$tag" "$root" >/dev/null
+    --build-arg BASE_IMAGE="$base_image" --build-arg PIP_INDEX=--no-index "${models[@]}" \
+    --tag "$tag" "$root" >/dev/null
 echo "build-image: built $tag in $(($(date +%s) - start)) s ($(podman image inspect --format '{{.Size}}' "$tag" | numfmt --to=iec))" >&2

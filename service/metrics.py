@@ -9,6 +9,8 @@ its requests runs on the served graph, so its rows and batches also count in ``n
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics", "ModelMetrics"]
@@ -42,6 +44,13 @@ class Metrics:
         )
         self.execution_count = Counter(f"{p}_execution_count", "Batches run by onnxruntime", model, registry=r)
         self.batch_size = Histogram(f"{p}_batch_size", "Rows per batch run", model, buckets=_BATCH_BUCKETS, registry=r)
+        self.request_seconds = Histogram(
+            f"{p}_request_duration_seconds",
+            "Time from a request's headers to its answer, for requests answered with 200",
+            model,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             f"{p}_queue_duration_seconds",
             "Time a request waited in its model's queue",
@@ -91,6 +100,7 @@ class ModelMetrics:
         self.name = name
         self.version = version
         self.success = metrics.request_success.labels(name, version)
+        self.request_seconds = metrics.request_seconds.labels(name, version)
         self.inferences = metrics.inference_count.labels(name, version)
         self.executions = metrics.execution_count.labels(name, version)
         self.batch_size = metrics.batch_size.labels(name, version)
@@ -106,3 +116,8 @@ class ModelMetrics:
 
     def failure(self, reason: str) -> None:
         self._metrics.failure(self.name, self.version, reason)
+
+    def succeeded(self, started: float) -> None:
+        """One request answered with 200; ``started`` is its ``time.perf_counter()`` on arrival."""
+        self.success.inc()
+        self.request_seconds.observe(time.perf_counter() - started)

@@ -234,6 +234,8 @@ class Registry:
                     for batcher in state.served.batchers:
                         batcher.start()
                     self._publish(name, state)
+                else:  # in the repository, and not serving: what NormserveModelNotReady alerts on
+                    self.metrics.model_ready.labels(name, state.version).set(0)
             self.models[name] = new  # the swap: new requests go to the new sessions from here on
             if old is not None:
                 await self._retire(old, keep=new)
@@ -291,10 +293,16 @@ class Registry:
             after = {id(m): r.provider.provider for m, r in self._graphs(successor)} if successor else {}
             for metrics, runtime in self._graphs(state.served):
                 provider = runtime.provider.provider
-                if id(metrics) not in after:  # nothing serves this graph of the version any more
+                if id(metrics) in after:
+                    if after[id(metrics)] != provider:  # the old provider no longer runs it
+                        metrics.provider.remove(entry.name, state.version, provider)
+                elif replacement is not None and metrics is self.metrics:  # the reload failed for this version
                     metrics.model_ready.labels(entry.name, state.version).set(0)
-                if after.get(id(metrics)) != provider:  # the old provider no longer runs it
-                    metrics.provider.labels(entry.name, state.version, provider).set(0)
+                    metrics.provider.remove(entry.name, state.version, provider)
+                else:  # unloaded, or gone from the repository: no series, and nothing to alert on
+                    for gauge in (metrics.model_ready, metrics.queue_limit):
+                        gauge.remove(entry.name, state.version)
+                    metrics.provider.remove(entry.name, state.version, provider)
 
     def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
         """Each graph a version serves, with the metric families it reports in."""

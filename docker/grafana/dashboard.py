@@ -18,39 +18,42 @@ __all__ = ["PANELS", "dashboard", "main"]
 OUT = Path(__file__).resolve().parent / "dashboards" / "normserve.json"
 DATASOURCE = {"type": "prometheus", "uid": "normserve-prometheus"}  # provisioning/datasources/prometheus.yml
 
-# (title, unit, kind, [(legend, PromQL)], description)
+
+def _quantiles(histogram: str) -> list[tuple[str, str]]:
+    """The p50 and p99 of one of normserve's histograms, by model."""
+    rate = f"rate({histogram}_bucket[$__rate_interval])"
+    return [(f"{{{{model}}}} p{q}", f"histogram_quantile(0.{q}, sum by (le, model) ({rate}))") for q in (50, 99)]
+
+
+# (title, unit, kind, [(legend, PromQL)], description). $__rate_interval is Grafana's: at least four
+# scrape intervals, so that rate() has samples whatever the scrape interval is.
 PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
     (
         "Throughput",
         "reqps",
         "timeseries",
-        [("{{model}}", "sum by (model) (rate(normserve_request_success_total[1m]))")],
+        [("{{model}}", "sum by (model) (rate(normserve_request_success_total[$__rate_interval]))")],
         "Requests answered with 200 per second, by model.",
+    ),
+    (
+        "Request latency p50 / p99",
+        "s",
+        "timeseries",
+        _quantiles("normserve_request_duration_seconds"),
+        "From a request's headers to its answer, in the server, for requests answered with 200.",
     ),
     (
         "Queue wait p50 / p99",
         "s",
         "timeseries",
-        [
-            (
-                f"{{{{model}}}} p{q}",
-                f"histogram_quantile(0.{q}, sum by (le, model) (rate(normserve_queue_duration_seconds_bucket[1m])))",
-            )
-            for q in (50, 99)
-        ],
+        _quantiles("normserve_queue_duration_seconds"),
         "How long requests waited in their model's queue before their batch ran.",
     ),
     (
         "Compute per batch p50 / p99",
         "s",
         "timeseries",
-        [
-            (
-                f"{{{{model}}}} p{q}",
-                f"histogram_quantile(0.{q}, sum by (le, model) (rate(normserve_compute_duration_seconds_bucket[1m])))",
-            )
-            for q in (50, 99)
-        ],
+        _quantiles("normserve_compute_duration_seconds"),
         "onnxruntime's time per batch.",
     ),
     (
@@ -60,10 +63,13 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         [
             (
                 "{{model}} mean",
-                "sum by (model) (rate(normserve_batch_size_sum[1m]))"
-                " / sum by (model) (rate(normserve_batch_size_count[1m]))",
+                "sum by (model) (rate(normserve_batch_size_sum[$__rate_interval]))"
+                " / sum by (model) (rate(normserve_batch_size_count[$__rate_interval]))",
             ),
-            ("{{model}} p99", "histogram_quantile(0.99, sum by (le, model) (rate(normserve_batch_size_bucket[1m])))"),
+            (
+                "{{model}} p99",
+                "histogram_quantile(0.99, sum by (le, model) (rate(normserve_batch_size_bucket[$__rate_interval])))",
+            ),
         ],
         "Dynamic batching at work: how many rows each batch ran.",
     ),
@@ -73,15 +79,16 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         "timeseries",
         [
             ("{{model}} queued", "sum by (model) (normserve_pending_requests)"),
-            ("{{model}} limit", "max by (model) (normserve_queue_limit)"),
+            ("{{model}} fullest replica", "max by (model) (normserve_pending_requests / normserve_queue_limit)"),
         ],
-        "Requests waiting, against the limit past which they get 503.",
+        "Requests waiting, over all replicas, and the fullest replica's queue as a fraction of its limit "
+        "(past 1, requests get 503).",
     ),
     (
         "Failures by reason",
         "reqps",
         "timeseries",
-        [("{{model}} {{reason}}", "sum by (model, reason) (rate(normserve_request_failure_total[1m]))")],
+        [("{{model}} {{reason}}", "sum by (model, reason) (rate(normserve_request_failure_total[$__rate_interval]))")],
         "Errors per second: invalid_input, not_found, too_large and unsupported_media_type are the client's; "
         "overloaded, deadline, not_ready and internal the server's.",
     ),

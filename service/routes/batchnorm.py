@@ -78,6 +78,7 @@ async def batchnorm(
     state: ServiceState, model_name: str, model_version: str | None, headers: RequestHeaders, request: Request
 ) -> bytes:
     """Answer one batchnorm request as JSON; raises ServeError for anything the client should hear about."""
+    started = time.perf_counter()
     request_id.set(headers.request_id or f"bn{next(_ids)}")
     graph: BatchStatsGraph | None = None
     try:
@@ -101,7 +102,7 @@ async def batchnorm(
     except Exception:
         count_failure(state, graph.metrics if graph else None, model_name, "internal", state.metrics.batchnorm)
         raise
-    graph.metrics.success.inc()
+    graph.metrics.succeeded(started)
     return response
 
 

@@ -173,6 +173,7 @@ async def infer(
 ) -> tuple[bytes, int | None]:
     """Answer one inference request: the response body, and the length of its JSON header when
     binary tensors follow it. Raises ServeError for anything the client should hear about."""
+    started = time.perf_counter()
     request_id.set(headers.request_id or f"r{next(_ids)}")
     served: ServedVersion | None = None
     try:
@@ -196,7 +197,7 @@ async def infer(
     except Exception:
         count_failure(state, served.metrics if served else None, model_name, "internal")
         raise
-    served.metrics.success.inc()
+    served.metrics.succeeded(started)
     return response
 
 

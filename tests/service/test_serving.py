@@ -12,8 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import ServeFactory, affine_expected, infer_json, write_affine
+from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json, write_affine
 
 pytestmark = pytest.mark.anyio
 
@@ -161,10 +162,27 @@ async def test_a_corrupt_model_is_not_ready_with_its_reason_and_the_others_serve
             assert health.status_code == 200
             assert any(m["name"] == CNN and "sha256" in m["reason"] for m in health.json()["models"])
             assert server.metric("normserve_model_ready", model="affine", version="1") == 1
+            # The broken version is in the metrics as not ready (what an alert watches), not left out.
+            assert ready_series(server, CNN) == [0.0]
             # Once the file is fixed, a reload brings the model back without a restart.
             shutil.copy(built_repository / CNN / "1" / "model.onnx", model_file)
             assert (await client.post(f"{server.url}/v2/repository/models/{CNN}/load")).status_code == 200
             assert (await client.get(f"{server.url}/v2/models/{CNN}/ready")).status_code == 200
+            assert ready_series(server, CNN) == [1.0]
+            # A deliberate unload leaves no series behind: nothing is broken, so nothing may alert.
+            assert (await client.post(f"{server.url}/v2/repository/models/{CNN}/unload")).status_code == 200
+            assert ready_series(server, CNN) == []
+
+
+def ready_series(server: RunningServer, model: str) -> list[float]:
+    """The values of normserve_model_ready for ``model``'s version 1 (none when it has no series)."""
+    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+    return [
+        s.value
+        for f in families
+        for s in f.samples
+        if s.name == "normserve_model_ready" and s.labels == {"model": model, "version": "1"}
+    ]
 
 
 async def test_a_model_onnxruntime_refuses_is_reported_with_onnxruntime_reason(
@@ -202,7 +220,11 @@ async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> N
         assert metric("normserve_batch_size_sum", **labels) == sum(sizes)
         assert metric("normserve_compute_duration_seconds_count", **labels) == executions
         assert metric("normserve_queue_duration_seconds_count", **labels) == len(sizes)
+        # Every answered request's latency (the 400 is not one), the queue's 50 ms wait included.
+        assert metric("normserve_request_duration_seconds_count", **labels) == len(sizes)
+        assert metric("normserve_request_duration_seconds_sum", **labels) >= 0.05
         assert metric("normserve_pending_requests", **labels) == 0
+        assert metric("normserve_queue_limit", **labels) == 512
         assert metric("normserve_model_ready", **labels) == 1
 
 

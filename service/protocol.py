@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,10 @@ class InferRequest:
     rows: int
     outputs: list[RequestedOutput]
     timeout_s: float | None  # Triton's 'timeout' parameter, given in microseconds
+
+    def deadline(self, default_timeout_s: float) -> float:
+        """The ``time.monotonic()`` after which the request must not run: its own timeout, or the default."""
+        return time.monotonic() + (self.timeout_s if self.timeout_s is not None else default_timeout_s)
 
 
 def _short(value: Any) -> str:

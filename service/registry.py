@@ -377,12 +377,7 @@ class Registry:
             stats.logits_output,
             *(name for layer in stats.layers for name in (layer.mean_output, layer.var_output)),
         ]
-        inputs = [s.name for s in config.inputs]
-        if sorted(runtime.output_names) != sorted(expected) or sorted(runtime.input_names) != sorted(inputs):
-            raise ValueError(
-                f"{loaded.batch_stats_file.name} has inputs {runtime.input_names} and outputs {runtime.output_names}, "
-                f"but config.json and bn_stats.json expect {inputs} and {expected}"
-            )
+        _check_graph(runtime, config, expected, loaded.batch_stats_file.name, f"config.json and {BN_STATS_FILE}")
         runtime.warm(_example(config), batching.max_batch_size)
         if self.metrics.batchnorm is None:
             raise RuntimeError("the registry's metrics have no batchnorm families")
@@ -405,12 +400,19 @@ def _valid_name(name: str) -> bool:
     return re.fullmatch(NAME_PATTERN, name) is not None
 
 
-def _check_graph(runtime: Runtime, config: ModelConfig) -> None:
-    """The graph's tensor names must be the ones config.json declares."""
+def _check_graph(
+    runtime: Runtime,
+    config: ModelConfig,
+    outputs: list[str] | None = None,
+    graph: str = "model.onnx",
+    declared_by: str = "config.json's tensors",
+) -> None:
+    """The graph's tensor names must be the ones declared: config.json's inputs, and ``outputs``
+    (config.json's by default)."""
     declared_in = sorted(s.name for s in config.inputs)
-    declared_out = sorted(s.name for s in config.outputs)
+    declared_out = sorted(outputs if outputs is not None else [s.name for s in config.outputs])
     if sorted(runtime.input_names) != declared_in or sorted(runtime.output_names) != declared_out:
         raise ValueError(
-            f"model.onnx has inputs {runtime.input_names} and outputs {runtime.output_names}, but config.json "
-            f"declares {declared_in} and {declared_out}"
+            f"{graph} has inputs {runtime.input_names} and outputs {runtime.output_names}, but {declared_by} "
+            f"expect {declared_in} and {declared_out}"
         )

@@ -86,8 +86,8 @@ async def batchnorm(
         served = state.registry.get(model_name, model_version)
         graph = batch_stats_graph(served)
         parsed = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
-        timeout = parsed.timeout_s if parsed.timeout_s is not None else state.settings.request_timeout_ms / 1000
-        running, batch = await _run_both(served, graph, parsed.feeds, parsed.rows, time.monotonic() + timeout)
+        deadline = parsed.deadline(state.settings.request_timeout_ms / 1000)
+        running, batch = await _run_both(served, graph, parsed.feeds, parsed.rows, deadline)
         logits = running[served.runtime.output_names.index(graph.stats.logits_output)]
         answer = compare(
             logits, dict(zip(graph.runtime.output_names, batch, strict=True)), graph.stats, served.config.labels

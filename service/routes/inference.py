@@ -181,8 +181,8 @@ async def infer(
         # No await from here to submit: a reload cannot retire the version between lookup and queueing.
         served = state.registry.get(model_name, model_version)
         request = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
-        timeout = request.timeout_s if request.timeout_s is not None else state.settings.request_timeout_ms / 1000
-        outputs = await served.batcher.submit(request.feeds, request.rows, time.monotonic() + timeout)
+        deadline = request.deadline(state.settings.request_timeout_ms / 1000)
+        outputs = await served.batcher.submit(request.feeds, request.rows, deadline)
         response = encode_infer_response(
             model_name,
             served.version.version,

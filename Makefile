@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install debian-tools models serve test bench image image-gpu lint format lock clean
+.PHONY: help install debian-tools models serve test bench experiments image image-gpu lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ image-gpu: models  ## the GPU image normserve:gpu (about 2.8 GB: CUDA 13 and cuD
 
 bench: models  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
 	$(BIN)/python -m bench.suite
+
+experiments: models  ## measure every normalization claim (about 15 minutes; cached): writes docs/batchnorm.md
+	$(BIN)/python -m experiments --artifacts $(ARTIFACTS) --repository $(REPOSITORY) --cache $(ARTIFACTS)/experiments
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check .

@@ -6,12 +6,17 @@ Fold BatchNorm, export ONNX, verify and write the model repository.
     python -m export.build --force             # export again even where the repository has the model
     python -m export.build --retrain           # train again too
     python -m export.build --checkpoint artifacts/cnn-bn/checkpoint.pt
+    python -m export.build --precise-bn        # fold recomputed population statistics, not the EMA
 
 Each export is verified (export/verify.py: no BatchNormalization node, parity with the unfolded
 PyTorch model, batch invariance, held-out accuracy against the model's target) and refused, writing
 nothing to the repository, if a check fails. A model with BatchNorm also gets its batch-statistics
 graph (export/batch_stats.py: the model as train() mode normalizes, checked against PyTorch) and
 its running statistics, written beside model.onnx as batch_stats.onnx and bn_stats.json.
+For a trained model with BatchNorm the report gives the held-out accuracy with the running
+statistics training left (the EMA) and with precise statistics (export/precise.py: recomputed over
+the training split with the weights frozen), and says which of the two was folded: the EMA, unless
+--precise-bn is given.
 The full report goes to <artifacts>/<name>/export_report.json either way, and into the
 repository beside model.onnx when the export is accepted. A summary table ends the run.
 """
@@ -23,6 +28,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +43,12 @@ from tqdm import tqdm
 from export.batch_stats import export_batch_stats, running_statistics, verify_batch_stats
 from export.fold import FoldError, fold_batchnorms
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
+from export.precise import precise_statistics, with_precise_statistics
 from export.repository import write_version
 from export.verify import Verification, VerificationError, verify_export
 from models.data import LABELS, load_splits
-from models.norms import ChannelLayerNorm
-from models.train import checkpoint_matches, init_untrained, load_checkpoint, train_model
+from models.norms import ChannelLayerNorm, SwitchableNorm2d
+from models.train import checkpoint_matches, evaluate, init_untrained, load_checkpoint, train_model
 from models.zoo import DEFAULT_MODELS
 from service.repository import (
     BATCH_STATS_FILE,
@@ -55,7 +62,17 @@ from service.repository import (
     sha256_file,
 )
 
-__all__ = ["export_checkpoint", "export_model", "norm_layer_counts", "verification_inputs", "main"]
+__all__ = [
+    "BuildOptions",
+    "build_defaults",
+    "choose_bn_statistics",
+    "up_to_date",
+    "export_checkpoint",
+    "export_model",
+    "norm_layer_counts",
+    "verification_inputs",
+    "main",
+]
 
 EXPORT_ERRORS = (VerificationError, FoldError, RepositoryError, ValueError)
 NORM_TYPES = (
@@ -64,10 +81,11 @@ NORM_TYPES = (
     nn.modules.instancenorm._InstanceNorm,
     nn.LayerNorm,
     ChannelLayerNorm,
+    SwitchableNorm2d,
 )
 RANDOM_SAMPLES = 64
 # Bumped when the exporter writes something new into a version: older exports are then rebuilt.
-EXPORT_FORMAT = "normserve.export/2"  # 2: batch-statistics graph and BatchNorm statistics
+EXPORT_FORMAT = "normserve.export/3"  # 2: batch-statistics graph and BatchNorm statistics; 3: EMA vs precise
 DIGITS_INPUT = "8x8 grayscale digit, pixel intensities in [0, 1] (scikit-learn load_digits images / 16)"
 
 
@@ -97,7 +115,7 @@ def _versions() -> dict[str, str]:
 
 
 def export_model(
-    model: nn.Module, meta: dict[str, Any], repository: Path, version: str = "1"
+    model: nn.Module, meta: dict[str, Any], repository: Path, version: str = "1", *, precise_bn: bool = False
 ) -> tuple[ModelVersion, dict[str, Any]]:
     """Fold, export, verify and write one model; raise VerificationError (writing nothing) on failure.
 
@@ -106,6 +124,7 @@ def export_model(
         meta: the checkpoint without its weights (name, arch, config, trained, metrics, ...).
         repository: the repository's root folder.
         version: the version folder to write.
+        precise_bn: fold precise statistics (recomputed over the training split) instead of the EMA.
 
     Returns:
         The written version, read back, and the full report.
@@ -114,7 +133,7 @@ def export_model(
     name = meta["name"]
     x, y, inputs_desc = verification_inputs(meta)
     example = torch.tensor(x[:2])
-    model = model.eval()
+    model, bn_statistics = choose_bn_statistics(model.eval(), meta, x, y, precise_bn)
     folded = fold_batchnorms(model, example)
     served = export_onnx(folded.model, example)
     ops_unfolded = op_histogram(export_onnx(model, example, optimize=False))
@@ -145,6 +164,7 @@ def export_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "served_weights": sum(int(np.prod(t.dims)) for t in served.graph.initializer),
         "norm_layers": norm_layer_counts(model),
+        "bn_statistics": bn_statistics,
         "batch_stats": batch_stats_report,
         "versions": _versions(),
         "checkpoint_sha256": meta.get("checkpoint_sha256"),
@@ -165,6 +185,32 @@ def export_model(
     )
     written = write_version(repository, config, version, served.SerializeToString(), report, files)
     return written, written.report.model_dump()
+
+
+def choose_bn_statistics(
+    model: nn.Module, meta: dict[str, Any], x: np.ndarray, y: np.ndarray | None, precise: bool
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to fold (``model`` with its EMA statistics, or a copy with precise ones) and what the
+    report says of both; None for a model without BatchNorm."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, None
+    if not meta["trained"] or y is None:
+        return model, {
+            "folded": "calibrated",
+            "note": "untrained: its statistics are averages over seeded random images, and there is no "
+            "training split to recompute them over",
+        }
+    batch_size = meta["train_config"]["batch_size"]
+    x_train = load_splits().x_train
+    precise_model = with_precise_statistics(model, precise_statistics(model, x_train, batch_size))
+    accuracy = {"ema": evaluate(model, x, y)[1], "precise": evaluate(precise_model, x, y)[1]}
+    report = {
+        "folded": "precise" if precise else "ema",
+        "test_accuracy": accuracy,
+        "momentum": meta["train_config"].get("bn_momentum"),
+        "precise_over": f"training split, {len(x_train)} samples in train() batches of {batch_size}",
+    }
+    return (precise_model if precise else model), report
 
 
 def _batch_stats_files(
@@ -192,13 +238,15 @@ def _batch_stats_files(
     return files, described
 
 
-def export_checkpoint(checkpoint: Path, repository: Path, version: str = "1") -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint: Path, repository: Path, version: str = "1", *, precise_bn: bool = False
+) -> dict[str, Any]:
     """Export one checkpoint; its report is also written beside it, as export_report.json."""
     model, meta = load_checkpoint(checkpoint)
     meta["checkpoint_sha256"] = sha256_file(checkpoint)
     report_file = checkpoint.parent / "export_report.json"
     try:
-        _, report = export_model(model, meta, repository, version)
+        _, report = export_model(model, meta, repository, version, precise_bn=precise_bn)
     except VerificationError as e:
         if e.report is not None:
             report_file.write_text(json.dumps(e.report, indent=2))
@@ -227,19 +275,30 @@ def summary_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join([head, *(_summary_row(r) for r in reports)])
 
 
-def _up_to_date(repository: Path, name: str, version: str, checkpoint: Path) -> dict[str, Any] | None:
-    """The report of the built version if this exporter made it from ``checkpoint`` as it is now, else None."""
+@dataclass(frozen=True)
+class BuildOptions:
+    artifacts: Path = Path("artifacts")  # checkpoints and logs
+    repository: Path = Path("model_repository")
+    version: str = "1"
+    force: bool = False  # export even where the repository has the model
+    retrain: bool = False  # train even where a checkpoint exists
+    precise_bn: bool = False  # fold precise statistics instead of the EMA
+
+
+def up_to_date(options: BuildOptions, name: str, checkpoint: Path) -> dict[str, Any] | None:
+    """The report of the built version if this exporter made it from ``checkpoint`` as it is now, with
+    the statistics asked for, else None."""
     try:
-        report = load_version(repository / name, version).report.model_dump()
+        report = load_version(options.repository / name, options.version).report.model_dump()
     except RepositoryError:
         return None
     current = report.get("format") == EXPORT_FORMAT and report.get("checkpoint_sha256") == sha256_file(checkpoint)
-    return report if current else None
+    folded = (report.get("bn_statistics") or {}).get("folded")
+    wrong_statistics = folded in ("ema", "precise") and folded != ("precise" if options.precise_bn else "ema")
+    return report if current and not wrong_statistics else None
 
 
-def build_defaults(
-    names: list[str], artifacts: Path, repository: Path, version: str, force: bool, retrain: bool
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def build_defaults(names: list[str], options: BuildOptions) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Train what is missing or stale, then export what the repository lacks or holds from another checkpoint.
 
     A model that fails does not stop the others. Returns the reports and, by model, the errors.
@@ -248,7 +307,7 @@ def build_defaults(
     bar = tqdm(names, desc="models", unit="model")
     for name in bar:
         try:
-            report = _build_one(name, artifacts, repository, version, force, retrain, bar)
+            report = _build_one(name, options, bar)
         except EXPORT_ERRORS as e:
             bar.write(f"{name}: FAILED: {e}")
             errors[name] = str(e)
@@ -257,25 +316,23 @@ def build_defaults(
     return reports, errors
 
 
-def _build_one(
-    name: str, artifacts: Path, repository: Path, version: str, force: bool, retrain: bool, bar: tqdm
-) -> dict[str, Any]:
+def _build_one(name: str, options: BuildOptions, bar: tqdm) -> dict[str, Any]:
     spec = DEFAULT_MODELS[name]
-    checkpoint = artifacts / name / "checkpoint.pt"
+    checkpoint = options.artifacts / name / "checkpoint.pt"
     stale = checkpoint.exists() and not checkpoint_matches(checkpoint, spec)
     if stale:
         bar.write(f"{name}: the checkpoint was made from an older spec; training again")
-    if retrain or stale or not checkpoint.exists():
+    if options.retrain or stale or not checkpoint.exists():
         bar.set_postfix_str(f"{name}: training")
         if spec.train is None:
-            init_untrained(spec, artifacts / name)
+            init_untrained(spec, options.artifacts / name)
         else:
-            train_model(spec, artifacts / name)
-    elif not force and (report := _up_to_date(repository, name, version, checkpoint)):
-        bar.write(f"{name}: already in {repository}, skipped (use --force to export again)")
+            train_model(spec, options.artifacts / name)
+    elif not options.force and (report := up_to_date(options, name, checkpoint)):
+        bar.write(f"{name}: already in {options.repository}, skipped (use --force to export again)")
         return report
     bar.set_postfix_str(f"{name}: exporting")
-    report = export_checkpoint(checkpoint, repository, version)
+    report = export_checkpoint(checkpoint, options.repository, options.version, precise_bn=options.precise_bn)
     bar.write(f"{name}: written; " + "; ".join(c["detail"] for c in report["checks"].values()))
     return report
 
@@ -291,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default="1", help="version folder to write (a positive integer)")
     parser.add_argument("--force", action="store_true", help="export even where the repository has the model")
     parser.add_argument("--retrain", action="store_true", help="train again even where a checkpoint exists")
+    parser.add_argument(
+        "--precise-bn", action="store_true", help="fold statistics recomputed over the training split, not the EMA"
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in DEFAULT_MODELS]
     if unknown:
@@ -300,12 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.checkpoint:
         try:
-            reports, errors = [export_checkpoint(args.checkpoint, args.repository, args.version)], {}
+            report = export_checkpoint(args.checkpoint, args.repository, args.version, precise_bn=args.precise_bn)
+            reports, errors = [report], {}
         except EXPORT_ERRORS as e:
             reports, errors = [], {str(args.checkpoint): str(e)}
     else:
         names = args.names or list(DEFAULT_MODELS)
-        reports, errors = build_defaults(names, args.artifacts, args.repository, args.version, args.force, args.retrain)
+        options = BuildOptions(args.artifacts, args.repository, args.version, args.force, args.retrain, args.precise_bn)
+        reports, errors = build_defaults(names, options)
     if reports:
         table = summary_table(reports)
         print(f"\n{table}\n\nmodel repository: {args.repository.resolve()} ({time.perf_counter() - start:.0f} s)")

@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from models.data import load_splits
-from models.norms import bn_channel_dim
+from models.norms import SwitchableNorm2d, bn_channel_dim
 from models.zoo import DEFAULT_MODELS, ModelSpec, build_model, config_to_dict, spec_fields
 
 __all__ = [
@@ -181,6 +181,9 @@ def train_model(
     data = load_splits()
     x_train, y_train = torch.tensor(data.x_train), torch.tensor(data.y_train)
     model = build_model(spec.arch, config_to_dict(spec.config))
+    for m in model.modules():
+        if isinstance(m, _BatchNorm | SwitchableNorm2d):
+            m.momentum = tc.bn_momentum
     steps_per_epoch = math.ceil(len(x_train) / tc.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tc.lr, total_steps=tc.epochs * steps_per_epoch)

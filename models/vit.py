@@ -40,10 +40,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``keys``: optional (1, T) bool, the tokens that may be attended to (False: padding)."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, T, d)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, T, d)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=keys)  # (B, h, T, d)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
@@ -68,8 +69,8 @@ class Block(nn.Module):
         self.norm2 = make_token_norm(cfg.norm, cfg.dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), keys)
         return x + self.mlp(self.norm2(x))
 
 
@@ -88,8 +89,23 @@ class ViT(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self._tokens(x))
+        return self.head(self.norm(x)[:, 0])  # (B, num_classes)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, T + 1, D)
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])  # (B, num_classes)
+        return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, T + 1, D)
+
+    def forward_padded(self, x: torch.Tensor, pad: int) -> torch.Tensor:
+        """Logits of images ``x`` with ``pad`` zero tokens after every sequence, as a batch of sequences
+        padded to a common length holds them. Attention never reads them, so per-token norms
+        (LayerNorm) give the logits ``forward`` gives, but a BatchNorm in ``train()`` mode pools them
+        into its batch statistics.
+        """
+        x = self._tokens(x)
+        x = torch.cat([x, x.new_zeros(x.shape[0], pad, x.shape[2])], dim=1)  # (B, T + 1 + pad, D)
+        keys = (torch.arange(x.shape[1], device=x.device) < x.shape[1] - pad)[None, :]  # (1, T + 1 + pad)
+        for block in self.blocks:
+            x = block(x, keys)
+        return self.head(self.norm(x)[:, 0])

@@ -24,6 +24,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     max_shift: int = 1  # augmentation: random translation by up to this many pixels
     seed: int = 0
+    bn_momentum: float = 0.1  # every BatchNorm's (and Switchable Norm's) running-statistics momentum
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _vit(norm: str) -> ModelSpec:
 DEFAULT_MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in [
-        *(_cnn(norm) for norm in ("bn", "gn", "in", "ln")),
+        *(_cnn(norm) for norm in ("bn", "gn", "in", "ln", "sn")),
         _vit("ln"),
         _vit("bn"),
         ModelSpec(

@@ -2,7 +2,9 @@
 
 The page is plain HTML, JavaScript and CSS that talk to this server's own API only: readiness,
 model metadata, ``/infer`` and ``/batchnorm``. Its held-out digits come from ``digits.json``,
-written by ``python -m models.data --write-demo-digits`` (the service has no scikit-learn).
+written by ``python -m models.data --write-demo-digits`` (the service has no scikit-learn). The
+plots of ``make experiments`` (``plots/*.png`` and their captions, ``plots/plots.json``) are served
+under ``/demo/plots/``; the page shows them where they exist.
 """
 
 from __future__ import annotations
@@ -17,16 +19,22 @@ __all__ = ["DEMO_DIR", "router"]
 DEMO_DIR = Path(__file__).resolve().parent.parent / "static" / "demo"
 
 router = APIRouter(tags=["demo"])
+
+
 # The page's files, fixed when the service starts: no path from a request is ever opened, and no
 # dotfile, editor backup or link that lands in the folder later is served.
-_FILES = {
-    p.name: p
-    for p in sorted(DEMO_DIR.iterdir())
-    if p.is_file()
-    and not p.is_symlink()
-    and not p.name.startswith(".")
-    and p.suffix in (".html", ".js", ".css", ".json")
-}
+def _files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {
+        p.name: p
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and p.suffix in suffixes
+    }
+
+
+_FILES = _files(DEMO_DIR, (".html", ".js", ".css", ".json"))
+_PLOTS = _files(DEMO_DIR / "plots", (".png", ".json"))
 
 # Read on every request, so an edited page shows on reload; the files are small.
 _NO_CACHE = {"Cache-Control": "no-cache"}
@@ -42,3 +50,13 @@ async def asset(asset: str) -> Response:
     if asset not in _FILES:
         return JSONResponse({"error": f"no demo file {asset!r}; the page is /demo"}, status_code=404)
     return FileResponse(_FILES[asset], headers=_NO_CACHE)
+
+
+@router.get("/demo/plots/{plot}", summary="A plot of the experiments (make experiments), or their captions")
+async def plot(plot: str) -> Response:
+    if plot not in _PLOTS:
+        return JSONResponse(
+            {"error": f"no plot {plot!r}; make experiments writes them, and the list is /demo/plots/plots.json"},
+            status_code=404,
+        )
+    return FileResponse(_PLOTS[plot], headers=_NO_CACHE)

@@ -81,6 +81,20 @@ def test_build_cli_rebuilds_what_a_changed_spec_or_checkpoint_made_stale(tmp_pat
     assert "already in" not in out and f"{spec.name}: written" in out
 
 
+def test_build_cli_exports_again_when_the_statistics_asked_for_change(tmp_path, monkeypatch, capsys) -> None:
+    spec = tiny_cnn_spec("bn")
+    monkeypatch.setattr(export.build, "DEFAULT_MODELS", {spec.name: spec})
+    args = ["--artifacts", str(tmp_path / "art"), "--repository", str(tmp_path / "repo")]
+    report_file = tmp_path / "repo" / spec.name / "1" / "report.json"
+    assert main(args) == 0
+    assert json.loads(report_file.read_text())["bn_statistics"]["folded"] == "ema"
+    assert main([*args, "--precise-bn"]) == 0  # the same checkpoint, other statistics: not skipped
+    assert "already in" not in capsys.readouterr().out
+    assert json.loads(report_file.read_text())["bn_statistics"]["folded"] == "precise"
+    assert main([*args, "--precise-bn"]) == 0
+    assert "already in" in capsys.readouterr().out
+
+
 def test_build_cli_builds_the_others_when_one_model_fails(tmp_path, monkeypatch, capsys) -> None:
     good, bad = tiny_cnn_spec("gn"), replace(tiny_cnn_spec("bn"), min_test_accuracy=1.01)
     monkeypatch.setattr(export.build, "DEFAULT_MODELS", {bad.name: bad, good.name: good})

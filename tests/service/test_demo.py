@@ -27,6 +27,7 @@ from export.repository import write_version
 from models.data import LABELS
 from models.zoo import build_model, config_to_dict
 from service.repository import ModelConfig, TensorSpec
+from service.routes.demo import DEMO_DIR
 from tests.conftest import tiny_cnn_spec
 from tests.service.conftest import AFFINE_CONFIG, RunningServer, ServeFactory, affine_onnx, infer_json
 
@@ -58,6 +59,17 @@ def test_demo_page_and_only_its_own_files_are_served(server: RunningServer) -> N
         assert missing.json()["error"].endswith("; the page is /demo"), missing.text
     escape = httpx.get(f"{server.url}/demo/..%2Froutes%2Fdemo.py")
     assert escape.status_code == 404 and "APIRouter" not in escape.text
+    # The experiments' plots (make experiments draws them into static/demo/plots/, and they are committed).
+    captions = httpx.get(f"{server.url}/demo/plots/plots.json").json()
+    assert len(captions) == 10
+    for c in captions:
+        png = httpx.get(f"{server.url}/demo/plots/{c['file']}")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    for name in ["missing.png", "%2E%2E", "plots.json.bak"]:
+        missing = httpx.get(f"{server.url}/demo/plots/{name}")
+        assert missing.status_code == 404 and "make experiments" in missing.json()["error"], name
+    escape = httpx.get(f"{server.url}/demo/plots/..%2Fdemo.js")
+    assert escape.status_code == 404 and "function" not in escape.text
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +211,16 @@ def test_demo_page_draws_predicts_and_compares_batch_statistics(
         wait_for_current(page, '#predictions [data-model="tiny-cnn-bn"]')
         wait_for_current(page, "#bn-result")
         expect(page.locator("#bn-result")).to_have_attribute("data-batch-size", "9")  # the companions stay
+
+        # The experiments' plots, one line each, as make experiments drew them.
+        captions = json.loads((DEMO_DIR / "plots" / "plots.json").read_text())
+        figures = page.locator("#experiment-plots figure")
+        expect(figures).to_have_count(len(captions))
+        for i, c in enumerate(captions):
+            expect(figures.nth(i).locator("figcaption")).to_have_text(c["caption"])
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#experiment-plots img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
 
         page.screenshot(path=tmp_path / "demo.png", full_page=True)
         if os.environ.get("NORMSERVE_DEMO_SCREENSHOT"):

@@ -16,6 +16,7 @@ const INK = [20, 24, 30]; // rgb of the ink; the canvas alpha channel is the val
 const ADD = 4; // companions added per click
 const SHIFT = 0.4; // brightness shift of the shifted companions: min(1, x + SHIFT)
 const BN_TYPE = /^(Token)?BatchNorm/;
+const SWITCHABLE_TYPE = /^SwitchableNorm/;
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -563,10 +564,19 @@ function renderBnPicker() {
   select.value = state.bnModel || "";
   select.disabled = !models.length;
   const others = digitModels().filter((m) => !hasBatchNorm(m.meta));
-  $("#bn-others").textContent = others.length
-    ? `${others.map((m) => `${m.name} (${normText(m.meta.norm_layers)})`).join(", ")}: no running statistics needed. ` +
-      "GroupNorm, InstanceNorm and LayerNorm normalize each sample by itself, so they have no batch dependence."
-    : "";
+  const switchable = others.filter((m) => Object.keys(m.meta.norm_layers || {}).some((k) => SWITCHABLE_TYPE.test(k)));
+  const plain = others.filter((m) => !switchable.includes(m));
+  const named = (list) => list.map((m) => `${m.name} (${normText(m.meta.norm_layers)})`).join(", ");
+  $("#bn-others").textContent = [
+    plain.length
+      ? `${named(plain)}: no running statistics needed. GroupNorm, InstanceNorm and LayerNorm normalize each ` +
+        "sample by itself, so they have no batch dependence."
+      : "",
+    switchable.length
+      ? `${named(switchable)}: Switchable Norm mixes each sample's own IN and LN statistics with BN statistics ` +
+        "that are running statistics at inference, so it has no batch dependence either."
+      : "",
+  ].filter(Boolean).join(" ");
   renderCompanions();
 }
 
@@ -770,6 +780,28 @@ function renderBatchnorm(answer, input) {
   result.dataset.companions = String(state.companions.length);
 }
 
+// The experiments' plots (make experiments), one line each, where they have been drawn.
+async function loadPlots() {
+  let plots;
+  try {
+    const response = await fetch("/demo/plots/plots.json");
+    if (!response.ok) return; // not drawn yet: the note says how
+    plots = await response.json();
+  } catch {
+    return;
+  }
+  $("#experiments-note").textContent = "Measured by make experiments on normserve's own models; " +
+    "docs/batchnorm.md has the tables and the explanations.";
+  $("#experiment-plots").replaceChildren(
+    ...plots.map((p) =>
+      el("figure", { class: "plot" },
+        el("img", { src: `/demo/plots/${p.file}`, alt: p.caption }),
+        el("figcaption", { text: p.caption }),
+      ),
+    ),
+  );
+}
+
 // ---------------------------------------------------------------------------------------------
 
 renderGrid();
@@ -777,3 +809,4 @@ setSource({ kind: "empty" });
 renderCompanions();
 refreshModels();
 loadDigits();
+loadPlots();

@@ -1,0 +1,1 @@
+"""Experiments: measured evidence for every claim docs/batchnorm.md makes about normalization layers."""

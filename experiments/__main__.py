@@ -27,6 +27,7 @@ from experiments.measure import measure
 from experiments.plan import FULL, SMOKE, Plan
 from experiments.report import write_report
 from experiments.runs import ensure
+from export.build import EXPORT_ERRORS
 from models.zoo import DEFAULT_MODELS
 
 __all__ = ["main"]
@@ -56,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     plan = Plan(SMOKE if args.smoke else FULL)
-    located = ensure(
-        plan.all_runs(),
-        args.cache,
-        defaults=None if args.smoke else DEFAULT_MODELS,
-        artifacts=args.artifacts,
-        repository=args.repository,
-        jobs=args.jobs,
-    )
+    try:
+        located = ensure(
+            plan.all_runs(),
+            args.cache,
+            defaults=None if args.smoke else DEFAULT_MODELS,
+            artifacts=args.artifacts,
+            repository=args.repository,
+            jobs=args.jobs,
+        )
+    except EXPORT_ERRORS as e:  # a run below its model's accuracy floor, say: nothing is measured from it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     trained = time.perf_counter() - start
     results = measure(plan, located, jobs=args.jobs)
     results["seconds"] = {"train_and_export": round(trained, 1), "total": round(time.perf_counter() - start, 1)}

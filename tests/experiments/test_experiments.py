@@ -128,3 +128,16 @@ def test_redraw_writes_the_page_again_from_the_saved_results_alone(smoke, capsys
     with pytest.raises(SystemExit):
         main(["--redraw", *_args(root / "elsewhere")])
     assert "run without --redraw first" in capsys.readouterr().err
+
+
+def test_a_run_the_exporter_refuses_stops_the_experiments_with_its_reason(tmp_path, monkeypatch, capsys) -> None:
+    import experiments.__main__ as cli
+    from export.verify import Check, VerificationError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise VerificationError([Check("accuracy", False, "accuracy 90.00%, expected >= 97.00%")])
+
+    monkeypatch.setattr(cli, "ensure", refuse)
+    assert cli.main(["--smoke", *_args(tmp_path)]) == 1
+    assert "error: export refused, 1 check(s) failed: accuracy: accuracy 90.00%" in capsys.readouterr().err
+    assert not (tmp_path / "docs" / "batchnorm.md").exists()

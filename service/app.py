@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from service import __version__
+from service.access import Access, endpoint_group
 from service.config import Settings
 from service.errors import ServeError, render
 from service.metrics import Metrics
@@ -53,7 +54,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class NormserveApp(FastAPI):
-    """FastAPI, with inference requests handed straight to ``InferenceEndpoint``.
+    """FastAPI, with inference requests handed straight to ``InferenceEndpoint``, and every HTTP request
+    checked first by ``Access`` (API key, model control, cross-origin control requests).
 
     Everything else (health, metadata, the repository extension, metrics, the docs) goes through
     FastAPI as usual. Inference skips FastAPI's middleware and router, which would cost more than
@@ -61,8 +63,29 @@ class NormserveApp(FastAPI):
     """
 
     inference: InferenceEndpoint
+    access: Access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                self.access.check(scope["method"], scope["path"], scope["headers"])
+            except ServeError as e:
+                if endpoint_group(scope["path"]) == "model_control":
+                    client = "{}:{}".format(*scope["client"]) if scope.get("client") else "unknown client"
+                    log.warning(
+                        "model control: %s %s from %s refused: %d %s",
+                        scope["method"],
+                        scope["path"],
+                        client,
+                        e.status,
+                        e.message,
+                    )
+                status, headers, body = render(e)
+                raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+                await send({"type": "http.response.start", "status": status, "headers": raw})
+                await send({"type": "http.response.body", "body": body})
+                return
         found = self.inference.match(scope)
         if found is not None:
             await self.inference(scope, receive, send, *found)
@@ -118,6 +141,7 @@ def create_app(settings: Settings) -> NormserveApp:
     )
     app.state.normserve = state
     app.inference = InferenceEndpoint(state)
+    app.access = Access(settings)
     for router in ROUTERS:
         app.include_router(router)
     app.add_exception_handler(ServeError, _rendered)

@@ -12,10 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["BatchingSettings", "ModelOverride", "Settings"]
+__all__ = ["ENDPOINT_GROUPS", "BatchingSettings", "EndpointGroup", "ModelOverride", "Settings"]
+
+# What an API key can protect, by endpoint (service/access.py sorts requests into them). Health
+# (/v2/health/*) is never behind the key: probes and load balancers carry none.
+EndpointGroup = Literal["inference", "model_control", "metadata", "metrics"]
+ENDPOINT_GROUPS: tuple[EndpointGroup, ...] = ("inference", "model_control", "metadata", "metrics")
 
 
 class ModelOverride(BaseModel):
@@ -65,8 +70,39 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger request bodies get 413")
     shutdown_timeout_s: int = Field(default=30, ge=0, description="on SIGTERM, how long to drain accepted work")
 
+    model_control: Literal["none", "explicit"] = Field(
+        default="none",
+        description="Triton's model control modes. none: load and unload answer 403, the index stays readable; "
+        "explicit: POST /v2/repository/models/{m}/load and /unload change what is served",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="when set, the endpoint groups in api_key_protects need it, as 'Authorization: Bearer <key>' "
+        "or in the api_key_header header; 401 without it",
+    )
+    api_key_header: str = Field(default="x-api-key", description="the header that may carry the API key")
+    api_key_protects: frozenset[EndpointGroup] = Field(
+        default=frozenset(ENDPOINT_GROUPS),
+        description="which endpoint groups need the API key: inference, model_control, metadata, metrics",
+    )
+    required_models: list[str] = Field(
+        default_factory=list, description="models that must be loaded and ready for the server to be ready"
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = False
+
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < 16:
+            raise ValueError(f"an API key needs at least 16 characters, got {len(key.get_secret_value())}")
+        return key
+
+    @field_validator("api_key_header")
+    @classmethod
+    def _lower_case(cls, header: str) -> str:
+        return header.lower()
 
     def batching(self, model: str, model_max_batch_size: int) -> BatchingSettings:
         """Combine the server defaults, this model's override and the batch size the model was verified at."""

@@ -14,12 +14,14 @@ from service.logs import request_id
 
 __all__ = [
     "DeadlineExceeded",
+    "Forbidden",
     "InvalidInput",
     "ModelNotFound",
     "NotReady",
     "Overloaded",
     "PayloadTooLarge",
     "ServeError",
+    "Unauthorized",
     "UnsupportedMediaType",
     "render",
 ]
@@ -44,6 +46,23 @@ class InvalidInput(ServeError):
 
     status = 400
     reason = "invalid_input"
+
+
+class Unauthorized(ServeError):
+    """The endpoint needs the API key, and the request did not carry it (or carried another)."""
+
+    status = 401
+    reason = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="normserve"'})
+
+
+class Forbidden(ServeError):
+    """The server does not allow this, whoever asks: model control turned off, a cross-origin control request."""
+
+    status = 403
+    reason = "forbidden"
 
 
 class ModelNotFound(ServeError):

@@ -158,9 +158,18 @@ class Registry:
         reasons = [f"version {v.version}: {v.state} {v.reason}".rstrip() for v in entry.versions.values()]
         return "; ".join(reasons) or "no versions"
 
-    def not_ready_reasons(self) -> list[str]:
-        """Why the server is not ready, if it is not: with NORMSERVE_REQUIRE_GPU, every model on CPU."""
+    def not_ready_reasons(self, required: list[str] | None = None) -> list[str]:
+        """Why the server is not ready, if it is not: a repository with models but none served, a required
+        model that is not served, and with NORMSERVE_REQUIRE_GPU every model on CPU."""
         reasons = []
+        serving = {name for name, entry in self.models.items() if entry.latest_ready() is not None}
+        if not serving and (held := self.repository_names()):
+            reasons.append(f"no model is loaded and ready, of the {len(held)} in the repository")
+        for name in required or []:
+            if name not in serving:
+                entry = self.models.get(name)
+                why = "not loaded" if entry is None else self.reason(entry)
+                reasons.append(f"required model {name!r} (NORMSERVE_REQUIRED_MODELS) is not ready: {why}")
         if self.settings.require_gpu:
             for entry in self.models.values():
                 for state in entry.versions.values():

@@ -29,7 +29,7 @@ class ServiceState:
             return ["models are still loading and warming up"]
         if self.load_error:
             return [self.load_error]
-        return self.registry.not_ready_reasons()
+        return self.registry.not_ready_reasons(self.settings.required_models)
 
 
 def service_state(request: Request) -> ServiceState:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.errors import NotReady
+from service.errors import NotReady, ServeError
 from service.state import service_state
 
 __all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
+
 
 router = APIRouter(tags=["model repository"])
 
@@ -35,20 +43,28 @@ async def index(request: Request) -> list[dict[str, Any]]:
 @router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model, swapping it in when warm")
 async def load(request: Request, model_name: str) -> dict[str, Any]:
     registry = service_state(request).registry
-    entry = await registry.load(model_name)
-    if entry.latest_ready() is None:
-        kept = registry.models.get(model_name) is not entry
-        raise NotReady(
-            f"model {model_name!r} failed to load: {registry.reason(entry)}"
-            + ("; the versions loaded before keep serving" if kept else "")
-        )
-    return {
-        "name": model_name,
-        "versions": {v.version: {"state": v.state, "reason": v.reason} for v in entry.versions.values()},
-    }
+    try:
+        entry = await registry.load(model_name)
+        if entry.latest_ready() is None:
+            kept = registry.models.get(model_name) is not entry
+            raise NotReady(
+                f"model {model_name!r} failed to load: {registry.reason(entry)}"
+                + ("; the versions loaded before keep serving" if kept else "")
+            )
+    except ServeError as e:
+        log.warning("model control: load %r from %s failed: %d %s", model_name, _client(request), e.status, e.message)
+        raise
+    versions = {v.version: {"state": v.state, "reason": v.reason} for v in entry.versions.values()}
+    log.info("model control: load %r from %s: loaded versions %s", model_name, _client(request), sorted(versions))
+    return {"name": model_name, "versions": versions}
 
 
 @router.post("/v2/repository/models/{model_name}/unload", summary="Stop serving a model, finishing what it accepted")
 async def unload(request: Request, model_name: str) -> dict[str, Any]:
-    await service_state(request).registry.unload(model_name)
+    try:
+        await service_state(request).registry.unload(model_name)
+    except ServeError as e:
+        log.warning("model control: unload %r from %s failed: %d %s", model_name, _client(request), e.status, e.message)
+        raise
+    log.info("model control: unload %r from %s: unloaded", model_name, _client(request))
     return {"name": model_name, "state": "UNAVAILABLE", "reason": "unloaded"}

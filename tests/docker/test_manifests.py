@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from service.config import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
 BIN = Path(sys.executable).parent
@@ -66,10 +68,17 @@ def test_yamllint_passes_on_every_deployment_file() -> None:
 
 
 @pytest.mark.parametrize("name", ["deployment.yaml", "deployment-gpu.yaml"])
-def test_the_deployments_probe_stop_and_lock_down_as_the_image_expects(name: str) -> None:
+def test_the_deployments_probe_stop_and_lock_down_as_the_image_expects(name: str, monkeypatch) -> None:
     pod = load(name)["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    # The control plane is closed, and the API key comes from a Secret, never from the manifest.
+    secret = next(e for e in container["env"] if e["name"] == "NORMSERVE_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": "normserve-api-key", "key": "api-key", "optional": True}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()  # every value the manifest sets is one the service takes
+    assert settings.model_control == "none" and "metrics" not in settings.api_key_protects
     # CPU: a pod not ready after 5 minutes restarts. GPU: a pod on CPU stays, not ready, to be looked at.
     startup = "/v2/health/live" if name == "deployment-gpu.yaml" else "/v2/health/ready"
     assert container["startupProbe"]["httpGet"]["path"] == startup

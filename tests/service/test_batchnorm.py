@@ -270,7 +270,7 @@ async def test_a_reload_under_batchnorm_traffic_loses_nothing_and_unload_clears_
 ) -> None:
     x = load_splits().x_test
     labels = {"model": CNN, "version": "1"}
-    with serve() as server:
+    with serve(model_control="explicit") as server:
         url = f"{server.url}/v2/models/{CNN}/batchnorm"
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
             requests = [client.post(url, json=infer_json("input", x[i : i + 4])) for i in range(0, 96, 4)]

@@ -108,7 +108,7 @@ async def test_reloading_under_traffic_loses_no_request_and_swaps_in_the_new_ver
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     expected = affine_expected(x)[0]
     stop = asyncio.Event()
-    with serve(repository=repository) as server:
+    with serve(repository=repository, model_control="explicit") as server:
         url = f"{server.url}/v2/models/affine/infer"
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
 
@@ -142,7 +142,7 @@ async def test_a_corrupt_model_is_not_ready_with_its_reason_and_the_others_serve
 ) -> None:
     model_file = repository / CNN / "1" / "model.onnx"
     model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated: no longer what was verified
-    with serve(repository=repository) as server:
+    with serve(repository=repository, model_control="explicit") as server:
         async with httpx.AsyncClient(timeout=30) as client:
             ready = await client.get(f"{server.url}/v2/models/{CNN}/ready")
             assert ready.status_code == 503 and "sha256" in ready.json()["error"]
@@ -230,7 +230,7 @@ async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> N
 
 async def test_a_reload_that_fails_leaves_the_loaded_version_serving(serve: ServeFactory, repository: Path) -> None:
     x = np.ones((1, 4), dtype=np.float32)
-    with serve(repository=repository) as server:
+    with serve(repository=repository, model_control="explicit") as server:
         async with httpx.AsyncClient(timeout=30) as client:
             (repository / "affine" / "1" / "model.onnx").write_bytes(b"broken after loading")
             reload = await client.post(f"{server.url}/v2/repository/models/affine/load")

@@ -13,12 +13,19 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.service.conftest import RunningServer, affine_expected
+from tests.service.conftest import RunningServer, ServeFactory, affine_expected
 
 ROWS = np.array(
     [[1.0, 2.0, 3.0, 4.0], [-0.5, 0.25, 8.0, -3.0], [0.0, 0.0, 0.0, 0.0], [1e-3, -7.5, 2.5, 100.0]],
     dtype=np.float32,
 )
+
+
+@pytest.fixture
+def server(serve: ServeFactory) -> Iterator[RunningServer]:
+    """A server whose models the client may load and unload (NORMSERVE_MODEL_CONTROL=explicit)."""
+    with serve(model_control="explicit") as running:
+        yield running
 
 
 @pytest.fixture

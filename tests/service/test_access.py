@@ -1,0 +1,118 @@
+"""The closed control plane: model control modes, the API key, cross-origin control requests, readiness."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from service.access import endpoint_group
+from service.config import Settings
+from tests.service.conftest import ServeFactory, affine_expected, infer_json
+
+KEY = "k3y-for-the-tests-0123456789"
+X = np.ones((1, 4), dtype=np.float32)
+
+
+def infer(url: str, **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/v2/models/affine/infer", json=infer_json("x", X), headers=headers)
+
+
+def test_model_control_is_off_by_default_and_the_models_keep_serving(serve: ServeFactory) -> None:
+    with serve() as server:
+        for action in ("unload", "load"):
+            refused = httpx.post(f"{server.url}/v2/repository/models/affine/{action}")
+            assert refused.status_code == 403, refused.text
+            assert "NORMSERVE_MODEL_CONTROL=explicit" in refused.json()["error"]
+        assert httpx.post(f"{server.url}/v2/repository/index").status_code == 200  # still readable
+        np.testing.assert_allclose(infer(server.url).json()["outputs"][0]["data"], affine_expected(X)[0].ravel())
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_a_page_on_another_origin_cannot_unload_a_model(serve: ServeFactory, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    with serve(model_control="explicit") as server:
+        unload = f"{server.url}/v2/repository/models/affine/unload"
+        # What a form or fetch() on another site can send without a preflight: text/plain, with its Origin.
+        cross = httpx.post(
+            unload, content=b"{}", headers={"Origin": "http://evil.example", "Content-Type": "text/plain"}
+        )
+        assert cross.status_code == 403 and "another origin (http://evil.example)" in cross.json()["error"]
+        plain = httpx.post(unload, content=b"x", headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+        form = httpx.post(unload, data={"a": "b"}, headers={"Origin": server.url})
+        assert form.status_code == 415
+        assert infer(server.url).status_code == 200  # nothing was unloaded
+        same = httpx.post(unload, json={}, headers={"Origin": server.url})
+        assert same.status_code == 200
+        assert infer(server.url).status_code == 404
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model control")]
+    assert any("refused: 403" in m and "127.0.0.1:" in m for m in logged), logged
+    assert any(m.startswith("model control: unload 'affine' from 127.0.0.1:") and "unloaded" in m for m in logged)
+
+
+def test_readiness_is_false_when_nothing_is_served_and_names_required_models(serve: ServeFactory) -> None:
+    with serve(model_control="explicit") as server:
+        names = [row["name"] for row in httpx.post(f"{server.url}/v2/repository/index").json()]
+        for name in set(names):
+            assert httpx.post(f"{server.url}/v2/repository/models/{name}/unload").status_code == 200
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503
+        assert f"no model is loaded and ready, of the {len(set(names))} in the repository" in ready.json()["error"]
+    with serve(required_models=["affine", "not-there"]) as server:
+        ready = httpx.get(f"{server.url}/v2/health/ready")
+        assert ready.status_code == 503
+        error = ready.json()["error"]
+        assert "required model 'not-there' (NORMSERVE_REQUIRED_MODELS) is not ready: not loaded" in error
+        assert "'affine'" not in error
+    with serve(required_models=["affine"]) as server:
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_the_api_key_guards_its_groups_and_never_health(serve: ServeFactory) -> None:
+    with serve(api_key=KEY) as server:
+        missing = infer(server.url)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        assert "Authorization: Bearer <key>" in missing.json()["error"]
+        wrong = infer(server.url, Authorization="Bearer " + KEY[:-1] + "x")
+        assert wrong.status_code == 401 and "not this server's" in wrong.json()["error"]
+        assert infer(server.url, Authorization=f"Bearer {KEY}").status_code == 200
+        assert infer(server.url, **{"X-API-Key": KEY}).status_code == 200
+        for path in ("/metrics", "/v2", "/v2/models/affine", "/docs"):
+            assert httpx.get(f"{server.url}{path}").status_code == 401, path
+        assert httpx.post(f"{server.url}/v2/repository/index").status_code == 401
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            assert httpx.get(f"{server.url}{path}").status_code == 200, path
+    with serve(api_key=KEY, api_key_protects=["inference", "model_control"], api_key_header="X-Token") as server:
+        assert infer(server.url).status_code == 401
+        assert infer(server.url, **{"X-Token": KEY}).status_code == 200
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        assert httpx.get(f"{server.url}/v2/models/affine").status_code == 200
+
+
+def test_settings_refuse_a_short_key_and_groups_they_do_not_know() -> None:
+    with pytest.raises(ValidationError, match="at least 16 characters"):
+        Settings(api_key="short")
+    with pytest.raises(ValidationError):
+        Settings(api_key_protects=["inference", "everything"])
+    assert Settings().model_control == "none" and Settings().api_key is None
+
+
+@pytest.mark.parametrize(
+    ("path", "group"),
+    [
+        ("/v2/health/ready", None),
+        ("/v2/models/m/infer", "inference"),
+        ("/v2/models/m/versions/2/batchnorm", "inference"),
+        ("/v2/repository/index", "model_control"),
+        ("/v2/repository/models/m/unload", "model_control"),
+        ("/metrics", "metrics"),
+        ("/v2/models/m/config", "metadata"),
+        ("/demo", "metadata"),
+    ],
+)
+def test_every_path_falls_in_one_group(path: str, group: str | None) -> None:
+    assert endpoint_group(path) == group

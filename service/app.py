@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from service import __version__
@@ -18,6 +23,7 @@ from service.access import Access, endpoint_group
 from service.config import Settings
 from service.errors import ServeError, render
 from service.metrics import Metrics
+from service.openapi import described
 from service.registry import Registry
 from service.routes import ROUTERS
 from service.routes.inference import InferenceEndpoint, Receive, Scope, Send
@@ -93,6 +99,35 @@ class NormserveApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
+DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+
+
+def _api_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, their scripts and styles from the fastapi-offline package
+    rather than a CDN, so the pages work offline and behind a firewall."""
+    app.mount("/docs/assets", StaticFiles(directory=DOCS_ASSETS), name="api docs assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title}: API",
+            redoc_js_url="/docs/assets/redoc.standalone.js",
+            redoc_favicon_url="/docs/assets/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 def create_app(settings: Settings) -> NormserveApp:
     """Build the app. Models load and warm in its lifespan, in the background: the server is live at
     once and turns ready when every model that loaded is warm."""
@@ -138,12 +173,16 @@ def create_app(settings: Settings) -> NormserveApp:
         version=__version__,
         summary="BatchNorm-folded ONNX models over the Open Inference Protocol (KServe v2)",
         lifespan=lifespan,
+        docs_url=None,  # both served by _api_docs from packaged files, not a CDN
+        redoc_url=None,
     )
     app.state.normserve = state
     app.inference = InferenceEndpoint(state)
     app.access = Access(settings)
     for router in ROUTERS:
         app.include_router(router)
+    app.openapi = functools.partial(described, app)  # type: ignore[method-assign]
+    _api_docs(app)
     app.add_exception_handler(ServeError, _rendered)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -80,7 +80,7 @@ def _json(data: bytes | memoryview, what: str) -> Any:
     except orjson.JSONDecodeError as e:
         raise InvalidInput(
             f"{what} is not valid JSON ({e}); expected a KServe v2 inference request. "
-            "NaN and Infinity are not JSON numbers: send such values as binary data"
+            "NaN and Infinity are not JSON numbers (and the models take finite values only)"
         ) from None
 
 
@@ -158,7 +158,14 @@ def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: l
             f"input '{name}' needs bytes {offset}..{offset + size} of the binary data after the JSON header, "
             f"but only {len(binary)} bytes follow it"
         )
-    return np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+    array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+    if array.dtype.kind == "f" and not (finite := np.isfinite(array)).all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise InvalidInput(
+            f"input '{name}' holds {int((~finite).sum())} NaN or Infinity value(s), the first at flat index "
+            f"{first}; expected finite numbers, as JSON input must be too"
+        )
+    return array
 
 
 def parse_infer_request(

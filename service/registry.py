@@ -14,6 +14,7 @@ import asyncio
 import enum
 import functools
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +148,8 @@ class Registry:
         """The model's entry, served or not; 404 when the server does not have it."""
         entry = self.models.get(name)
         if entry is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+            # The model asked for, and where to look: never the list of every model (or a server path).
+            raise ModelNotFound(f"unknown model {name!r}; POST /v2/repository/index lists the models served")
         return entry
 
     @staticmethod
@@ -227,7 +228,7 @@ class Registry:
             raise InvalidInput(f"{name!r} is not a model name; expected letters, digits and . _ - (a folder name)")
         model_dir = self.settings.repository / name
         if not model_dir.is_dir():
-            raise ModelNotFound(f"the repository {self.settings.repository} has no model {name!r}")
+            raise ModelNotFound(f"the model repository has no model {name!r}")
         async with self._lock(name):
             old = self.models.get(name)
             if old is None or not old.versions:
@@ -336,13 +337,22 @@ class Registry:
             entry.config = load_config(model_dir)
             versions = list_versions(model_dir)
         except Exception as e:  # a broken model is reported, never fatal to the others
-            entry.reason = str(e)
+            log.error("cannot load %s: %s", name, e)
+            entry.reason = self._public(str(e))
             return entry
         if not versions:
-            entry.reason = f"{model_dir} has no version folders (1, 2, ...)"
+            entry.reason = f"model {name!r} has no version folders (1, 2, ...)"
         for version in versions:
             entry.versions[version] = self._build_version(model_dir, entry.config, version)
         return entry
+
+    def _public(self, message: str) -> str:
+        """A reason as clients read it: paths relative to the repository, never the server's own folders
+        (the log keeps the full message)."""
+        roots = {str(self.settings.repository.resolve()), str(self.settings.repository)}
+        for root in sorted(roots, key=len, reverse=True):
+            message = message.replace(root + os.sep, "").replace(root, "the model repository")
+        return message
 
     def _build_version(self, model_dir: Path, config: ModelConfig, version: str) -> VersionState:
         name = config.name
@@ -355,7 +365,7 @@ class Registry:
             batch_stats = self._build_batch_stats(loaded, runtime, batching) if loaded.has_batch_stats else None
         except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph
             log.exception("cannot load %s version %s", name, version)
-            return VersionState(version, ModelState.UNAVAILABLE, str(e).strip())
+            return VersionState(version, ModelState.UNAVAILABLE, self._public(str(e).strip()))
         metrics = self.metrics.model(name, version)
         batcher = Batcher(
             f"{name} version {version}",

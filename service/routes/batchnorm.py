@@ -23,6 +23,7 @@ from service.batcher import Feeds, Outputs
 from service.batchnorm import compare
 from service.errors import InvalidInput, ServeError
 from service.logs import request_id
+from service.openapi import schema_ref
 from service.protocol import parse_infer_request
 from service.registry import BatchStatsGraph, ServedVersion
 from service.routes.inference import OPENAPI_REQUEST, RequestHeaders, count_failure, read_request_body
@@ -143,7 +144,12 @@ class BatchNormResponseSchema(BaseModel):
 
 _OPENAPI = {
     "requestBody": OPENAPI_REQUEST,
-    "responses": {"200": {"content": {"application/json": {"schema": BatchNormResponseSchema.model_json_schema()}}}},
+    "responses": {
+        "200": {
+            "description": "both answers, per sample and per BatchNorm layer",
+            "content": {"application/json": {"schema": schema_ref(BatchNormResponseSchema)}},
+        }
+    },
 }
 _DESCRIPTION = (
     "Run one batch with BatchNorm's running statistics (the served graph, as infer) and with the batch's own "

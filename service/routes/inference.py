@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
 from service.logs import request_id
 from service.metrics import Metrics, ModelMetrics
+from service.openapi import schema_ref
 from service.protocol import InferenceRequestSchema, InferenceResponseSchema, encode_infer_response, parse_infer_request
 from service.registry import ServedVersion
 from service.state import ServiceState, service_state
@@ -240,11 +241,25 @@ class InferenceEndpoint:
 
 OPENAPI_REQUEST = {
     "required": True,
-    "content": {"application/json": {"schema": InferenceRequestSchema.model_json_schema()}},
+    "description": "A KServe v2 inference request as JSON, or (Triton's binary data extension) its JSON header "
+    "followed by the raw tensor bytes, with the header's length in Inference-Header-Content-Length. Either may be "
+    "gzip or deflate encoded (Content-Encoding).",
+    "content": {
+        "application/json": {"schema": schema_ref(InferenceRequestSchema)},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
 }
 _OPENAPI = {
     "requestBody": OPENAPI_REQUEST,
-    "responses": {"200": {"content": {"application/json": {"schema": InferenceResponseSchema.model_json_schema()}}}},
+    "responses": {
+        "200": {
+            "description": "the outputs, as JSON (or a JSON header and binary outputs when asked for)",
+            "content": {
+                "application/json": {"schema": schema_ref(InferenceResponseSchema)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
 }
 
 

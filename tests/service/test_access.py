@@ -116,3 +116,16 @@ def test_settings_refuse_a_short_key_and_groups_they_do_not_know() -> None:
 )
 def test_every_path_falls_in_one_group(path: str, group: str | None) -> None:
     assert endpoint_group(path) == group
+
+
+def test_errors_name_the_model_asked_for_and_no_server_path(serve: ServeFactory, repository) -> None:
+    model_file = repository / "affine" / "1" / "model.onnx"
+    model_file.write_bytes(model_file.read_bytes()[:100])  # no longer what was verified
+    with serve(repository=repository) as server:
+        unknown = infer(server.url).json()  # affine itself is broken now
+        other = httpx.post(f"{server.url}/v2/models/nope/infer", json=infer_json("x", X)).json()["error"]
+        assert "'nope'" in other and "affine" not in other and "tiny-cnn-bn" not in other
+        for answer in (unknown["error"], httpx.get(f"{server.url}/v2/health/ready").text):
+            assert "affine" in answer and "sha256" in answer
+            assert str(repository) not in answer and str(repository.resolve()) not in answer, answer
+            assert "affine/1/model.onnx" in answer  # the file, relative to the repository

@@ -55,12 +55,14 @@ def with_token(token: str) -> Req:
     return Req(content=content % token.encode())
 
 
-def binary(header_length: str | bytes | None = None, size: int = 16, tail: bytes = b"") -> Req:
+def binary(
+    header_length: str | bytes | None = None, size: int = 16, tail: bytes = b"", values: list[float] | None = None
+) -> Req:
     """A binary-data request: the JSON header, then the tensor's bytes (16 for affine's [1, 4] FP32) and ``tail``."""
     header = json.dumps(
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": size}}]}
     ).encode()
-    blob = np.arange(4, dtype=np.float32).tobytes()[:size]
+    blob = np.array(values if values is not None else range(4), dtype=np.float32).tobytes()[:size]
     length = str(len(header)) if header_length is None else header_length
     return Req(
         content=header + blob + tail,
@@ -109,7 +111,7 @@ CASES: list[tuple[Any, ...]] = [
     ("too few values", x_input(data=[1, 2, 3]), 400, ["input 'x' has 3 values", "[1, 4] needs 4"]),
     ("too many values", x_input(data=list(range(8))), 400, ["input 'x' has 8 values", "[1, 4] needs 4"]),
     ("no values", x_input(data=[]), 400, ["input 'x' has 0 values", "[1, 4] needs 4"]),
-    ("NaN", with_token("NaN"), 400, ["not valid JSON", "NaN and Infinity are not JSON numbers", "binary data"]),
+    ("NaN", with_token("NaN"), 400, ["not valid JSON", "NaN and Infinity are not JSON numbers", "finite values"]),
     ("Infinity", with_token("Infinity"), 400, ["not valid JSON", "NaN and Infinity are not JSON numbers"]),
     ("-Infinity", with_token("-Infinity"), 400, ["not valid JSON", "NaN and Infinity are not JSON numbers"]),
     ("1e400, past float64", with_token("1e400"), 400, ["not valid JSON", "NaN and Infinity are not JSON numbers"]),
@@ -167,7 +169,7 @@ CASES: list[tuple[Any, ...]] = [
         "unknown model",
         Req({"inputs": [GOOD_INPUT]}, path="/v2/models/nope/infer"),
         404,
-        ["unknown model 'nope'", "this server has: affine, tiny-cnn-bn"],
+        ["unknown model 'nope'", "POST /v2/repository/index lists the models served"],
     ),
     (
         "unknown version",
@@ -201,6 +203,18 @@ CASES: list[tuple[Any, ...]] = [
         x_input(data=DROP, parameters={"binary_data_size": 16}),
         400,
         ["input 'x' needs bytes 0..16", "only 0 bytes follow"],
+    ),
+    (
+        "NaN in binary data",
+        binary(values=[0.0, float("nan"), 1.0, float("nan")]),
+        400,
+        ["input 'x' holds 2 NaN or Infinity value(s), the first at flat index 1", "expected finite numbers"],
+    ),
+    (
+        "Infinity in binary data",
+        binary(values=[float("-inf"), 0.0, 0.0, 0.0]),
+        400,
+        ["input 'x' holds 1 NaN or Infinity value(s), the first at flat index 0"],
     ),
     (
         "trailing bytes",

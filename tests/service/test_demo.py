@@ -232,3 +232,30 @@ def _batchnorm_layers(server: RunningServer, model: str) -> int:
     """How many BatchNorm layers the model has, from its metadata."""
     norm_layers = httpx.get(f"{server.url}/v2/models/{model}").json()["norm_layers"]
     return sum(count for kind, count in norm_layers.items() if "BatchNorm" in kind)
+
+
+def test_the_api_docs_load_with_no_network_but_the_server(server: RunningServer, browser: Any) -> None:
+    """/docs is Swagger UI, /redoc is ReDoc, both from the fastapi-offline package: pages offline users can open."""
+    from playwright.sync_api import expect
+
+    html = httpx.get(f"{server.url}/docs").text
+    assert "/docs/assets/swagger-ui-bundle.js" in html and "cdn" not in html
+    elsewhere: list[str] = []
+    page = browser.new_page()
+    page.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url.startswith(server.url)
+            else (elsewhere.append(route.request.url), route.abort())
+        ),
+    )
+    page.goto(f"{server.url}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("normserve")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    assert elsewhere == []
+    # ReDoc renders with every outside request refused; it asks for its own "powered by" logo alone.
+    page.goto(f"{server.url}/redoc")
+    expect(page.locator("h1").first).to_contain_text("normserve")
+    expect(page.get_by_text("/v2/models/{model_name}/infer").first).to_be_attached()
+    assert set(elsewhere) <= {"https://cdn.redoc.ly/redoc/logo-mini.svg"}, elsewhere

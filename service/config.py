@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         default=30_000, gt=0, description="deadline of a request that sets none (Triton's 'timeout' parameter, µs)"
     )
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_json_bytes: int = Field(
+        default=2 * 2**20,
+        ge=1024,
+        description="larger request bodies that are all JSON (no binary tensors) get 413: parsing one holds the "
+        "event loop, about 20 ms a megabyte",
+    )
     shutdown_timeout_s: int = Field(default=30, ge=0, description="on SIGTERM, how long to drain accepted work")
 
     model_control: Literal["none", "explicit"] = Field(

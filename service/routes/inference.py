@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service.config import Settings
 from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
 from service.logs import request_id
 from service.metrics import Metrics, ModelMetrics
@@ -97,16 +98,25 @@ def _check_content_type(headers: RequestHeaders) -> str:
     return encoding
 
 
-async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes:
+@dataclass(frozen=True)
+class BodyLimit:
+    """How large a body may be, the setting that says so, and what to do instead."""
+
+    bytes: int
+    setting: str = "NORMSERVE_MAX_BODY_BYTES"
+    advice: str = _TOO_LARGE_ADVICE
+
+
+async def read_body(receive: Receive, declared: str | None, limit: BodyLimit) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed the limit:
     from its Content-Length before reading any of it, or while it streams in."""
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
-        if int(declared) > limit:
+        if int(declared) > limit.bytes:
             raise PayloadTooLarge(
-                f"the body is {declared} bytes; this server accepts at most {limit} "
-                f"(NORMSERVE_MAX_BODY_BYTES): {_TOO_LARGE_ADVICE}"
+                f"the body is {declared} bytes; this server accepts at most {limit.bytes} ({limit.setting}): "
+                f"{limit.advice}"
             )
     chunks: list[bytes] = []
     size = 0
@@ -116,27 +126,27 @@ async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
         size += len(chunk)
-        if size > limit:
+        if size > limit.bytes:
             raise PayloadTooLarge(
-                f"the body passed {limit} bytes, the most this server accepts (NORMSERVE_MAX_BODY_BYTES): "
-                + _TOO_LARGE_ADVICE
+                f"the body passed {limit.bytes} bytes, the most this server accepts ({limit.setting}): {limit.advice}"
             )
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Inflate a gzip or deflate (zlib) body, refusing with 413 once it passes ``limit`` bytes."""
+def _decompress(body: bytes, encoding: str, limit: BodyLimit) -> bytes:
+    """Inflate a gzip or deflate (zlib) body, refusing with 413 once it passes the limit."""
     inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # 32: detect the gzip or zlib header
     try:
-        body = inflater.decompress(body, limit + 1)
+        body = inflater.decompress(body, limit.bytes + 1)
     except zlib.error as e:
         raise InvalidInput(
             f"the body is not valid {encoding} data ({e}); expected what Content-Encoding says"
         ) from None
-    if len(body) > limit:
+    if len(body) > limit.bytes:
         raise PayloadTooLarge(
-            f"the body inflates past {limit} bytes, the most this server accepts (NORMSERVE_MAX_BODY_BYTES)"
+            f"the body inflates past {limit.bytes} bytes, the most this server accepts ({limit.setting}): "
+            f"{limit.advice}"
         )
     if not inflater.eof:
         raise InvalidInput(f"the {encoding} body is truncated; expected a complete {encoding} stream")
@@ -147,13 +157,32 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return body
 
 
+def body_limit(settings: Settings, headers: RequestHeaders) -> BodyLimit:
+    """A request with binary tensors may be NORMSERVE_MAX_BODY_BYTES; one all JSON only NORMSERVE_MAX_JSON_BYTES.
+
+    The JSON parser runs on the event loop and holds it (and the GIL: a thread would not help) for
+    about 20 ms a megabyte on one core, so one 60 MB JSON body would hold every other request, health
+    checks included, for more than a second. Binary tensors are copied, not parsed.
+    """
+    if headers.header_length is not None or settings.max_json_bytes >= settings.max_body_bytes:
+        return BodyLimit(settings.max_body_bytes)
+    return BodyLimit(
+        settings.max_json_bytes,
+        "NORMSERVE_MAX_JSON_BYTES, for a body that is all JSON",
+        "send the tensors as binary data (Triton's binary data extension: a JSON header, "
+        "Inference-Header-Content-Length, then the raw bytes), which is about 4x smaller and is not parsed, "
+        "or fewer rows per request",
+    )
+
+
 async def read_request_body(state: ServiceState, headers: RequestHeaders, receive: Receive) -> bytes:
     """The body of an inference request, read within the size limit and inflated if it is compressed;
     415 for a content type or encoding this server does not read."""
     encoding = _check_content_type(headers)
-    body = await read_body(receive, headers.content_length, state.settings.max_body_bytes)
+    limit = body_limit(state.settings, headers)
+    body = await read_body(receive, headers.content_length, limit)
     if encoding != "identity":
-        body = _decompress(body, encoding, state.settings.max_body_bytes)
+        body = _decompress(body, encoding, limit)
     return body
 
 

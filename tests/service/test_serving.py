@@ -238,3 +238,40 @@ async def test_a_reload_that_fails_leaves_the_loaded_version_serving(serve: Serv
             assert "sha256" in reload.json()["error"] and "keep serving" in reload.json()["error"]
             still = await client.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", x))
             np.testing.assert_allclose(logits(still), affine_expected(x)[0], rtol=1e-6)
+
+
+async def test_a_json_body_past_its_own_limit_is_refused_unread_and_binary_data_is_not(serve: ServeFactory) -> None:
+    """A JSON parse holds the event loop (about 20 ms a MB), so a body that is all JSON has a smaller
+    limit than one with binary tensors; the 413 says to send binary data, and costs no parse."""
+    rows = 600_000  # 2.4 M numbers: about 12 MB of JSON, 9.6 MB as binary FP32
+    data = b"[" + b",".join([b"0.25"] * (rows * 4)) + b"]"
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [%d, 4], "data": %s}]}' % (rows, data)
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [rows, 4], "parameters": {"binary_data_size": rows * 16}}
+            ]
+        }
+    ).encode()
+    binary = header + np.full((rows, 4), 0.25, np.float32).tobytes()
+    with serve() as server:
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = f"{server.url}/v2/models/affine/infer"
+            refused = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            assert refused.status_code == 413, refused.text
+            error = refused.json()["error"]
+            assert f"the body is {len(body)} bytes" in error and "NORMSERVE_MAX_JSON_BYTES" in error
+            assert "send the tensors as binary data" in error
+            sent = await client.post(
+                url,
+                content=binary,
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Inference-Header-Content-Length": str(len(header)),
+                },
+            )
+            assert sent.status_code == 400 and f"{rows} rows" in sent.json()["error"]  # read and parsed: too many rows
+            assert (await client.get(f"{server.url}/v2/health/live")).status_code == 200
+    with serve(max_json_bytes=len(body)) as server:  # the limit is a setting
+        response = httpx.post(f"{server.url}/v2/models/affine/infer", content=body, timeout=60)
+        assert response.status_code == 400 and f"{rows} rows" in response.json()["error"]

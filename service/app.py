@@ -7,9 +7,10 @@ import functools
 import gc
 import importlib.resources
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,6 +60,18 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(400, f"invalid request: {problems}")
 
 
+def _closing(send: Send) -> Send:
+    """``send``, with ``Connection: close`` on the response: while draining, each client is told to go."""
+
+    async def closing(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return closing
+
+
 class NormserveApp(FastAPI):
     """FastAPI, with inference requests handed straight to ``InferenceEndpoint``, and every HTTP request
     checked first by ``Access`` (API key, model control, cross-origin control requests).
@@ -92,6 +105,8 @@ class NormserveApp(FastAPI):
                 await send({"type": "http.response.start", "status": status, "headers": raw})
                 await send({"type": "http.response.body", "body": body})
                 return
+        if scope["type"] == "http" and self.state.normserve.draining:
+            send = _closing(send)
         found = self.inference.match(scope)
         if found is not None:
             await self.inference(scope, receive, send, *found)

@@ -74,7 +74,15 @@ class Settings(BaseSettings):
         description="larger request bodies that are all JSON (no binary tensors) get 413: parsing one holds the "
         "event loop, about 20 ms a megabyte",
     )
-    shutdown_timeout_s: int = Field(default=30, ge=0, description="on SIGTERM, how long to drain accepted work")
+    drain_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="on SIGTERM, how long readiness answers 503 while requests are still served (with "
+        "Connection: close) before the listener closes; 0 closes it at once",
+    )
+    shutdown_timeout_s: int = Field(
+        default=30, ge=0, description="once the listener is closed, how long accepted requests may take to finish"
+    )
 
     model_control: Literal["none", "explicit"] = Field(
         default="none",

@@ -20,11 +20,14 @@ class ServiceState:
     registry: Registry
     started: bool = False
     shutting_down: bool = False
+    draining: bool = False  # a signal came: still serving, with Connection: close, until the listener closes
     load_error: str = ""
 
     def not_ready_reasons(self) -> list[str]:
         if self.shutting_down:
             return ["the server is shutting down"]
+        if self.draining:
+            return ["the server is draining before it stops: send new requests elsewhere"]
         if not self.started:
             return ["models are still loading and warming up"]
         if self.load_error:

@@ -36,7 +36,7 @@ def start_service(repository: Path, **env: str) -> tuple[subprocess.Popen[str], 
 
 def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Path) -> None:
     # A 1.5 s batch delay holds the accepted requests in the queue when SIGTERM arrives.
-    process, url = start_service(built_repository, NORMSERVE_MAX_QUEUE_DELAY_MS="1500")
+    process, url = start_service(built_repository, NORMSERVE_MAX_QUEUE_DELAY_MS="1500", NORMSERVE_DRAIN_S="0")
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     responses: list[httpx.Response] = []
 
@@ -59,13 +59,52 @@ def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Pa
     for thread in senders:
         thread.join(timeout=30)
     _, log = process.communicate(timeout=30)
-    # uvicorn re-raises the signal once it has drained, so the exit reads "terminated by SIGTERM".
-    assert process.returncode in (0, -signal.SIGTERM), log
+    assert process.returncode == 0, log  # a clean shutdown
     assert sorted(r.status_code for r in responses) == [200] * 4
     for response in responses:
         y = np.array(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 3)
         np.testing.assert_allclose(y, affine_expected(x + int(response.json()["id"]))[0], rtol=1e-6)
     assert "Traceback" not in log and "stopped" in log
+
+
+def test_sigterm_drains_readiness_first_and_loses_no_request_it_accepted(built_repository: Path) -> None:
+    """Open-loop load through SIGTERM and into the drain: readiness turns 503 at once, every request is
+    still answered (with Connection: close, so keep-alive clients reconnect elsewhere), then the listener
+    closes and new connections are refused; the process exits 0."""
+    process, url = start_service(built_repository, NORMSERVE_DRAIN_S="2")
+    x = np.ones((1, 4), dtype=np.float32)
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as client:  # keep-alive: the drain must close these connections
+            while not stop.is_set():
+                try:
+                    response = client.post(f"{url}/v2/models/affine/infer", json=infer_json("x", x))
+                    outcomes.append(f"{response.status_code} {response.headers.get('connection', 'keep-alive')}")
+                except httpx.TransportError as e:
+                    outcomes.append(f"lost: {e!r}")  # sent and never answered: what must not happen
+                time.sleep(0.005)
+
+    clients = [threading.Thread(target=load) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    ready = httpx.get(f"{url}/v2/health/ready")
+    assert ready.status_code == 503 and "draining" in ready.json()["error"]
+    time.sleep(1.0)  # the load runs on into the drain, as clients that have not yet seen readiness do
+    stop.set()
+    for thread in clients:
+        thread.join(timeout=30)
+    _, log = process.communicate(timeout=40)
+    assert process.returncode == 0, log
+    assert not [o for o in outcomes if o.startswith("lost")], outcomes
+    assert "200 close" in outcomes and set(outcomes) <= {"200 keep-alive", "200 close"}
+    with pytest.raises(httpx.ConnectError):  # the listener is closed
+        httpx.get(f"{url}/v2/health/live", timeout=2)
+    assert "draining for 2 s" in log and "drained: closing the listener" in log and "Traceback" not in log
 
 
 def test_json_logs_carry_the_request_id(built_repository: Path) -> None:

@@ -4,7 +4,6 @@ norm reduces over, checked on the models' own layers and activations.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from experiments.training import batch_statistics_copy
+from export.build import NORM_TYPES
 from export.fold import fold_batchnorms
 from export.onnx_export import INPUT_NAME, export_onnx, op_histogram
 from models.data import load_splits
-from models.norms import ChannelLayerNorm, SwitchableNorm2d
+from models.norms import SwitchableNorm2d
 from models.train import load_checkpoint
 from service.repository import MODEL_FILE
 
@@ -32,7 +33,6 @@ AXES_4D: dict[str, tuple[int, ...] | str] = {
     "C/G, H, W (each group)": "groups",
 }
 AXES_3D: dict[str, tuple[int, ...] | str] = {"B, T": (0, 1), "T": (1,), "D": (2,)}
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
 
 
 def _session(model: onnx.ModelProto, optimize: bool) -> ort.InferenceSession:
@@ -148,17 +148,13 @@ def norm_axes(models: dict[str, nn.Module], samples: int = 16) -> list[dict[str,
     x = torch.tensor(load_splits().x_test[:samples])
     rows = []
     for name, model in models.items():
-        layer_name, layer = next(
-            (n, m) for n, m in model.named_modules() if isinstance(m, (*NORMS, ChannelLayerNorm, SwitchableNorm2d))
-        )
+        layer_name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, NORM_TYPES))
         seen: list[torch.Tensor] = []
         handle = layer.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
         model.eval()(x)
         handle.remove()
         activations = seen[0]
-        probe = copy.deepcopy(layer).train()
-        if hasattr(probe, "momentum"):
-            probe.momentum = 0.0
+        probe = batch_statistics_copy(layer)
         output = probe(activations)
         candidates = AXES_4D if activations.ndim == 4 else AXES_3D
         eps = float(getattr(layer, "eps", 1e-5))

@@ -9,7 +9,6 @@ padding is a property of sequences that the image graphs do not take.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +18,8 @@ import numpy as np
 import onnx
 import torch
 
+from experiments.training import batch_statistics_copy
+from export.batch_stats import batchnorm_layers
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME
 from export.verify import cpu_session
 from service.repository import BATCH_STATS_FILE, MODEL_FILE
@@ -149,11 +150,8 @@ def padded_tokens(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pads: li
     For a BatchNorm model both are measured with batch statistics (``train()`` mode, where the pads
     join the statistics) and with running statistics (``eval()``).
     """
-    runner = copy.deepcopy(model)
-    for m in runner.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.0  # train() mode normalizes with batch statistics but leaves the running ones alone
-    modes = ["eval", "train"] if _has_batchnorm(runner) else ["eval"]
+    runner = batch_statistics_copy(model)  # its train() mode leaves the running statistics alone
+    modes = ["eval", "train"] if batchnorm_layers(runner) else ["eval"]
     out: dict[str, Any] = {"pads": pads}
     first = torch.tensor(x[:size])
     for mode in modes:
@@ -169,7 +167,3 @@ def padded_tokens(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pads: li
             shift.append(float((runner.forward_padded(first, pad)[0] - reference).abs().max()))
         out[mode] = {"accuracy": accuracy, "max_logit_change": shift}
     return out
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -16,22 +16,30 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from export.batch_stats import batchnorm_layers
 from export.precise import precise_statistics, with_precise_statistics
 from models.data import load_splits
 from models.norms import SwitchableNorm2d
 from models.train import evaluate, load_checkpoint
 
-__all__ = ["momentum_rule", "run_figures", "switchable_mixture", "train_mode_accuracy"]
+__all__ = ["batch_statistics_copy", "momentum_rule", "run_figures", "switchable_mixture", "train_mode_accuracy"]
+
+
+def batch_statistics_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in ``train()`` mode whose BatchNorm (and Switchable Norm) layers normalize with
+    batch statistics but never update their running ones (momentum 0)."""
+    runner = copy.deepcopy(model).train()
+    for m in runner.modules():
+        if isinstance(m, _BatchNorm | SwitchableNorm2d):
+            m.momentum = 0.0
+    return runner
 
 
 @torch.no_grad()
 def train_mode_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
     """Accuracy in ``train()`` mode (batch statistics), in consecutive batches of ``batch_size``;
     the running statistics are left as they are."""
-    runner = copy.deepcopy(model).train()
-    for m in runner.modules():
-        if isinstance(m, _BatchNorm | SwitchableNorm2d):
-            m.momentum = 0.0
+    runner = batch_statistics_copy(model)
     correct = seen = 0
     for start in range(0, len(x), batch_size):
         if len(x[start : start + batch_size]) < 2:
@@ -55,7 +63,7 @@ def run_figures(checkpoint: Path) -> dict[str, Any]:
         "momentum": tc["bn_momentum"],
         "test_ema": evaluate(model, data.x_test, data.y_test)[1],
     }
-    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+    if batchnorm_layers(model):
         precise = with_precise_statistics(model, precise_statistics(model, data.x_train, tc["batch_size"]))
         out["test_precise"] = evaluate(precise, data.x_test, data.y_test)[1]
         out["train_eval"] = evaluate(model, data.x_train, data.y_train)[1]

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from export.batch_stats import export_batch_stats, running_statistics, verify_batch_stats
+from export.batch_stats import batchnorm_layers, export_batch_stats, running_statistics, verify_batch_stats
 from export.fold import FoldError, fold_batchnorms
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
 from export.precise import precise_statistics, with_precise_statistics
@@ -192,7 +192,7 @@ def choose_bn_statistics(
 ) -> tuple[nn.Module, dict[str, Any] | None]:
     """The model to fold (``model`` with its EMA statistics, or a copy with precise ones) and what the
     report says of both; None for a model without BatchNorm."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batchnorm_layers(model):
         return model, None
     if not meta["trained"] or y is None:
         return model, {
@@ -218,7 +218,7 @@ def _batch_stats_files(
 ) -> tuple[dict[str, bytes], dict[str, Any] | None]:
     """For a model with BatchNorm: its batch-statistics graph and statistics, as files to write beside
     model.onnx, and what the report says of them. Their checks join ``verification``."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batchnorm_layers(model):
         return {}, None
     graph, layer_names = export_batch_stats(model, example)
     verification.checks.extend(verify_batch_stats(graph, model, layer_names, x, y))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from export.batch_stats import batchnorm_layers
 from models.norms import bn_channel_dim
 
 __all__ = ["PreciseStatistics", "precise_statistics", "with_precise_statistics"]
@@ -57,7 +58,7 @@ def precise_statistics(model: nn.Module, x: np.ndarray, batch_size: int) -> dict
     if batch_size < 2:
         raise ValueError(f"precise statistics need batches of at least 2 samples, got batch_size={batch_size}")
     runner = copy.deepcopy(model).train()
-    layers = {name: m for name, m in runner.named_modules() if isinstance(m, _BatchNorm)}
+    layers = batchnorm_layers(runner)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no BatchNorm layer to recompute")
     sums = {name: [0.0, 0.0, 0] for name in layers}
@@ -89,7 +90,7 @@ def precise_statistics(model: nn.Module, x: np.ndarray, batch_size: int) -> dict
 def with_precise_statistics(model: nn.Module, stats: dict[str, PreciseStatistics]) -> nn.Module:
     """A copy of ``model`` in eval mode whose BatchNorm running statistics are ``stats``."""
     out = copy.deepcopy(model).eval()
-    layers = {name: m for name, m in out.named_modules() if isinstance(m, _BatchNorm)}
+    layers = batchnorm_layers(out)
     if set(layers) != set(stats):
         raise ValueError(f"statistics for layers {sorted(stats)}, but the model's BatchNorms are {sorted(layers)}")
     for name, bn in layers.items():

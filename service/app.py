@@ -27,7 +27,7 @@ from service.metrics import Metrics
 from service.openapi import described
 from service.registry import Registry
 from service.routes import ROUTERS
-from service.routes.inference import InferenceEndpoint, Receive, Scope, Send
+from service.routes.inference import InferenceEndpoint, Receive, Scope, Send, rendered, send_response
 from service.state import ServiceState
 
 __all__ = ["create_app"]
@@ -99,14 +99,10 @@ class NormserveApp(FastAPI):
                         e.status,
                         e.message,
                     )
-                status, headers, body = render(e)
-                raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-                await send({"type": "http.response.start", "status": status, "headers": raw})
-                await send({"type": "http.response.body", "body": body})
+                await send_response(send, *rendered(e))
                 return
-        if scope["type"] == "http" and self.state.normserve.draining:
-            send = _closing(send)
+            if self.state.normserve.draining:
+                send = _closing(send)
         found = self.inference.match(scope)
         if found is not None:
             await self.inference(scope, receive, send, *found)

@@ -241,6 +241,17 @@ def _response_headers(body: bytes, header_length: int | None) -> list[tuple[byte
     ]
 
 
+def rendered(exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``errors.render`` for raw ASGI: the status, the headers as ASGI sends them, and the JSON body."""
+    status, extra, body = render(exc)
+    return status, _response_headers(body, None) + [(k.lower().encode(), v.encode()) for k, v in extra.items()], body
+
+
+async def send_response(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class InferenceEndpoint:
     """The ASGI handler for inference requests, called by the app before FastAPI's stack."""
 
@@ -262,10 +273,8 @@ class InferenceEndpoint:
             )
             status, headers = 200, _response_headers(body, header_length)
         except Exception as e:
-            status, extra, body = render(e)
-            headers = _response_headers(body, None) + [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            status, headers, body = rendered(e)
+        await send_response(send, status, headers, body)
 
 
 OPENAPI_REQUEST = {

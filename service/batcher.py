@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 OVERLAP_BUDGET_S = 0.5e-3  # with 2+ cores, a batch longer than this runs on a thread: compute overlaps parsing
 _QUIET_PASSES = 2  # loop passes without a new request before a batch is taken (with no queue delay set)
 _MAX_PASSES = 16  # however steadily requests trickle in, a batch is taken after this many passes
+_DRAIN_WEIGHT = 0.2  # the weight of the newest batch in the drain rate's moving average
 LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
 
 
@@ -125,6 +126,10 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
+        # Wall-clock seconds a row takes to drain from a backlogged queue (see ``expected_latency_s``).
+        self._row_s = estimate(max_batch_size) / max_batch_size
+        self._last_take = 0.0
+        self._last_rows = 0  # rows of the last batch taken while others waited behind it (0: none did)
 
     @property
     def pending(self) -> int:
@@ -161,24 +166,52 @@ class Batcher:
         """``submit`` without the wait: queued (or refused) before this returns, with no await in between,
         so that a caller can queue on two batchers before a reload can retire either. Cancelling the
         future takes the request out of its batch."""
-        if self._closing or self._wake is None:
-            raise NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
-        if self._queued >= self.queue_limit:
+        self.admit()
+        now = time.monotonic()
+        wait = self.expected_latency_s(rows)
+        if deadline - now < wait:
             raise Overloaded(
-                f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
+                f"model {self.name} would answer this request in about {wait * 1000:.0f} ms ({self._queued_rows} "
+                f"rows queued ahead of it), after its deadline {max(0.0, deadline - now) * 1000:.0f} ms from now; "
+                "it was not queued: retry later, or set a longer timeout"
             )
         loop = asyncio.get_running_loop()
-        request = _Request(feeds, rows, loop.create_future(), time.monotonic(), deadline)
+        request = _Request(feeds, rows, loop.create_future(), now, deadline)
         request.timer = loop.call_at(loop.time() + (deadline - request.enqueued), self._expire, request)
         self._queue.append(request)
         self._arrivals += 1
         self._queued += 1
         self._queued_rows += rows
         self._metrics.pending.inc()
+        assert self._wake is not None  # admit() refuses before start()
         self._wake.set()
         if self._full is not None and self._queued_rows >= self.max_batch_size and not self._full.done():
             self._full.set_result(None)
         return request.future
+
+    def admit(self, longest_wait_s: float | None = None) -> None:
+        """Raise now what ``enqueue`` would refuse whatever the request holds: 503 (``Overloaded``, with
+        Retry-After) while the queue is full or would keep a request waiting past ``longest_wait_s`` (the
+        longest deadline a request may have), or while the batcher is stopping. Callers check before
+        they read or parse a body, so that a refusal under overload costs microseconds, not a parse."""
+        if self._closing or self._wake is None:
+            raise NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
+        if self._queued >= self.queue_limit:
+            raise Overloaded(
+                f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
+            )
+        if longest_wait_s is not None and (wait := self.expected_latency_s()) > longest_wait_s:
+            raise Overloaded(
+                f"model {self.name} would answer a request queued now in about {wait * 1000:.0f} ms, past the longest "
+                f"deadline a request may have ({longest_wait_s * 1000:.0f} ms, NORMSERVE_REQUEST_TIMEOUT_MS); "
+                "retry later"
+            )
+
+    def expected_latency_s(self, rows: int = 1) -> float:
+        """How long a request of ``rows`` rows queued now should take to be answered: the rows queued ahead
+        of it and its own, at the rate this batcher has drained its queue while it was backlogged (the
+        batches and the loop's work between them), or at the warm-up's compute cost until it has been."""
+        return (self._queued_rows + rows) * self._row_s
 
     def _expire(self, request: _Request) -> None:
         if request.state is not _State.QUEUED:
@@ -214,8 +247,19 @@ class Batcher:
             else:
                 await self._settle()
             batch = self._take()
+            self._drained(batch)
             if batch:
                 await self._execute(batch)
+
+    def _drained(self, batch: list[_Request]) -> None:
+        """Measure the drain rate: the time from one batch's take to the next, per row of the first, when
+        the first was taken with requests waiting behind it (the second take then follows at once)."""
+        now = time.monotonic()
+        if self._last_rows:
+            row_s = (now - self._last_take) / self._last_rows
+            self._row_s += _DRAIN_WEIGHT * (row_s - self._row_s)
+        self._last_take = now
+        self._last_rows = sum(r.rows for r in batch) if batch and self._queued else 0
 
     async def _settle(self) -> None:
         """Yield to the loop until requests stop arriving (or a batch is full), at least once.

@@ -65,7 +65,10 @@ class Settings(BaseSettings):
     models: dict[str, ModelOverride] = Field(default_factory=dict, description="per-model batching overrides")
     queue_limit: int = Field(default=512, ge=1, description="queued requests per model before 503 + Retry-After")
     request_timeout_ms: float = Field(
-        default=30_000, gt=0, description="deadline of a request that sets none (Triton's 'timeout' parameter, µs)"
+        default=30_000,
+        gt=0,
+        description="the deadline of a request that sets none (Triton's 'timeout' parameter, in µs), and the "
+        "longest one may set: a request that would wait longer is refused with 503 before its body is read",
     )
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger request bodies get 413")
     max_json_bytes: int = Field(

@@ -107,6 +107,7 @@ class ModelMetrics:
         self.queue_seconds = metrics.queue_seconds.labels(name, version)
         self.compute_seconds = metrics.compute_seconds.labels(name, version)
         self.pending = metrics.pending.labels(name, version)
+        self._failures: dict[str, Counter] = {}
 
     def executed(self, rows: int, seconds: float) -> None:
         self.inferences.inc(rows)
@@ -115,7 +116,10 @@ class ModelMetrics:
         self.compute_seconds.observe(seconds)
 
     def failure(self, reason: str) -> None:
-        self._metrics.failure(self.name, self.version, reason)
+        child = self._failures.get(reason)
+        if child is None:  # a label lookup costs microseconds: under overload, refusals come by the thousand
+            child = self._failures[reason] = self._metrics.request_failure.labels(self.name, self.version, reason)
+        child.inc()
 
     def succeeded(self, started: float) -> None:
         """One request answered with 200; ``started`` is its ``time.perf_counter()`` on arrival."""

@@ -59,9 +59,11 @@ class InferRequest:
     outputs: list[RequestedOutput]
     timeout_s: float | None  # Triton's 'timeout' parameter, given in microseconds
 
-    def deadline(self, default_timeout_s: float) -> float:
-        """The ``time.monotonic()`` after which the request must not run: its own timeout, or the default."""
-        return time.monotonic() + (self.timeout_s if self.timeout_s is not None else default_timeout_s)
+    def deadline(self, server_timeout_s: float) -> float:
+        """The ``time.monotonic()`` after which the request must not run: its own timeout, or the server's
+        when it sets none or a longer one (no request may wait longer than NORMSERVE_REQUEST_TIMEOUT_MS)."""
+        own = self.timeout_s if self.timeout_s is not None else server_timeout_s
+        return time.monotonic() + min(own, server_timeout_s)
 
 
 def _short(value: Any) -> str:

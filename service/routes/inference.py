@@ -207,8 +207,12 @@ async def infer(
     request_id.set(headers.request_id or f"r{next(_ids)}")
     served: ServedVersion | None = None
     try:
+        # Refused before the body is read or parsed: an unknown model, or a full queue under overload.
+        served = state.registry.get(model_name, model_version)
+        served.batcher.admit(state.settings.request_timeout_ms / 1000)
         body = await read_request_body(state, headers, receive)
-        # No await from here to submit: a reload cannot retire the version between lookup and queueing.
+        # Looked up again, and no await from here to submit: a reload cannot retire the version between
+        # lookup and queueing.
         served = state.registry.get(model_name, model_version)
         request = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
         deadline = request.deadline(state.settings.request_timeout_ms / 1000)

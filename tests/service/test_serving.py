@@ -80,6 +80,26 @@ async def test_a_burst_past_the_queue_limit_gets_fast_503s_and_loses_nothing_acc
     assert refused == 17
 
 
+async def test_a_full_queue_refuses_before_the_body_is_read(serve: ServeFactory) -> None:
+    x = np.ones((1, 4), dtype=np.float32)
+    with serve(queue_limit=1, max_queue_delay_ms=2000, max_batch_size=8) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            queued = asyncio.ensure_future(client.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", x)))
+            await asyncio.sleep(0.3)  # it waits out the batch delay, and fills the queue
+            # Headers that announce a 1 MB body, and no body: the refusal cannot wait for it, or parse it.
+            reader, writer = await asyncio.open_connection(server.settings.host, server.settings.port)
+            writer.write(
+                b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000000\r\n\r\n"
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=1.0)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+            # The accepted request is still answered, with its own rows.
+            np.testing.assert_allclose(logits(await queued), affine_expected(x)[0], rtol=1e-6)
+
+
 async def test_a_request_past_its_deadline_gets_504_and_is_not_run(serve: ServeFactory) -> None:
     x = np.ones((1, 4), dtype=np.float32)
     with serve(max_queue_delay_ms=300) as server:
@@ -93,13 +113,16 @@ async def test_a_request_past_its_deadline_gets_504_and_is_not_run(serve: ServeF
             np.testing.assert_allclose(logits(on_time), affine_expected(x)[0], rtol=1e-6)
 
 
-async def test_the_server_wide_deadline_applies_when_a_request_sets_none(serve: ServeFactory) -> None:
+async def test_the_server_wide_deadline_applies_when_a_request_sets_none_or_a_longer_one(
+    serve: ServeFactory,
+) -> None:
+    x = np.ones((1, 4), np.float32)
     with serve(max_queue_delay_ms=300, request_timeout_ms=20) as server:
         async with httpx.AsyncClient(timeout=30) as client:
-            response = await client.post(
-                f"{server.url}/v2/models/affine/infer", json=infer_json("x", np.ones((1, 4), np.float32))
-            )
-    assert response.status_code == 504
+            url = f"{server.url}/v2/models/affine/infer"
+            unset = await client.post(url, json=infer_json("x", x))
+            longer = await client.post(url, json=infer_json("x", x, parameters={"timeout": 5_000_000}))  # 5 s
+    assert unset.status_code == 504 and longer.status_code == 504
 
 
 async def test_reloading_under_traffic_loses_no_request_and_swaps_in_the_new_version(

@@ -69,6 +69,9 @@ class Plan:
     large_batches: tuple[int, ...]
     profile_s: float
     wrk_s: int
+    overload_multiples: tuple[float, ...]  # open-loop rates, as multiples of the closed-loop capacity
+    overload_connections: int
+    overload_s: float
 
 
 FULL = Plan(
@@ -86,6 +89,9 @@ FULL = Plan(
     large_batches=(1, 4, 8, 32),
     profile_s=8.0,
     wrk_s=8,
+    overload_multiples=(1.5, 3.0, 10.0),
+    overload_connections=1024,
+    overload_s=6.0,
 )
 SMOKE = Plan(
     window_s=0.25,
@@ -102,6 +108,9 @@ SMOKE = Plan(
     large_batches=(1, 2),
     profile_s=1.0,
     wrk_s=1,
+    overload_multiples=(3.0,),
+    overload_connections=32,
+    overload_s=0.5,
 )
 
 
@@ -253,11 +262,13 @@ class Suite:
         levels: list[tuple[str, float]],
         path: str | None = None,
         config: RunConfig | None = None,
+        batch: int = 1,
     ) -> list[dict[str, Any]]:
         """Each level in turn, with the server's CPU per request and, for normserve, the part of it
         spent inside onnxruntime (its compute-duration metric) and outside."""
         target = Target.parse(server.url, path or f"/v2/models/{model}/infer")
-        requests = [encode_request(target, b, h) for b, h in build_requests(self.signature(model), encoding)]
+        bodies = build_requests(self.signature(model), encoding, batch)
+        requests = [encode_request(target, b, h) for b, h in bodies]
         rows = []
         for mode, level in levels:
             run_config = replace(config or self.config(), server_pid=server.pid)
@@ -381,6 +392,9 @@ def run_suite(suite: Suite) -> dict[str, Any]:
         results["bare"] = suite.measure(bare, suite.tiny, "json", tiny_levels, path="/")
         results["wrk"]["bare"] = wrk(suite, bare, suite.tiny, path="/")
 
+    print("overload", file=sys.stderr)
+    results["overload"] = overload(suite)
+
     print("in-process onnxruntime and graph variants", file=sys.stderr)
     results["inprocess"] = {
         "tiny": inprocess(suite, model_file, plan.tiny_batches),
@@ -388,6 +402,51 @@ def run_suite(suite: Suite) -> dict[str, Any]:
     }
     results["graphs"] = graph_variants(suite)
     return results
+
+
+# -- overload -------------------------------------------------------------------------------------
+
+# Overload is measured with requests whose inference costs about seventy refusals: 64 rows (the
+# model's largest batch, or fewer where it allows fewer) of the tiny model, binary. A one-row request
+# costs about three refusals, and then no server on one core keeps 90 % goodput at 3x (the section's
+# last paragraph has the arithmetic).
+OVERLOAD_ROWS = 64
+OVERLOAD_DEADLINE_MS = 500  # NORMSERVE_REQUEST_TIMEOUT_MS: what a request may wait, queue included
+OVERLOAD_CLOSED_CONNECTIONS = 64
+
+
+def overload(suite: Suite) -> dict[str, Any]:
+    """Capacity closed loop, then open loop at multiples of it over many connections: goodput (200s per
+    second), how fast refusals come and whether they say when to retry, accepted latency, server RSS."""
+    plan = suite.plan
+    config_json = json.loads((suite.repository / suite.tiny / "config.json").read_text())
+    rows = min(OVERLOAD_ROWS, int(config_json["max_batch_size"]))
+    server = suite.normserve(NORMSERVE_REQUEST_TIMEOUT_MS=str(OVERLOAD_DEADLINE_MS))
+    with running(server):
+        rss_ready = server.rss_mb()
+        closed = suite.measure(
+            server,
+            suite.tiny,
+            "binary",
+            [("concurrency", float(OVERLOAD_CLOSED_CONNECTIONS))],
+            batch=rows,
+        )
+        capacity = closed[0]["throughput"]
+        rates = [("rate", round(capacity * m, 1)) for m in plan.overload_multiples]
+        config = suite.config(duration_s=plan.overload_s, connections=plan.overload_connections)
+        open_ = suite.measure(server, suite.tiny, "binary", rates, config=config, batch=rows)
+    for row, multiple in zip(open_, plan.overload_multiples, strict=True):
+        row["multiple"] = multiple
+        row["goodput_ratio"] = round(row["throughput"] / capacity, 4) if capacity else 0.0
+    return {
+        "model": suite.tiny,
+        "rows": rows,
+        "deadline_ms": OVERLOAD_DEADLINE_MS,
+        "connections": plan.overload_connections,
+        "rss_ready_mb": rss_ready,
+        "closed": closed,
+        "open": open_,
+    }
 
 
 # -- in-process onnxruntime and graph variants ----------------------------------------------------
@@ -518,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         args.server_cores, args.generator_cores = [], []
     if args.generator_cores:
         os.sched_setaffinity(0, args.generator_cores)
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the overload part opens 1,024 connections
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     suite = Suite(
         SMOKE if args.smoke else FULL,
         args.repository.resolve(),

@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.body_start = -1  # where the body starts in the buffer, once the head is in
         self.length = 0
+        self.retry_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
@@ -84,6 +85,7 @@ class Connection(asyncio.Protocol):
                 self.broken("a response without Content-Length (normserve, Triton and uvicorn always send it)")
                 return
             self.status = int(head[9:12])
+            self.retry_after = b"\r\nretry-after:" in head
             self.length = int(head[at + 17 : head.find(b"\r\n", at + 2)])
             self.body_start = end + 4
         if len(buffer) < self.body_start + self.length:
@@ -94,7 +96,7 @@ class Connection(asyncio.Protocol):
         del buffer[:stop]
         self.body_start = -1
         self.busy = False
-        self.load.answered(self, self.status, done - self.origin, body)
+        self.load.answered(self, self.status, done - self.origin, body, done - self.sent, self.retry_after)
 
     def broken(self, reason: str) -> None:
         if self.busy:
@@ -250,9 +252,20 @@ class Load:
 
     # -- answers ----------------------------------------------------------------------------------
 
-    def answered(self, connection: Connection, status: int, latency_s: float, body: bytes) -> None:
+    def answered(
+        self,
+        connection: Connection,
+        status: int,
+        latency_s: float,
+        body: bytes,
+        response_s: float = 0.0,
+        retry_after: bool = False,
+    ) -> None:
+        """One answer: ``latency_s`` from its origin (the send, or the due time), ``response_s`` from the send."""
         if connection.origin >= self.measure_from:
             self.window.record(status, latency_s, body)
+            if status == 503:
+                self.window.refused(response_s, retry_after)
         self._next_for(connection)
 
     def failed(self, connection: Connection, reason: str) -> None:

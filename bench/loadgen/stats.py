@@ -2,7 +2,8 @@
 
 Latencies go into an HDR histogram (1 µs to 10 minutes at 3 significant digits): every value,
 the slowest included, lands in a bucket no wider than 0.1 % of it, so p99.9 and max are as true
-as the median. Only successful (2xx) answers carry a latency; the rest are counted by status.
+as the median. Only successful (2xx) answers carry a latency; the rest are counted by status, and
+refusals (503) also get a histogram of their own, from the send: how fast a server says no.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Window:
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: dict[str, str] = field(default_factory=dict)
     server_cpu_s: float | None = None  # CPU the server used in the window, when its pid is known
+    refusals: HdrHistogram = field(default_factory=new_histogram)  # 503s: from the send to the answer
+    retry_after: int = 0  # 503s that came with Retry-After
 
     def record(self, status: int, latency_s: float, body: bytes = b"") -> None:
         """One answer: its latency if it succeeded, else its status (and the first body seen for it)."""
@@ -43,6 +46,11 @@ class Window:
             self.ok += 1
         else:
             self.fail(str(status), body.decode("utf-8", "replace"))
+
+    def refused(self, response_s: float, retry_after: bool) -> None:
+        """A 503 (already counted by ``record``): how fast it came from the send, and whether it said when to retry."""
+        self.refusals.record_value(min(max(int(response_s * 1e6), LOWEST_US), HIGHEST_US))
+        self.retry_after += retry_after
 
     def fail(self, reason: str, detail: str = "", count: int = 1) -> None:
         """Requests that got no usable answer: an HTTP status, or ``timeout`` / ``connection`` / ``unanswered``."""
@@ -92,11 +100,14 @@ def is_stable(windows: list[Window], tolerance: float = 0.10, count: int = 3) ->
 def summarize(windows: list[Window], drained: Window | None = None) -> dict[str, Any]:
     """Throughput over ``windows``; latency and errors over them and over ``drained``, the answers that
     came after the last window closed (requests sent in time, still charged for their wait)."""
-    histogram = new_histogram()
+    histogram, refusals = new_histogram(), new_histogram()
     errors: Counter[str] = Counter()
     samples: dict[str, str] = {}
+    retry_after = 0
     for w in [*windows, *([drained] if drained else [])]:
         histogram.add(w.histogram)
+        refusals.add(w.refusals)
+        retry_after += w.retry_after
         errors.update(w.errors)
         for reason, text in w.error_samples.items():
             samples.setdefault(reason, text)
@@ -117,6 +128,13 @@ def summarize(windows: list[Window], drained: Window | None = None) -> dict[str,
         "error_samples": samples,
         "answered_after_end": drained.ok + sum(drained.errors.values()) if drained else 0,
     }
+    if refused := refusals.get_total_count():
+        summary["refused"] = {
+            "count": refused,
+            "p50_ms": float(refusals.get_value_at_percentile(50)) / 1000,
+            "p99_ms": float(refusals.get_value_at_percentile(99)) / 1000,
+            "with_retry_after": round(retry_after / refused, 4),
+        }
     cpu = [w.server_cpu_s for w in windows]
     if ok and all(c is not None for c in cpu):
         summary["server_cpu_ms_per_request"] = round(sum(c for c in cpu if c is not None) * 1000 / ok, 4)

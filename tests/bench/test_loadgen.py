@@ -223,6 +223,8 @@ async def test_errors_are_counted_by_status_with_a_sample_of_what_the_server_sai
     assert summary["errors"] == {"503": 100}
     assert summary["error_samples"]["503"] == '{"error": "queue full"}'
     assert summary["latency_ms"]["max"] is not None  # latency from the 200s only
+    refused = summary["refused"]  # the 503s have their own latency, and this server sends no Retry-After
+    assert refused["count"] == 100 and refused["p50_ms"] > 0 and refused["with_retry_after"] == 0.0
 
 
 @pytest.mark.anyio

@@ -44,12 +44,13 @@ def test_the_suite_writes_every_section_and_keeps_the_text_around_it(smoke: tupl
         "### Memory and start-up",
         "### Where normserve's core goes",
         "### Cross-check with wrk",
+        "### Overload: goodput past capacity",
     ]:
         assert heading in text, heading
-    for target in ["T1", "T2", "T3", "T4", "T5", "T6"]:
+    for target in ["T1", "T2", "T3", "T4", "T5", "T6", "T7"]:
         assert f"| {target} |" in text
     assert "not measured" not in text  # the checkpoint is there, so the unfolded graph was exported
-    for image in ["tiny.png", "large.png"]:
+    for image in ["tiny.png", "large.png", "overload.png"]:
         assert (doc.parent / "bench" / image).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -62,6 +63,12 @@ def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) ->
     assert len(levels) == 2 + 2 + 2 + 2 + 2 + 1 + 2 + 2 + 2
     for level in levels:
         assert level["ok"] > 0 and level["errors"] == {}, level
+    overload = results["overload"]
+    assert overload["closed"][0]["ok"] > 0 and overload["closed"][0]["errors"] == {}
+    for level in overload["open"]:  # past capacity: every answer a 200, or a 503 that says when to retry
+        assert level["ok"] > 0 and set(level["errors"]) <= {"503"}, level
+        assert level.get("refused", {"with_retry_after": 1.0})["with_retry_after"] == 1.0
+        assert level["server_rss_mb"] > 0
     assert results["memory"]["requests"] == 300
     assert results["memory"]["rss_ready_mb"] > 0
     for row in results["tiny_json"]["closed"]:  # normserve's CPU is split into onnxruntime and the rest

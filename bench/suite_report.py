@@ -194,10 +194,10 @@ def _overload_section(r: dict[str, Any], image: str) -> list[str]:
         "even refused before its body is read (about 80 µs here: 12,350 refusals/s on one core, against "
         "19,400 req/s for the bare ASGI app in the same minute). If a refusal costs a fraction x of a served "
         "request, goodput at k times capacity is at most (1 − kx)/(1 − x) of it. A 64-row request costs about "
-        "5.5 ms (x ≈ 0.01-0.015, which bounds goodput at 10x near 85-90 %); a one-row request of the tiny model about 0.24 ms "
-        "(x ≈ 0.3: at 3x no goodput is left on one core, for this server or any other whose refusal costs "
-        "a third of an inference). There the defence is cheaper refusals or more cores, and clients that "
-        "honour Retry-After.",
+        "5.5 ms (x ≈ 0.01-0.015, which bounds goodput at 10x near 85-90 %); a one-row request of the tiny "
+        "model about 0.24 ms (x ≈ 0.3: at 3x no goodput is left on one core, for this server or any other "
+        "whose refusal costs a third of an inference). There the defence is cheaper refusals or more cores, "
+        "and clients that honour Retry-After.",
         "",
     ]
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -441,6 +442,7 @@ def overload(suite: Suite) -> dict[str, Any]:
     return {
         "model": suite.tiny,
         "rows": rows,
+        "capacity": capacity,
         "deadline_ms": OVERLOAD_DEADLINE_MS,
         "connections": plan.overload_connections,
         "rss_ready_mb": rss_ready,
@@ -577,8 +579,6 @@ def main(argv: list[str] | None = None) -> int:
         args.server_cores, args.generator_cores = [], []
     if args.generator_cores:
         os.sched_setaffinity(0, args.generator_cores)
-    import resource
-
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the overload part opens 1,024 connections
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     suite = Suite(

@@ -21,6 +21,7 @@ import uvicorn
 from service.app import NormserveApp, create_app
 from service.config import Settings
 from service.logs import configure_logging
+from service.transport import raise_file_limit, server_config
 
 log = logging.getLogger("service")
 
@@ -80,17 +81,12 @@ def main() -> None:
         url,
         url,
     )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
-    DrainingServer(config, app, settings.drain_s).run()
+    before, after = raise_file_limit()
+    if after > before:
+        log.info("raised the soft limit on open files from %d to %d, the hard limit", before, after)
+    else:
+        log.info("open-file limit: %d", after)
+    DrainingServer(server_config(app, settings), app, settings.drain_s).run()
 
 
 if __name__ == "__main__":

@@ -77,6 +77,38 @@ class Settings(BaseSettings):
         description="larger request bodies that are all JSON (no binary tensors) get 413: parsing one holds the "
         "event loop, about 20 ms a megabyte",
     )
+    max_header_bytes: int = Field(
+        default=60 * 1024,
+        ge=1024,
+        description="a request line and headers larger than this get 431 and the connection is closed "
+        "(Envoy's default, 60 KiB)",
+    )
+    max_header_count: int = Field(
+        default=100, ge=8, description="a request with more header fields gets 431 (Envoy's default, 100)"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a request head not complete this long after its first byte gets 408 and the connection "
+        "is closed (slowloris)",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request body not complete this long after its head gets 408 and the connection is closed",
+    )
+    keep_alive_s: int = Field(
+        default=5,
+        ge=1,
+        description="a connection idle this long between requests, or after connecting, is closed "
+        "(uvicorn's timeout_keep_alive)",
+    )
+    max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="open connections past this are answered 503 with Retry-After and closed; the soft "
+        "open-file limit is raised to the hard one at start-up, and the cap lowered to fit it",
+    )
     drain_s: float = Field(
         default=5.0,
         ge=0,

@@ -13,6 +13,7 @@ import orjson
 from service.logs import request_id
 
 __all__ = [
+    "ClientDisconnected",
     "DeadlineExceeded",
     "Forbidden",
     "InvalidInput",
@@ -97,6 +98,13 @@ class Overloaded(ServeError):
 
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message, {"Retry-After": str(retry_after_s)})
+
+
+class ClientDisconnected(ServeError):
+    """The client went (or the server closed its connection) before the request was read; nobody hears this."""
+
+    status = 499  # nginx's "client closed request"
+    reason = "disconnected"
 
 
 class DeadlineExceeded(ServeError):

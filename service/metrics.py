@@ -35,7 +35,7 @@ class Metrics:
         self.request_failure = Counter(
             f"{p}_request_failure",
             f"{what} requests answered with an error, by reason (invalid_input, not_found, too_large, "
-            "unsupported_media_type, not_ready, overloaded, deadline, internal)",
+            "unsupported_media_type, not_ready, overloaded, deadline, disconnected, internal)",
             [*model, "reason"],
             registry=r,
         )
@@ -84,12 +84,26 @@ class Metrics:
                 registry=r,
             )
             self.batchnorm = Metrics(r, "normserve_batchnorm")
+            self.connections_closed = Counter(
+                f"{p}_connections_closed",
+                "Connections the server closed on a client, by reason (head_too_large, too_many_headers, "
+                "head_timeout, body_timeout, silent, connection_cap); service/transport.py",
+                ["reason"],
+                registry=r,
+            )
+            self._closed: dict[str, Counter] = {}
 
     def model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)
 
     def failure(self, name: str, version: str, reason: str) -> None:
         self.request_failure.labels(name, version, reason).inc()
+
+    def connection_closed(self, reason: str) -> None:
+        child = self._closed.get(reason)
+        if child is None:
+            child = self._closed[reason] = self.connections_closed.labels(reason)
+        child.inc()
 
 
 class ModelMetrics:

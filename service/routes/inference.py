@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.config import Settings
-from service.errors import InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
+from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
 from service.logs import request_id
 from service.metrics import Metrics, ModelMetrics
 from service.openapi import schema_ref
@@ -123,6 +123,8 @@ async def read_body(receive: Receive, declared: str | None, limit: BodyLimit) ->
     more = True
     while more:
         message = await receive()
+        if message["type"] == "http.disconnect":  # not the end of the body: the rest will never come
+            raise ClientDisconnected("the connection closed before the request body was complete")
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
         size += len(chunk)

@@ -10,13 +10,17 @@ The repository holds two models:
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import numpy as np
@@ -34,6 +38,7 @@ from models.zoo import build_model, config_to_dict
 from service.app import create_app
 from service.config import Settings
 from service.repository import ModelConfig, TensorSpec
+from service.transport import server_config
 from tests.conftest import randomize_batchnorms, tiny_cnn_spec
 
 AFFINE_W = np.arange(12, dtype=np.float32).reshape(4, 3) / 4 - 1
@@ -135,9 +140,7 @@ class RunningServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_config=None, access_log=False)
-        )
+        self.server = uvicorn.Server(server_config(self.app, settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{settings.port}"
         self.host = f"127.0.0.1:{settings.port}"
@@ -157,6 +160,32 @@ class RunningServer:
 
     def metric(self, name: str, **labels: str) -> float:
         return metric(self.url, name, **labels)
+
+
+def start_service(
+    repository: Path, stderr: IO[str] | int = subprocess.PIPE, files: int | None = None, **env: str
+) -> tuple[subprocess.Popen[str], str]:
+    """``python -m service`` with those NORMSERVE_* variables, once it is ready; ``files`` lowers its soft
+    open-file limit first."""
+    port = free_port()
+    environment = os.environ | {"NORMSERVE_REPOSITORY": str(repository), "NORMSERVE_PORT": str(port)} | env
+
+    def limit_files() -> None:
+        if files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    command = [sys.executable, "-m", "service"]
+    process = subprocess.Popen(command, env=environment, stderr=stderr, text=True, preexec_fn=limit_files)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"the service did not become ready: {process.communicate()[1] or 'see its log'}")
 
 
 ServeFactory = Callable[..., contextlib.AbstractContextManager[RunningServer]]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,23 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import affine_expected, free_port, infer_json, metric
-
-
-def start_service(repository: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    environment = os.environ | {"NORMSERVE_REPOSITORY": str(repository), "NORMSERVE_PORT": str(port)} | env
-    process = subprocess.Popen([sys.executable, "-m", "service"], env=environment, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"the service did not become ready: {process.communicate()[1]}")
+from tests.service.conftest import affine_expected, infer_json, metric, start_service
 
 
 def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Path) -> None:

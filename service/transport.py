@@ -1,0 +1,333 @@
+"""HTTP/1.1 with limits: how much a slow, broken or hostile client may hold, and for how long.
+
+``server_config(app, settings)`` is the uvicorn configuration every server of this project runs with
+(``python -m service``, the container, the tests). It uses uvicorn's own settings where uvicorn has
+one: ``timeout_keep_alive`` closes idle connections (NORMSERVE_KEEP_ALIVE_S), ``timeout_graceful_shutdown``
+bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``LimitedHttpToolsProtocol`` adds it:
+
+- **The request head's size** (request line and headers, NORMSERVE_MAX_HEADER_BYTES, 60 KiB as Envoy's
+  default): httptools buffers a header of any length until it ends, so 8 unfinished 32 MB headers held
+  288 MB. Past the limit the client gets 431 and the connection is closed. (``h11_max_incomplete_event_size``
+  is uvicorn's limit for h11 only.)
+- **The number of header fields** (NORMSERVE_MAX_HEADER_COUNT, 100 as Envoy's): 431.
+- **A deadline for the head and one for the body** (NORMSERVE_HEADER_TIMEOUT_S, NORMSERVE_BODY_TIMEOUT_S),
+  from the first byte of each: 408, then close. uvicorn arms its keep-alive timeout only after a response,
+  so a connection that never sent a request, or sent a byte every few seconds (slowloris), or a body
+  shorter than its Content-Length, was held forever. This protocol also arms the keep-alive timeout when a
+  connection opens, so a silent one is closed after NORMSERVE_KEEP_ALIVE_S.
+- **A cap on open connections** (NORMSERVE_MAX_CONNECTIONS): a connection past it is answered 503 with
+  Retry-After and closed, and the connections already open are served as before. uvicorn's
+  ``limit_concurrency`` is not used because at its limit it refuses every request, on the connections
+  already open too, and logs a line for each one.
+
+Every connection closed on a client is counted in ``normserve_connections_closed_total{reason}`` and
+logged as a warning at most once per reason every ``NOTICE_EVERY_S`` seconds, with the count since the
+last notice: a flood of bad clients does not become a flood of log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import httptools
+import orjson
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.app import NormserveApp
+from service.config import Settings
+
+__all__ = ["ConnectionGuard", "ConnectionLimits", "LimitedHttpToolsProtocol", "raise_file_limit", "server_config"]
+
+log = logging.getLogger(__name__)
+
+NOTICE_EVERY_S = 10.0
+# After a refusal, how long the server reads and drops what the client still sends before it closes: a
+# close with unread data resets the connection, and the client may lose the answer (nginx's lingering close).
+LINGER_S = 1.0
+# Descriptors kept for what is not a client connection (model files, the listener, logs, pipes).
+RESERVED_FILES = 64
+# The soft file limit asked for when the hard one is unlimited (Linux's default nr_open).
+UNLIMITED_FILES = 1_048_576
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_head_bytes: int = 60 * 1024
+    max_header_count: int = 100
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_connections: int | None = None) -> ConnectionLimits:
+        return cls(
+            max_head_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            head_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            max_connections=max_connections or settings.max_connections,
+        )
+
+
+@dataclass
+class ConnectionGuard:
+    """The limits every connection of one server is held to, and the record of what they closed."""
+
+    limits: ConnectionLimits
+    count: Callable[[str], None] = lambda reason: None  # normserve_connections_closed_total{reason}
+    _last_notice: dict[str, float] = field(default_factory=dict)
+    _unnoticed: dict[str, int] = field(default_factory=dict)
+
+    def closed(self, reason: str, message: str) -> None:
+        """One connection closed on its client; a warning at most once per reason every NOTICE_EVERY_S."""
+        self.count(reason)
+        self._unnoticed[reason] = self._unnoticed.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_notice.get(reason, -NOTICE_EVERY_S) >= NOTICE_EVERY_S:
+            log.warning("closed a connection: %s (%d such since the last notice)", message, self._unnoticed[reason])
+            self._last_notice[reason], self._unnoticed[reason] = now, 0
+
+
+class _Refusal(Exception):
+    """Raised inside a parser callback to stop parsing: the connection is answered ``status`` and closed."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def _closing_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    body = orjson.dumps({"error": message})
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines += [f"content-length: {len(body)}", "connection: close", "", ""]
+    return "\r\n".join(lines).encode("ascii") + body
+
+
+# Where a connection is in its current request, for the deadlines.
+_IDLE, _HEAD, _BODY = "idle", "head", "body"
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute ``protocol_class`` sets)."""
+
+    guard: ClassVar[ConnectionGuard]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _IDLE
+        self._deadline: asyncio.TimerHandle | None = None
+        self._heads = 0  # request heads completed on this connection
+        self._head_bytes = 0  # of the current head, counted from the chunks fed while it was incomplete
+        self._header_bytes = 0  # of the current head's complete header fields
+        self._header_count = 0
+        self._lingering = False
+
+    @classmethod
+    def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
+        return type(cls.__name__, (cls,), {"guard": guard})
+
+    # Connections
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limit = self.guard.limits.max_connections
+        if len(self.connections) > limit:
+            message = (
+                f"{len(self.connections) - 1} connections are open, the most this server takes "
+                f"(NORMSERVE_MAX_CONNECTIONS={limit}); retry shortly or on another replica"
+            )
+            self._refuse(_Refusal(503, "connection_cap", message), (("retry-after", "1"),))
+            return
+        # uvicorn arms its keep-alive timeout only after a response: a connection that never sends is
+        # given as long for its first request as an idle one for its next.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if self._heads == 0 and not self.transport.is_closing():
+            keep_alive = self.timeout_keep_alive
+            self.guard.closed("silent", f"no request within {keep_alive} s of connecting (NORMSERVE_KEEP_ALIVE_S)")
+        super().timeout_keep_alive_handler()
+
+    # Parsing
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:  # refused: what comes now is dropped
+            return
+        self._unset_keepalive_if_required()
+        if self._phase is _IDLE:  # any byte begins a head (llhttp skips blank lines before a request line)
+            self._phase = _HEAD
+        heads = self._heads
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Refusal):
+                self._refuse(exc.__context__)
+                return
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._phase is _HEAD:
+            # Still in a head, so every byte of this chunk was head, unless the head began inside it (after
+            # an earlier request): then its part is not counted, and the limit holds to within one read.
+            self._head_bytes += len(data) if heads == self._heads else 0
+            if self._head_bytes > self.guard.limits.max_head_bytes:
+                self._refuse(self._head_too_large(self._head_bytes))
+                return
+        if self._phase is not _IDLE and self._deadline is None:
+            timeout = self.guard.limits.head_timeout_s if self._phase is _HEAD else self.guard.limits.body_timeout_s
+            self._deadline = self.loop.call_later(timeout, self._deadline_passed)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = _HEAD
+        self._header_bytes = len(b"GET  HTTP/1.1\r\n\r\n")  # the request line's and the head's framing
+        self._header_count = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) + self._header_bytes > self.guard.limits.max_head_bytes:
+            raise self._head_too_large(len(self.url) + self._header_bytes)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        limits = self.guard.limits
+        if self._header_count > limits.max_header_count:
+            message = (
+                f"the request has more than {limits.max_header_count} header fields, the most this server "
+                "accepts (NORMSERVE_MAX_HEADER_COUNT)"
+            )
+            raise _Refusal(431, "too_many_headers", message)
+        if len(self.url) + self._header_bytes > limits.max_head_bytes:
+            raise self._head_too_large(len(self.url) + self._header_bytes)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        self._phase = _BODY
+        self._heads += 1
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel_deadline()
+        self._phase = _IDLE
+        super().on_message_complete()
+
+    # Refusing
+    def _head_too_large(self, size: int) -> _Refusal:
+        limit = self.guard.limits.max_head_bytes
+        message = (
+            f"the request line and headers passed {size} bytes; this server accepts at most {limit} "
+            "(NORMSERVE_MAX_HEADER_BYTES): send large data in the body"
+        )
+        return _Refusal(431, "head_too_large", message)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        limits = self.guard.limits
+        if self._phase is _HEAD:
+            message = f"the request head did not arrive within {limits.head_timeout_s:g} s (NORMSERVE_HEADER_TIMEOUT_S)"
+            self._refuse(_Refusal(408, "head_timeout", message))
+        elif self._phase is _BODY:
+            message = f"the request body did not arrive within {limits.body_timeout_s:g} s (NORMSERVE_BODY_TIMEOUT_S)"
+            self._refuse(_Refusal(408, "body_timeout", message))
+
+    def _refuse(self, refusal: _Refusal, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer ``refusal`` where no other response is under way, and close the connection. A request
+        whose body is still awaited hears ``http.disconnect``, and whatever it answers later is dropped.
+
+        The server's side closes at once (the client reads the answer, then the end); what the client still
+        sends is read and dropped for up to LINGER_S, so that it is not reset before it reads the answer.
+        """
+        self._cancel_deadline()
+        self._unset_keepalive_if_required()
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(_closing_response(refusal.status, refusal.message, headers))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.guard.closed(refusal.reason, f"{refusal.status}: {refusal.message}")
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._lingering = True
+            self.flow.resume_reading()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; returns (before, after).
+
+    Each connection is a file descriptor: at a soft limit of 1,024 (a common default) the 1,025th client
+    is reset by the kernel with nothing in the server's log.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = UNLIMITED_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the soft limit on open files from %d to %d: %s", soft, wanted, exc)
+            return soft, soft
+        return soft, wanted
+    return soft, soft
+
+
+def server_config(app: NormserveApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """The uvicorn configuration of a server of ``app``, held to the settings' connection limits.
+
+    The connection cap is lowered to what the soft file limit leaves room for, with a warning.
+    """
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = settings.max_connections if files == resource.RLIM_INFINITY else max(1, files - RESERVED_FILES)
+    if room < settings.max_connections:
+        log.warning(
+            "NORMSERVE_MAX_CONNECTIONS=%d is more than the open-file limit (%d) leaves room for: capping "
+            "connections at %d; raise the hard limit (ulimit -Hn, or the container's nofile) for more",
+            settings.max_connections,
+            files,
+            room,
+        )
+    limits = ConnectionLimits.from_settings(settings, min(room, settings.max_connections))
+    guard = ConnectionGuard(limits, app.state.normserve.metrics.connection_closed)
+    protocol = LimitedHttpToolsProtocol.with_guard(guard)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": protocol,
+        "log_config": None,
+        "access_log": False,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }
+    return uvicorn.Config(app, **(options | overrides))

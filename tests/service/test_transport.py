@@ -1,0 +1,285 @@
+"""Connection limits against a real ``python -m service`` (service/transport.py): header floods, slowloris,
+silent connections, slow bodies and the connection cap, while a normal client keeps being answered.
+
+The server runs with short timeouts (1 s) so that each attack is over in seconds. A normal client asks
+for readiness and runs an inference throughout each attack; the median of its answers must stay under
+50 ms, the attackers' connections must be closed within their timeout (plus a second of slack for a
+busy machine), and the server's memory must not grow with what the attackers send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import selectors
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.service.conftest import infer_json, metric, start_service
+
+TIMEOUT_S = 1.0
+SLACK_S = 1.0
+FILE_LIMIT = 1024  # the server starts with this soft limit, and must raise it to take more clients
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").split(":")
+        return host, int(port)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS in /proc/<pid>/status")
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.address, timeout=5)
+
+
+@contextlib.contextmanager
+def running(repository: Path, tmp_path: Path, **env: str) -> Iterator[Service]:
+    log = tmp_path / "service.log"
+    settings = {
+        "NORMSERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+        "NORMSERVE_BODY_TIMEOUT_S": str(TIMEOUT_S),
+        "NORMSERVE_KEEP_ALIVE_S": str(int(TIMEOUT_S)),
+        "NORMSERVE_DRAIN_S": "0",
+    }
+    with log.open("w") as stderr:
+        process, url = start_service(repository, stderr=stderr, files=FILE_LIMIT, **(settings | env))
+        try:
+            yield Service(process, url, log)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running(built_repository, tmp_path_factory.mktemp("transport")) as started:
+        yield started
+
+
+@dataclass
+class NormalClient:
+    """Asks for readiness and runs a one-row inference, one after the other, on one keep-alive connection."""
+
+    url: str
+    latencies_s: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        body = infer_json("x", np.ones((1, 4), dtype=np.float32))
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self._stop.is_set():
+                for send in (
+                    lambda: client.get("/v2/health/ready"),
+                    lambda: client.post("/v2/models/affine/infer", json=body),
+                ):
+                    started = time.perf_counter()
+                    try:
+                        status = send().status_code
+                    except httpx.HTTPError as exc:
+                        self.failures.append(repr(exc))
+                        continue
+                    self.latencies_s.append(time.perf_counter() - started)
+                    if status != 200:
+                        self.failures.append(f"status {status}")
+                time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def alongside(self) -> Iterator[NormalClient]:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not self.latencies_s and time.monotonic() < deadline:  # connected and answered once
+            time.sleep(0.01)
+        try:
+            yield self
+        finally:
+            while len(self.latencies_s) < 10 and time.monotonic() < deadline:  # a short attack: a few more
+                time.sleep(0.01)
+            self._stop.set()
+            thread.join(timeout=30)
+        assert not self.failures, f"the normal client failed during the attack: {self.failures[:5]}"
+        assert len(self.latencies_s) >= 10, f"the normal client got only {len(self.latencies_s)} answers"
+        median_ms = statistics.median(self.latencies_s) * 1000
+        assert median_ms < 50, f"the normal client's median answer took {median_ms:.1f} ms during the attack"
+
+
+def closed_within(sockets: list[socket.socket], seconds: float, drip: bytes = b"", every_s: float = 0.3) -> dict:
+    """Wait for the server to close each socket, sending ``drip`` on each every ``every_s`` while it is open.
+    Returns, per socket that was closed, what the server sent before closing and when it closed."""
+    selector = selectors.DefaultSelector()
+    for sock in sockets:
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+    started = time.monotonic()
+    received: dict[socket.socket, bytes] = {sock: b"" for sock in sockets}
+    closed: dict[socket.socket, tuple[bytes, float]] = {}
+    next_drip = started + every_s
+    while len(closed) < len(sockets) and time.monotonic() - started < seconds:
+        for key, _ in selector.select(timeout=0.05):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionError:
+                chunk = b""
+            if chunk:
+                received[sock] += chunk
+                continue
+            closed[sock] = (received[sock], time.monotonic() - started)
+            selector.unregister(sock)
+        if drip and time.monotonic() >= next_drip:
+            next_drip += every_s
+            for sock in sockets:
+                if sock not in closed:
+                    with contextlib.suppress(OSError):
+                        sock.send(drip)
+    selector.close()
+    for sock in sockets:
+        sock.close()
+    return closed
+
+
+def head(path: str = "/v2/health/ready", method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: normserve\r\n".encode()
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), f"not an HTTP answer: {answer[:80]!r}"
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_the_soft_file_limit_is_raised_at_start_up_and_said_in_the_log(service: Service) -> None:
+    hard = int(Path(f"/proc/{service.process.pid}/limits").read_text().split("Max open files")[1].split()[1])
+    soft = int(Path(f"/proc/{service.process.pid}/limits").read_text().split("Max open files")[1].split()[0])
+    assert soft == hard > FILE_LIMIT or hard == FILE_LIMIT
+    assert f"raised the soft limit on open files from {FILE_LIMIT} to {soft}" in service.log.read_text()
+
+
+def test_silent_connections_past_the_old_file_limit_are_taken_then_closed_within_the_keep_alive(
+    service: Service,
+) -> None:
+    with NormalClient(service.url).alongside():
+        silent = [service.connect() for _ in range(FILE_LIMIT + 100)]
+        closed = closed_within(silent, TIMEOUT_S + SLACK_S + 2)
+    assert len(closed) == len(silent), f"{len(silent) - len(closed)} silent connections were still open"
+    late = [t for _, t in closed.values() if t > TIMEOUT_S + SLACK_S]
+    assert len(late) < len(silent) // 20, f"{len(late)} silent connections outlived the keep-alive by over {SLACK_S} s"
+    assert metric(service.url, "normserve_connections_closed_total", reason="silent") >= len(silent)
+
+
+def test_slowloris_heads_get_408_and_are_closed_within_the_header_timeout(service: Service) -> None:
+    with NormalClient(service.url).alongside():
+        dripping = [service.connect() for _ in range(300)]
+        for sock in dripping:
+            sock.send(head())
+        closed = closed_within(dripping, TIMEOUT_S + SLACK_S + 2, drip=b"x")
+    assert len(closed) == len(dripping), f"{len(dripping) - len(closed)} slowloris connections were still open"
+    for answer, seconds in closed.values():
+        assert status_of(answer) == 408 and b"NORMSERVE_HEADER_TIMEOUT_S" in answer
+        assert seconds < TIMEOUT_S + SLACK_S, f"a slowloris connection was closed after {seconds:.2f} s"
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_within_the_body_timeout(service: Service) -> None:
+    declared = (
+        head("/v2/models/affine/infer", "POST") + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    with NormalClient(service.url).alongside():
+        short = [service.connect() for _ in range(50)]
+        for sock in short:
+            sock.send(declared + b'{"inputs": [')
+        trickling = [service.connect() for _ in range(50)]
+        for sock in trickling:
+            sock.send(declared)
+        closed = closed_within(short, TIMEOUT_S + SLACK_S + 2) | closed_within(trickling, TIMEOUT_S + SLACK_S + 2, b" ")
+    assert len(closed) == 100
+    for answer, seconds in closed.values():
+        assert status_of(answer) == 408 and b"NORMSERVE_BODY_TIMEOUT_S" in answer
+        assert seconds < TIMEOUT_S + SLACK_S, f"a slow body's connection was closed after {seconds:.2f} s"
+    assert (
+        metric(service.url, "normserve_request_failure_total", model="affine", version="1", reason="disconnected")
+        >= 100
+    )
+
+
+def flood(service: Service, send: Callable[[socket.socket], None], connections: int) -> list[bytes]:
+    """Open ``connections`` sockets, run ``send`` on each, and collect each one's answer until it closes."""
+    answers = []
+    for _ in range(connections):
+        with service.connect() as sock:
+            with contextlib.suppress(ConnectionError):
+                send(sock)
+            received = b""
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                while chunk := sock.recv(65536):
+                    received += chunk
+            answers.append(received)
+    return answers
+
+
+def test_an_endless_header_gets_431_and_holds_no_memory(service: Service) -> None:
+    def endless_header(sock: socket.socket) -> None:
+        sock.send(head() + b"X-Flood: ")
+        for _ in range(32 * 2**20 // 2**16):  # up to 32 MB, until the server answers
+            sock.send(b"a" * 2**16)
+            if select.select([sock], [], [], 0.02)[0]:
+                return
+        raise AssertionError("the server read 32 MB of one header without answering")
+
+    before = service.rss_mb()
+    with NormalClient(service.url).alongside():
+        answers = flood(service, endless_header, 8)
+    grown = service.rss_mb() - before
+    for answer in answers:
+        assert status_of(answer) == 431 and b"NORMSERVE_MAX_HEADER_BYTES" in answer, answer[:200]
+    assert grown < 30, f"8 endless headers left the server {grown:.0f} MB larger"
+
+
+def test_too_many_header_fields_get_431_and_a_normal_head_still_passes(service: Service) -> None:
+    many = head() + b"".join(b"X-%d: 1\r\n" % i for i in range(100_000)) + b"\r\n"
+    answers = flood(service, lambda sock: sock.sendall(many), 2)
+    for answer in answers:
+        assert status_of(answer) == 431 and b"more than 100 header fields" in answer, answer[:200]
+    fifty = {f"x-{i}": "1" for i in range(50)}
+    assert httpx.get(f"{service.url}/v2/health/ready", headers=fifty).status_code == 200
+
+
+def test_past_the_connection_cap_new_connections_get_503_and_open_ones_are_served(
+    built_repository: Path, tmp_path: Path
+) -> None:
+    with running(built_repository, tmp_path, NORMSERVE_MAX_CONNECTIONS="64", NORMSERVE_KEEP_ALIVE_S="5") as capped:
+        with httpx.Client(base_url=capped.url, timeout=10) as served:
+            assert served.get("/v2/health/ready").status_code == 200  # one of the 64, before the others
+            held = [capped.connect() for _ in range(63)]
+            refused = flood(capped, lambda sock: sock.sendall(head() + b"\r\n"), 20)
+            assert served.get("/v2/health/ready").status_code == 200
+            for sock in held:
+                sock.close()
+        for answer in refused:
+            assert status_of(answer) == 503 and b"retry-after: 1" in answer.lower(), answer[:200]
+            assert b"NORMSERVE_MAX_CONNECTIONS=64" in answer
+        time.sleep(0.5)  # the server sees the held connections go
+        assert httpx.get(f"{capped.url}/v2/health/ready").status_code == 200
+        notices = [line for line in capped.log.read_text().splitlines() if "NORMSERVE_MAX_CONNECTIONS=64" in line]
+    assert len(notices) == 1, f"expected one rate-limited notice for 20 refusals, got {notices}"

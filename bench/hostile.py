@@ -86,7 +86,8 @@ async def normal_client(host: str, port: int, stop: asyncio.Event, outcome: Outc
             started = time.monotonic()
             writer.write(HEAD + b"\r\n")
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length"))
+            lines = head.lower().split(b"\r\n")
+            length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
             await reader.readexactly(length)
             outcome.normal_s.append(time.monotonic() - started)
             await asyncio.sleep(0.02)
@@ -160,16 +161,16 @@ def run_attacks(url: str, names: list[str], hold_s: float, pid: int | None) -> l
 
 
 def table(outcomes: list[Outcome]) -> str:
-    lines = [
-        "| attack | connections | answers | held median / max | still open | normal client median / max | RSS MB before / peak / after |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    columns = ["attack", "connections", "answers", "held median / max", "still open", "normal client median / max"]
+    columns.append("RSS MB before / peak / after")
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for o in outcomes:
         answers = ", ".join(f"{n} × {a}" for a, n in o.answers.most_common())
         held = f"{statistics.median(o.held_s):.2f} / {max(o.held_s):.2f} s" if o.held_s else "-"
         normal = f"{statistics.median(o.normal_s) * 1000:.1f} / {max(o.normal_s) * 1000:.0f} ms" if o.normal_s else "-"
         rss = " / ".join(f"{v:.0f}" for v in o.rss_mb) if o.rss_mb else "-"
-        lines.append(f"| {o.attack} | {o.connections} | {answers or '-'} | {held} | {o.still_open} | {normal} | {rss} |")
+        cells = [o.attack, str(o.connections), answers or "-", held, str(o.still_open), normal, rss]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

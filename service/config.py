@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="a request head not complete this long after its first byte gets 408 and the connection "
-        "is closed (slowloris)",
+        "is closed (slowloris); a new connection that sends nothing for this long is closed",
     )
     body_timeout_s: float = Field(
         default=30.0,
@@ -98,10 +98,11 @@ class Settings(BaseSettings):
         description="a request body not complete this long after its head gets 408 and the connection is closed",
     )
     keep_alive_s: int = Field(
-        default=5,
+        default=75,
         ge=1,
-        description="a connection idle this long between requests, or after connecting, is closed "
-        "(uvicorn's timeout_keep_alive)",
+        description="a connection idle this long between requests is closed (uvicorn's timeout_keep_alive); "
+        "above the idle timeout of the load balancer or client pool in front (60 s is common), or requests sent "
+        "as the server closes are lost",
     )
     max_connections: int = Field(
         default=4096,

@@ -13,8 +13,8 @@ bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``Limited
 - **A deadline for the head and one for the body** (NORMSERVE_HEADER_TIMEOUT_S, NORMSERVE_BODY_TIMEOUT_S),
   from the first byte of each: 408, then close. uvicorn arms its keep-alive timeout only after a response,
   so a connection that never sent a request, or sent a byte every few seconds (slowloris), or a body
-  shorter than its Content-Length, was held forever. This protocol also arms the keep-alive timeout when a
-  connection opens, so a silent one is closed after NORMSERVE_KEEP_ALIVE_S.
+  shorter than its Content-Length, was held forever. A new connection that sends nothing is closed once
+  the head's timeout has passed.
 - **A cap on open connections** (NORMSERVE_MAX_CONNECTIONS): a connection past it is answered 503 with
   Retry-After and closed, and the connections already open are served as before. uvicorn's
   ``limit_concurrency`` is not used because at its limit it refuses every request, on the connections
@@ -31,7 +31,7 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -43,6 +43,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.app import NormserveApp
 from service.config import Settings
+from service.errors import ServeError, render
 
 __all__ = ["ConnectionGuard", "ConnectionLimits", "LimitedHttpToolsProtocol", "raise_file_limit", "server_config"]
 
@@ -79,10 +80,15 @@ class ConnectionLimits:
 
 @dataclass
 class ConnectionGuard:
-    """The limits every connection of one server is held to, and the record of what they closed."""
+    """The limits every connection of one server is held to, and the record of what they closed.
+
+    ``early`` is asked, for each POST whose head has arrived, whether the server refuses it now (an
+    inference request to a full queue): the ServeError to answer, or None to serve it as usual.
+    """
 
     limits: ConnectionLimits
     count: Callable[[str], None] = lambda reason: None  # normserve_connections_closed_total{reason}
+    early: Callable[[str], ServeError | None] | None = None
     _last_notice: dict[str, float] = field(default_factory=dict)
     _unnoticed: dict[str, int] = field(default_factory=dict)
 
@@ -104,12 +110,15 @@ class _Refusal(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
-def _closing_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
-    body = orjson.dumps({"error": message})
+def _response(status: int, body: bytes, headers: Iterable[tuple[str, str]], close: bool) -> bytes:
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    lines += [f"content-length: {len(body)}", "connection: close", "", ""]
+    lines += [f"{name.lower()}: {value}" for name, value in headers]
+    lines += [f"content-length: {len(body)}", *(["connection: close"] if close else []), "", ""]
     return "\r\n".join(lines).encode("ascii") + body
+
+
+def _closing_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    return _response(status, orjson.dumps({"error": message}), headers, close=True)
 
 
 # Where a connection is in its current request, for the deadlines.
@@ -130,6 +139,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # of the current head's complete header fields
         self._header_count = 0
         self._lingering = False
+        self._skipping = False  # the body of a request answered early: read and dropped
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
@@ -146,9 +156,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             self._refuse(_Refusal(503, "connection_cap", message), (("retry-after", "1"),))
             return
-        # uvicorn arms its keep-alive timeout only after a response: a connection that never sends is
-        # given as long for its first request as an idle one for its next.
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        # uvicorn arms its keep-alive timeout only after a response: a new connection gets the head's
+        # timeout to start its first request, and is closed, unanswered, if it sends nothing.
+        limits = self.guard.limits
+        self.timeout_keep_alive_task = self.loop.call_later(limits.head_timeout_s, self.timeout_keep_alive_handler)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -156,8 +167,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def timeout_keep_alive_handler(self) -> None:
         if self._heads == 0 and not self.transport.is_closing():
-            keep_alive = self.timeout_keep_alive
-            self.guard.closed("silent", f"no request within {keep_alive} s of connecting (NORMSERVE_KEEP_ALIVE_S)")
+            waited = self.guard.limits.head_timeout_s
+            self.guard.closed("silent", f"no request within {waited:g} s of connecting (NORMSERVE_HEADER_TIMEOUT_S)")
         super().timeout_keep_alive_handler()
 
     # Parsing
@@ -197,6 +208,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._phase is not _IDLE and self._deadline is None:
             timeout = self.guard.limits.head_timeout_s if self._phase is _HEAD else self.guard.limits.body_timeout_s
             self._deadline = self.loop.call_later(timeout, self._deadline_passed)
+        elif self._phase is _IDLE and self.timeout_keep_alive_task is None and self._answered():
+            # Idle with every request answered (one answered early arms no keep-alive of uvicorn's).
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -228,12 +244,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._heads += 1
         self._head_bytes = 0
+        if self.guard.early is not None and self._answered_early(self.guard.early):
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._skipping:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._cancel_deadline()
         self._phase = _IDLE
+        if self._skipping:
+            self._skipping = False
+            return
         super().on_message_complete()
+
+    # Answering early
+    def _answered(self) -> bool:
+        return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+
+    def _answered_early(self, early: Callable[[str], ServeError | None]) -> bool:
+        """Refuse a request from its head alone, with no ASGI request cycle, where ``early`` says to: a
+        refusal under overload then costs the parse of a head and one write. Its body is read and
+        dropped, and the connection serves the next request. Only a plain keep-alive HTTP/1.1 POST with
+        nothing else in flight on its connection is answered so; any other goes the usual way."""
+        if self.parser.get_method() != b"POST" or self.expect_100_continue or not self._answered():
+            return False
+        if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
+            return False
+        path = httptools.parse_url(self.url).path
+        if b"%" in path:
+            return False
+        refusal = early(path.decode("ascii"))
+        if refusal is None:
+            return False
+        status, headers, body = render(refusal)
+        self.transport.write(_response(status, body, headers.items(), close=False))
+        self.server_state.total_requests += 1
+        self._skipping = True
+        return True
 
     # Refusing
     def _head_too_large(self, size: int) -> _Refusal:
@@ -264,7 +314,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         self._unset_keepalive_if_required()
         cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.response_started:
+        if not self._skipping and (cycle is None or cycle.response_complete or not cycle.response_started):
             self.transport.write(_closing_response(refusal.status, refusal.message, headers))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
@@ -318,7 +368,10 @@ def server_config(app: NormserveApp, settings: Settings, **overrides: Any) -> uv
             room,
         )
     limits = ConnectionLimits.from_settings(settings, min(room, settings.max_connections))
-    guard = ConnectionGuard(limits, app.state.normserve.metrics.connection_closed)
+    # Refusals from the head alone skip the API key check: only where inference needs no key.
+    keyed = settings.api_key is not None and "inference" in settings.api_key_protects
+    early = None if keyed else app.inference.refusal
+    guard = ConnectionGuard(limits, app.state.normserve.metrics.connection_closed, early)
     protocol = LimitedHttpToolsProtocol.with_guard(guard)
     options: dict[str, Any] = {
         "host": settings.host,

@@ -21,7 +21,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.config import Settings
-from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge, ServeError, UnsupportedMediaType, render
+from service.errors import (
+    ClientDisconnected,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    ServeError,
+    UnsupportedMediaType,
+    render,
+)
 from service.logs import request_id
 from service.metrics import Metrics, ModelMetrics
 from service.openapi import schema_ref
@@ -271,6 +279,23 @@ class InferenceEndpoint:
             return None
         found = self.PATH.fullmatch(scope["path"])
         return (found[1], found[2]) if found else None
+
+    def refusal(self, path: str) -> ServeError | None:
+        """The 503 an inference request to ``path`` gets from its head alone, before its body is read:
+        its model's queue is full, or would keep any request past the longest deadline. None: the request
+        goes the usual way, which also answers every other error (an unknown model, a stopping server)."""
+        found = self.PATH.fullmatch(path)
+        if found is None or self.state.draining:
+            return None
+        try:
+            served = self.state.registry.get(found[1], found[2])
+            served.batcher.admit(self.state.settings.request_timeout_ms / 1000)
+        except Overloaded as e:
+            served.metrics.failure(e.reason)
+            return e
+        except ServeError:
+            return None
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,6 +99,48 @@ async def test_a_full_queue_refuses_before_the_body_is_read(serve: ServeFactory)
             assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
             # The accepted request is still answered, with its own rows.
             np.testing.assert_allclose(logits(await queued), affine_expected(x)[0], rtol=1e-6)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One HTTP/1.1 response with a Content-Length, read off a raw connection."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5.0)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower().encode(): v.strip().encode() for k, _, v in (x.partition(":") for x in lines if x)}
+    body = await reader.readexactly(int(headers[b"content-length"]))
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("api_key", [None, "k" * 16])
+async def test_a_request_refused_from_its_head_skips_its_body_and_the_connection_serves_on(
+    serve: ServeFactory, api_key: str | None
+) -> None:
+    x = np.ones((1, 4), dtype=np.float32)
+    body = orjson.dumps(infer_json("x", x))
+    request = (
+        b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with serve(queue_limit=1, max_queue_delay_ms=2000, max_batch_size=8, api_key=api_key) as server:
+        async with httpx.AsyncClient(timeout=30, headers=key) as client:
+            queued = asyncio.ensure_future(client.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", x)))
+            await asyncio.sleep(0.3)  # it fills the queue
+            reader, writer = await asyncio.open_connection(server.settings.host, server.settings.port)
+            writer.write(request * 2 + b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")  # pipelined
+            await writer.drain()
+            answers = [await read_response(reader) for _ in range(3)]
+            writer.close()
+            np.testing.assert_allclose(logits(await queued), affine_expected(x)[0], rtol=1e-6)
+        metric = "normserve_request_failure_total"
+        overloaded = server.metric(metric, model="affine", version="1", reason="overloaded") if not api_key else 0
+    if api_key is None:  # refused from the head; the bodies are skipped, and the next request is answered
+        for status, headers, error in answers[:2]:
+            assert status == 503 and headers[b"retry-after"] == b"1", error
+            assert b"1 requests queued" in error and b"NORMSERVE_QUEUE_LIMIT" in error
+        assert overloaded == 2
+    else:  # the key is checked before anything is said about the queue
+        assert [status for status, _, _ in answers[:2]] == [401, 401]
+    assert answers[2][0] == 200
 
 
 async def test_a_request_past_its_deadline_gets_504_and_is_not_run(serve: ServeFactory) -> None:

@@ -59,7 +59,6 @@ def running(repository: Path, tmp_path: Path, **env: str) -> Iterator[Service]:
     settings = {
         "NORMSERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S),
         "NORMSERVE_BODY_TIMEOUT_S": str(TIMEOUT_S),
-        "NORMSERVE_KEEP_ALIVE_S": str(int(TIMEOUT_S)),
         "NORMSERVE_DRAIN_S": "0",
     }
     with log.open("w") as stderr:
@@ -177,7 +176,7 @@ def test_the_soft_file_limit_is_raised_at_start_up_and_said_in_the_log(service: 
     assert f"raised the soft limit on open files from {FILE_LIMIT} to {soft}" in service.log.read_text()
 
 
-def test_silent_connections_past_the_old_file_limit_are_taken_then_closed_within_the_keep_alive(
+def test_silent_connections_past_the_old_file_limit_are_taken_then_closed_within_the_header_timeout(
     service: Service,
 ) -> None:
     with NormalClient(service.url).alongside():
@@ -185,8 +184,17 @@ def test_silent_connections_past_the_old_file_limit_are_taken_then_closed_within
         closed = closed_within(silent, TIMEOUT_S + SLACK_S + 2)
     assert len(closed) == len(silent), f"{len(silent) - len(closed)} silent connections were still open"
     late = [t for _, t in closed.values() if t > TIMEOUT_S + SLACK_S]
-    assert len(late) < len(silent) // 20, f"{len(late)} silent connections outlived the keep-alive by over {SLACK_S} s"
+    assert len(late) < len(silent) // 20, f"{len(late)} silent connections outlived the timeout by over {SLACK_S} s"
     assert metric(service.url, "normserve_connections_closed_total", reason="silent") >= len(silent)
+
+
+def test_an_idle_keep_alive_connection_outlives_the_header_timeout(service: Service) -> None:
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        first = client.get("/v2/health/live")
+        time.sleep(TIMEOUT_S + 0.5)  # idle between requests: NORMSERVE_KEEP_ALIVE_S (75 s) applies, not the head's
+        second = client.get("/v2/health/live")
+    assert first.status_code == second.status_code == 200
+    assert first.extensions["network_stream"] is second.extensions["network_stream"]  # the same connection
 
 
 def test_slowloris_heads_get_408_and_are_closed_within_the_header_timeout(service: Service) -> None:

@@ -23,7 +23,6 @@ import concurrent.futures
 import enum
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,19 +42,6 @@ _QUIET_PASSES = 2  # loop passes without a new request before a batch is taken (
 _MAX_PASSES = 16  # however steadily requests trickle in, a batch is taken after this many passes
 _DRAIN_WEIGHT = 0.2  # the weight of the newest batch in the drain rate's moving average
 LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
-# The batch thread's nice value above the loop's. Where the two share a core, the kernel then runs the
-# loop as soon as it has work (a refusal, a health check, the next request's parse) and gives the batch
-# the rest, where at equal priority the loop waited out the batch's time slice.
-COMPUTE_NICE = 10
-
-
-def _yield_to_the_loop() -> None:
-    """Lower the calling thread's scheduling priority by COMPUTE_NICE (Linux: nice is per thread)."""
-    thread = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + COMPUTE_NICE))
-    except (OSError, AttributeError):  # not Linux, or not allowed: the batch runs at the loop's priority
-        pass
 
 
 def available_cores() -> int:
@@ -358,9 +344,7 @@ class Batcher:
                 outputs = self._run(feeds)
             else:
                 if self._thread is None:
-                    self._thread = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix=f"run {self.name}", initializer=_yield_to_the_loop
-                    )
+                    self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run {self.name}")
                 outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._run, feeds)
         except Exception as e:  # inputs the protocol layer validated were refused: a bug, but the worker goes on
             log.exception("model %s failed to run a batch of %d rows", self.name, rows)

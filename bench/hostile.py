@@ -8,7 +8,7 @@ Each attack runs alone, while a normal client asks for readiness every 20 ms on 
 - fields:    one request with 100,000 header fields
 - slowloris: 500 connections sending a request head one byte every 3 s
 - silent:    2,000 connections that never send a byte
-- slow-body: 200 requests declaring a 1,000-byte body and sending 10 bytes of it
+- slow-body: 200 inference requests (to ``--model``) declaring a 1,000-byte body and sending 10 bytes of it
 
 Printed: per attack, the answers the attackers got, how long the server held their connections (median,
 max), the normal client's median and slowest answer, and with ``--pid`` the server's RSS before, at its
@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 __all__ = ["Outcome", "main", "run_attacks"]
 
 HEAD = b"GET /v2/health/ready HTTP/1.1\r\nHost: normserve\r\n"
-POST = b"POST /v2/models/cnn-bn/infer HTTP/1.1\r\nHost: normserve\r\nContent-Type: application/json\r\n"
 
 
 @dataclass
@@ -95,7 +94,9 @@ async def normal_client(host: str, port: int, stop: asyncio.Event, outcome: Outc
         writer.close()
 
 
-def attacks() -> dict[str, tuple[int, Attacker]]:
+def attacks(model: str = "cnn-bn") -> dict[str, tuple[int, Attacker]]:
+    post = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: normserve\r\nContent-Type: application/json\r\n".encode()
+
     async def endless_header(writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + b"X-Flood: ")
         chunk = b"a" * 2**16
@@ -117,7 +118,7 @@ def attacks() -> dict[str, tuple[int, Attacker]]:
         await asyncio.Event().wait()
 
     async def slow_body(writer: asyncio.StreamWriter) -> None:
-        writer.write(POST + b"Content-Length: 1000\r\n\r\n" + b'{"inputs":')
+        writer.write(post + b"Content-Length: 1000\r\n\r\n" + b'{"inputs":')
         await writer.drain()
 
     return {
@@ -129,10 +130,10 @@ def attacks() -> dict[str, tuple[int, Attacker]]:
     }
 
 
-async def run_attack(url: str, name: str, hold_s: float, pid: int | None) -> Outcome:
+async def run_attack(url: str, name: str, hold_s: float, pid: int | None, model: str) -> Outcome:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    connections, send = attacks()[name]
+    connections, send = attacks(model)[name]
     outcome = Outcome(name, connections)
     stop = asyncio.Event()
     normal = asyncio.ensure_future(normal_client(host, port, stop, outcome))
@@ -156,8 +157,8 @@ async def run_attack(url: str, name: str, hold_s: float, pid: int | None) -> Out
     return outcome
 
 
-def run_attacks(url: str, names: list[str], hold_s: float, pid: int | None) -> list[Outcome]:
-    return [asyncio.run(run_attack(url, name, hold_s, pid)) for name in names]
+def run_attacks(url: str, names: list[str], hold_s: float, pid: int | None, model: str = "cnn-bn") -> list[Outcome]:
+    return [asyncio.run(run_attack(url, name, hold_s, pid, model)) for name in names]
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -180,8 +181,9 @@ def main() -> None:
     parser.add_argument("--pid", type=int, help="the server's process id, to read its RSS")
     parser.add_argument("--hold", type=float, default=60.0, help="give up on an attacker after this many seconds")
     parser.add_argument("--attacks", nargs="+", default=list(attacks()), choices=list(attacks()))
+    parser.add_argument("--model", default="cnn-bn", help="the served model the slow bodies are sent to")
     args = parser.parse_args()
-    print(table(run_attacks(args.url, args.attacks, args.hold, args.pid)))
+    print(table(run_attacks(args.url, args.attacks, args.hold, args.pid, args.model)))
 
 
 if __name__ == "__main__":

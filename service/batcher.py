@@ -121,6 +121,7 @@ class Batcher:
         self._queued = 0  # requests in the queue that are still waiting (not expired)
         self._queued_rows = 0
         self._running_rows = 0  # of the batch being run now
+        self._last_batch_rows = 0  # of the last batch run
         self._arrivals = 0  # requests ever queued: tells the worker whether more are still coming in
         self._wake: asyncio.Event | None = None
         self._full: asyncio.Future[None] | None = None
@@ -210,11 +211,12 @@ class Batcher:
 
     def expected_latency_s(self, rows: int = 1) -> float:
         """How long a request of ``rows`` rows queued now should take to be answered: the batch running now
-        (all of it: how much is left is not known), the rows queued ahead of it and its own, and a batch
-        more of slack (its answer is sent between batches, and the rate moves), at the rate this batcher
+        (all of it: how much is left is not known), the rows queued ahead of it and its own, and as many
+        again as the last batch ran, as slack (its answer is sent between batches, and the rate moves: a
+        loaded batcher runs full batches, an idle one small ones), at the rate this batcher
         has drained its queue while it was backlogged (the batches and the loop's work between them), or
         at the warm-up's compute cost until it has been."""
-        return (self._running_rows + self._queued_rows + rows + self.max_batch_size) * self._row_s
+        return (self._running_rows + self._queued_rows + rows + self._last_batch_rows) * self._row_s
 
     def _expire(self, request: _Request) -> None:
         if request.state is not _State.QUEUED:
@@ -327,7 +329,7 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[_Request]) -> None:
-        rows = self._running_rows = sum(r.rows for r in batch)
+        rows = self._running_rows = self._last_batch_rows = sum(r.rows for r in batch)
         try:
             await self._execute_rows(batch, rows)
         finally:

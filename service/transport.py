@@ -178,7 +178,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._phase is _IDLE:  # any byte begins a head (llhttp skips blank lines before a request line)
             self._phase = _HEAD
-        heads = self._heads
+        in_head, heads = self._phase is _HEAD, self._heads
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -199,9 +199,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return
         if self._phase is _HEAD:
-            # Still in a head, so every byte of this chunk was head, unless the head began inside it (after
-            # an earlier request): then its part is not counted, and the limit holds to within one read.
-            self._head_bytes += len(data) if heads == self._heads else 0
+            # In the same head from the chunk's start to its end: every byte of it was head. A head that
+            # began inside the chunk (after a body, or an earlier request) is not counted for this chunk,
+            # so the limit holds to within one read.
+            self._head_bytes += len(data) if in_head and heads == self._heads else 0
             if self._head_bytes > self.guard.limits.max_head_bytes:
                 self._refuse(self._head_too_large(self._head_bytes))
                 return

@@ -274,8 +274,11 @@ class Suite:
         for mode, level in levels:
             run_config = replace(config or self.config(), server_pid=server.pid)
             before = _server_counters(server)
+            started, generator = time.monotonic(), time.process_time()
             (result,) = run_levels(target, requests, [(mode, level)], run_config)
+            wall = time.monotonic() - started
             after = _server_counters(server)
+            after["generator_cpu_s"], after["wall_s"] = time.process_time() - generator, wall
             rows.append(_level_row(result, before, after))
             _progress(f"{server.name} {model} {encoding} {mode} {level:g}", rows[-1])
         return rows
@@ -301,9 +304,16 @@ def _server_counters(server: Server) -> dict[str, float]:
 
 
 def _level_row(result: LevelResult, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The level's summary, with the server's CPU per request and, where known, the 200s the server itself
+    counted per second over the whole level (warm-up and drain included: the generator's own count lags
+    when it is the bottleneck) and the share of a core the generator used."""
     row = result.summary()
     row["windows_detail"] = [w.row() for w in result.windows]
     requests = after.get("requests", 0.0) - before.get("requests", 0.0)
+    if wall := after.get("wall_s"):
+        row["generator_cpu"] = round(after["generator_cpu_s"] / wall, 3)
+        if "requests" in after:
+            row["server_throughput"] = round(requests / wall, 1)
     if requests > 0 and "compute_s" in after:
         cpu = (after["cpu_s"] - before["cpu_s"]) * 1000 / requests
         compute = (after["compute_s"] - before["compute_s"]) * 1000 / requests
@@ -436,13 +446,17 @@ def overload(suite: Suite) -> dict[str, Any]:
         rates = [("rate", round(capacity * m, 1)) for m in plan.overload_multiples]
         config = suite.config(duration_s=plan.overload_s, connections=plan.overload_connections)
         open_ = suite.measure(server, suite.tiny, "binary", rates, config=config, batch=rows)
+    server_capacity = closed[0].get("server_throughput", 0.0)
     for row, multiple in zip(open_, plan.overload_multiples, strict=True):
         row["multiple"] = multiple
         row["goodput_ratio"] = round(row["throughput"] / capacity, 4) if capacity else 0.0
+        if server_capacity and "server_throughput" in row:
+            row["server_goodput_ratio"] = round(row["server_throughput"] / server_capacity, 4)
     return {
         "model": suite.tiny,
         "rows": rows,
         "capacity": capacity,
+        "server_capacity": server_capacity,
         "deadline_ms": OVERLOAD_DEADLINE_MS,
         "connections": plan.overload_connections,
         "rss_ready_mb": rss_ready,

@@ -69,6 +69,9 @@ def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) ->
         assert level["ok"] > 0 and set(level["errors"]) <= {"503"}, level
         assert level.get("refused", {"with_retry_after": 1.0})["with_retry_after"] == 1.0
         assert level["server_rss_mb"] > 0
+        # The server's own count of its 200s, beside the generator's, and how busy the generator was.
+        assert level["server_throughput"] > 0 and level["server_goodput_ratio"] > 0
+        assert 0 < level["generator_cpu"] <= 1.5
     assert results["memory"]["requests"] == 300
     assert results["memory"]["rss_ready_mb"] > 0
     for row in results["tiny_json"]["closed"]:  # normserve's CPU is split into onnxruntime and the rest

@@ -266,6 +266,8 @@ class Load:
             self.window.record(status, latency_s, body)
             if status == 503:
                 self.window.refused(response_s, retry_after)
+        elif 200 <= status < 300 and self.measure_from:
+            self.window.carried += 1
         self._next_for(connection)
 
     def failed(self, connection: Connection, reason: str) -> None:

@@ -78,6 +78,17 @@ def test_windows_merge_and_the_answers_after_the_end_count_for_latency_not_throu
     assert summary["answered_after_end"] == 1
 
 
+def test_answers_carried_over_from_the_warm_up_count_for_throughput_not_latency() -> None:
+    window = Window(0.0, 2.0)
+    for _ in range(100):
+        window.record(200, 0.001)
+    window.carried = 50  # 200s to requests sent before the measurement began, answered in this window
+    summary = summarize([window])
+    assert summary["throughput"] == 75.0 and window.throughput == 75.0
+    assert summary["ok"] == 100 and summary["carried"] == 50
+    assert summary["latency_ms"]["max"] == pytest.approx(1.0, rel=1e-2)  # theirs are not in the histogram
+
+
 # -- the stability rule ---------------------------------------------------------------------------
 
 

@@ -126,7 +126,7 @@ _IDLE, _HEAD, _BODY = "idle", "head", "body"
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute ``protocol_class`` sets)."""
+    """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute that ``with_guard`` sets)."""
 
     guard: ClassVar[ConnectionGuard]
 

@@ -131,7 +131,7 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_before_it_is_qu
     assert refused.value.headers["Retry-After"] == "1"
     assert "after its deadline" in refused.value.message and "was not queued" in refused.value.message
     with pytest.raises(Overloaded, match="longest deadline a request may have"):  # before a body is read
-        batcher.admit(longest_wait_s=0.1)
+        batcher.admit(longest_wait_s=0.05)
     batcher.admit(longest_wait_s=1.0)  # a longer deadline could be met: admitted
     for out in await asyncio.gather(*queued):  # nothing accepted is lost
         assert out[0].shape == (4, 1)

@@ -61,11 +61,13 @@ UNLIMITED_FILES = 1_048_576
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    max_head_bytes: int = 60 * 1024
-    max_header_count: int = 100
-    head_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_connections: int = 4096
+    """What ``from_settings`` takes from the settings (whose defaults are the limits' defaults)."""
+
+    max_head_bytes: int
+    max_header_count: int
+    head_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
 
     @classmethod
     def from_settings(cls, settings: Settings, max_connections: int | None = None) -> ConnectionLimits:
@@ -87,8 +89,8 @@ class ConnectionGuard:
     """
 
     limits: ConnectionLimits
-    count: Callable[[str], None] = lambda reason: None  # normserve_connections_closed_total{reason}
-    early: Callable[[str], ServeError | None] | None = None
+    count: Callable[[str], None]  # normserve_connections_closed_total{reason}
+    early: Callable[[str], ServeError | None] | None
     _last_notice: dict[str, float] = field(default_factory=dict)
     _unnoticed: dict[str, int] = field(default_factory=dict)
 
@@ -181,14 +183,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         in_head, heads = self._phase is _HEAD, self._heads
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+        except httptools.HttpParserError as exc:  # a callback's _Refusal comes as its context
             if isinstance(exc.__context__, _Refusal):
                 self._refuse(exc.__context__)
                 return
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
-            return
-        except httptools.HttpParserError:
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
             return

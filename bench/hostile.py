@@ -25,8 +25,9 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlsplit
+
+import psutil
 
 __all__ = ["Outcome", "main", "run_attacks"]
 
@@ -45,10 +46,11 @@ class Outcome:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+def _status_line(received: bytes) -> str:
+    return received.split(b"\r\n", 1)[0].decode("latin-1")
 
 
 Attacker = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -65,12 +67,12 @@ async def attacker(host: str, port: int, send: Attacker, hold_s: float, outcome:
             while chunk := await reader.read(65536):
                 received += chunk
         outcome.held_s.append(time.monotonic() - started)
-        outcome.answers[received.split(b"\r\n", 1)[0].decode("latin-1") or "closed, no answer"] += 1
+        outcome.answers[_status_line(received) or "closed, no answer"] += 1
     except TimeoutError:
         outcome.still_open += 1
     except ConnectionError:
         outcome.held_s.append(time.monotonic() - started)
-        outcome.answers["reset" if not received else received.split(b"\r\n", 1)[0].decode("latin-1")] += 1
+        outcome.answers[_status_line(received) or "reset"] += 1
     finally:
         sending.cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from tests.service.conftest import infer_json, metric, start_service
@@ -44,10 +45,7 @@ class Service:
         return host, int(port)
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS in /proc/<pid>/status")
+        return float(psutil.Process(self.process.pid).memory_info().rss) / 2**20
 
     def connect(self) -> socket.socket:
         return socket.create_connection(self.address, timeout=5)

@@ -42,6 +42,10 @@ _QUIET_PASSES = 2  # loop passes without a new request before a batch is taken (
 _MAX_PASSES = 16  # however steadily requests trickle in, a batch is taken after this many passes
 _DRAIN_WEIGHT = 0.2  # the weight of the newest batch in the drain rate's moving average
 LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on a thread: the loop stays live
+# A request is queued only when its answer is expected within this share of the time it has left: the rest
+# is kept for the estimate's error and the answer's way back to the client, so that what is accepted
+# arrives within its deadline at the tail too. A queue that deep still keeps the model busy.
+DEADLINE_SHARE = 0.9
 
 
 def available_cores() -> int:
@@ -171,10 +175,12 @@ class Batcher:
         self.admit()
         now = time.monotonic()
         wait = self.expected_latency_s(rows)
-        if deadline - now < wait:
+        left = deadline - now
+        if left * DEADLINE_SHARE < wait:
             raise Overloaded(
                 f"model {self.name} would answer this request in about {wait * 1000:.0f} ms ({self._queued_rows} "
-                f"rows queued ahead of it), after its deadline {max(0.0, deadline - now) * 1000:.0f} ms from now; "
+                f"rows queued ahead of it), past {DEADLINE_SHARE:.0%} of the {max(0.0, left) * 1000:.0f} ms left "
+                "before its deadline (the rest is kept for the answer's way back); "
                 "it was not queued: retry later, or set a longer timeout"
             )
         loop = asyncio.get_running_loop()
@@ -193,20 +199,21 @@ class Batcher:
 
     def admit(self, longest_wait_s: float | None = None) -> None:
         """Raise now what ``enqueue`` would refuse whatever the request holds: 503 (``Overloaded``, with
-        Retry-After) while the queue is full or would keep a request waiting past ``longest_wait_s`` (the
-        longest deadline a request may have), or while the batcher is stopping. Callers check before
-        they read or parse a body, so that a refusal under overload costs microseconds, not a parse."""
+        Retry-After) while the queue is full or would keep a request waiting past ``DEADLINE_SHARE`` of
+        ``longest_wait_s`` (the longest deadline a request may have), or while the batcher is stopping.
+        Callers check before they read or parse a body, so that a refusal under overload costs
+        microseconds, not a parse."""
         if self._closing or self._wake is None:
             raise NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
         if self._queued >= self.queue_limit:
             raise Overloaded(
                 f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
             )
-        if longest_wait_s is not None and (wait := self.expected_latency_s()) > longest_wait_s:
+        if longest_wait_s is not None and (wait := self.expected_latency_s()) > longest_wait_s * DEADLINE_SHARE:
             raise Overloaded(
-                f"model {self.name} would answer a request queued now in about {wait * 1000:.0f} ms, past the longest "
-                f"deadline a request may have ({longest_wait_s * 1000:.0f} ms, NORMSERVE_REQUEST_TIMEOUT_MS); "
-                "retry later"
+                f"model {self.name} would answer a request queued now in about {wait * 1000:.0f} ms, past "
+                f"{DEADLINE_SHARE:.0%} of the longest deadline a request may have ({longest_wait_s * 1000:.0f} ms, "
+                "NORMSERVE_REQUEST_TIMEOUT_MS); retry later"
             )
 
     def expected_latency_s(self, rows: int = 1) -> float:

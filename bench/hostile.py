@@ -85,13 +85,9 @@ async def normal_client(host: str, port: int, stop: asyncio.Event, outcome: Outc
     """Readiness, again and again, timed. A connection the server closed is opened again, as any HTTP
     client would: on a busy machine the client may itself be slow enough to be taken for a silent one."""
     while not stop.is_set():
+        writer = None
         try:
             reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            outcome.normal_failures += 1
-            await asyncio.sleep(0.02)
-            continue
-        try:
             while not stop.is_set():
                 started = time.monotonic()
                 writer.write(HEAD + b"\r\n")
@@ -103,8 +99,10 @@ async def normal_client(host: str, port: int, stop: asyncio.Event, outcome: Outc
                 await asyncio.sleep(0.02)
         except (OSError, asyncio.IncompleteReadError):
             outcome.normal_failures += 1
+            await asyncio.sleep(0.02)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
 
 def attacks(model: str = "cnn-bn") -> dict[str, tuple[int, Attacker]]:

@@ -282,8 +282,9 @@ class InferenceEndpoint:
 
     def refusal(self, path: str) -> ServeError | None:
         """The 503 an inference request to ``path`` gets from its head alone, before its body is read:
-        its model's queue is full, or would keep any request past 90 % of the longest deadline. None: the request
-        goes the usual way, which also answers every other error (an unknown model, a stopping server)."""
+        its model's queue is full, or would keep any request past ``DEADLINE_SHARE`` of the longest deadline.
+        None: the request goes the usual way, which also answers every other error (an unknown model, a
+        stopping server)."""
         found = self.PATH.fullmatch(path)
         if found is None or self.state.draining:
             return None

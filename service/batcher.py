@@ -164,7 +164,8 @@ class Batcher:
         Args:
             feeds: the request's validated inputs, each with ``rows`` rows.
             rows: its batch dimension, 1..max_batch_size.
-            deadline: ``time.monotonic()`` after which it must not run.
+            deadline: ``time.monotonic()`` by which it must be answered: past it, or once its batch
+                could not end before it, it is not run (504).
         """
         return await self.enqueue(feeds, rows, deadline)
 
@@ -225,7 +226,7 @@ class Batcher:
         at the warm-up's compute cost until it has been."""
         return (self._running_rows + self._queued_rows + rows + self._last_batch_rows) * self._row_s
 
-    def _expire(self, request: _Request) -> None:
+    def _expire(self, request: _Request, why: str = "passed its deadline before it could run") -> None:
         if request.state is not _State.QUEUED:
             return
         request.state = _State.EXPIRED
@@ -234,8 +235,7 @@ class Batcher:
         if not request.future.done():
             request.future.set_exception(
                 DeadlineExceeded(
-                    f"the request waited {waited * 1000:.1f} ms in model {self.name}'s queue and passed its "
-                    "deadline before it could run; it was not run"
+                    f"the request waited {waited * 1000:.1f} ms in model {self.name}'s queue and {why}; it was not run"
                 )
             )
 
@@ -258,19 +258,22 @@ class Batcher:
                 await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
             else:
                 await self._settle()
+            self._drained()
             batch = self._take()
-            self._drained(batch)
+            self._taken(batch)
             if batch:
                 await self._execute(batch)
 
-    def _drained(self, batch: list[_Request]) -> None:
-        """Measure the drain rate: the time from one batch's take to the next, per row of the first, when
-        the first was taken with requests waiting behind it (the second take then follows at once)."""
-        now = time.monotonic()
+    def _drained(self) -> None:
+        """Measure the drain rate, before the next take (which uses it): the time from one batch's take to
+        now, per row of that batch, when it was taken with requests waiting behind it (this take then
+        follows at once)."""
         if self._last_rows:
-            row_s = (now - self._last_take) / self._last_rows
+            row_s = (time.monotonic() - self._last_take) / self._last_rows
             self._row_s += _DRAIN_WEIGHT * (row_s - self._row_s)
-        self._last_take = now
+
+    def _taken(self, batch: list[_Request]) -> None:
+        self._last_take = time.monotonic()
         self._last_rows = sum(r.rows for r in batch) if batch and self._queued else 0
 
     async def _settle(self) -> None:
@@ -323,6 +326,13 @@ class Batcher:
                 continue
             if rows + request.rows > self.max_batch_size or len(batch) == self.max_requests:
                 break
+            # A request whose batch would end past its deadline is not run: its answer would come after
+            # the client stopped waiting, and the rows are better spent on a request that can still make it.
+            if (end := (rows + request.rows) * self._row_s) > request.deadline - now:
+                why = f"its batch would end about {end * 1000:.0f} ms from now, past its deadline"
+                self._expire(request, why)
+                self._queue.popleft()
+                continue
             self._queue.popleft()
             self._dequeued(request)
             if request.timer is not None:

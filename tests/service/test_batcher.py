@@ -219,6 +219,30 @@ async def test_a_deadline_that_passes_while_the_loop_runs_batches_is_still_kept(
     assert 2.0 not in np.concatenate(model.batches)
 
 
+async def test_a_request_whose_batch_would_end_past_its_deadline_gets_504_and_is_not_run() -> None:
+    model = FakeModel(cost_s=0.01)  # the warm-up said 10 ms a batch; the model now takes 100
+    slow = model.run
+
+    def run_100ms(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        time.sleep(0.1)  # on the loop (10 ms is within its budget): no timer fires meanwhile
+        return slow(feeds)
+
+    model.run = run_100ms  # type: ignore[method-assign]
+    batcher = make_batcher(model, max_batch_size=1)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(rows(1, 1), 1, later()))
+    await asyncio.sleep(0)
+    # Due in about 20 ms by the estimate, so queued with its 120 ms; its turn comes at about 100 ms, when
+    # the drain rate has moved towards the model's new pace (28 ms a row) and its batch could not end in time.
+    with pytest.raises(DeadlineExceeded) as late:
+        await batcher.submit(rows(2, 1), 1, time.monotonic() + 0.12)
+    assert late.value.status == 504
+    assert "ms from now, past its deadline" in late.value.message and "not run" in late.value.message
+    await first
+    await batcher.stop()
+    assert 2.0 not in np.concatenate(model.batches)  # before, it ran and was answered at about 200 ms
+
+
 async def test_with_no_delay_requests_arriving_meanwhile_still_share_the_batch() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=0.0)

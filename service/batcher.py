@@ -199,23 +199,39 @@ class Batcher:
         return request.future
 
     def admit(self, longest_wait_s: float | None = None) -> None:
-        """Raise now what ``enqueue`` would refuse whatever the request holds: 503 (``Overloaded``, with
-        Retry-After) while the queue is full or would keep a request waiting past ``DEADLINE_SHARE`` of
-        ``longest_wait_s`` (the longest deadline a request may have), or while the batcher is stopping.
-        Callers check before they read or parse a body, so that a refusal under overload costs
-        microseconds, not a parse."""
+        """Raise what ``refusal`` returns."""
+        if (refused := self.refusal(longest_wait_s)) is not None:
+            raise refused
+
+    def refusal(self, longest_wait_s: float | None = None) -> ServeError | None:
+        """What ``enqueue`` would refuse now whatever the request holds: 503 (``Overloaded``, with Retry-After)
+        while the queue is full or would keep a request of ``max_batch_size`` rows waiting past
+        ``DEADLINE_SHARE`` of ``longest_wait_s`` (the longest deadline a request may have), or ``NotReady``
+        while the batcher is stopping; None to go on. Callers ask before they read or parse a body, so that
+        a refusal under overload costs microseconds, not a parse.
+
+        A request of the most rows is the one judged, since its rows are not known yet: one whose body would
+        then be refused by ``enqueue`` is refused here, before its body is read. Refusing smaller requests a
+        batch early costs one batch of the queue's depth, which still keeps the model busy.
+
+        Returned, not raised: under overload refusals come by the thousand a second, and a raised exception's
+        traceback holds its frames in a reference cycle that only the cyclic garbage collector frees.
+        """
         if self._closing or self._wake is None:
-            raise NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
+            return NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
         if self._queued >= self.queue_limit:
-            raise Overloaded(
+            return Overloaded(
                 f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
             )
-        if longest_wait_s is not None and (wait := self.expected_latency_s()) > longest_wait_s * DEADLINE_SHARE:
-            raise Overloaded(
+        if longest_wait_s is not None and (wait := self.expected_latency_s(self.max_batch_size)) > (
+            longest_wait_s * DEADLINE_SHARE
+        ):
+            return Overloaded(
                 f"model {self.name} would answer a request queued now in about {wait * 1000:.0f} ms, past "
                 f"{DEADLINE_SHARE:.0%} of the longest deadline a request may have ({longest_wait_s * 1000:.0f} ms, "
                 "NORMSERVE_REQUEST_TIMEOUT_MS); retry later"
             )
+        return None
 
     def expected_latency_s(self, rows: int = 1) -> float:
         """How long a request of ``rows`` rows queued now should take to be answered: the batch running now

@@ -290,13 +290,13 @@ class InferenceEndpoint:
             return None
         try:
             served = self.state.registry.get(found[1], found[2])
-            served.batcher.admit(self.state.settings.request_timeout_ms / 1000)
-        except Overloaded as e:
-            served.metrics.failure(e.reason)
-            return e
         except ServeError:
             return None
-        return None
+        refused = served.batcher.refusal(self.state.settings.request_timeout_ms / 1000)
+        if not isinstance(refused, Overloaded):
+            return None
+        served.metrics.failure(refused.reason)
+        return refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
         try:

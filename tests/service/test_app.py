@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import threading
@@ -65,6 +66,32 @@ async def test_mounted_under_a_prefix_inference_goes_through_fastapi_and_answers
             header_length = int(binary.headers["Inference-Header-Content-Length"])
             total = np.frombuffer(binary.content[header_length:], dtype=np.float32)
             np.testing.assert_allclose(total, affine_expected(x)[1].ravel(), rtol=1e-6)
+
+
+@pytest.mark.anyio
+async def test_refusals_from_the_head_leave_nothing_for_the_cyclic_garbage_collector(built_repository: Path) -> None:
+    # Under overload refusals come by the thousand a second: garbage in reference cycles (a raised exception's
+    # traceback and frames) would pile up for the collector, whose full passes stall the loop.
+    app = create_app(Settings(repository=built_repository, provider="cpu", request_timeout_ms=0.001))
+    async with app.router.lifespan_context(app):
+        while not app.state.normserve.started:
+            await asyncio.sleep(0.01)
+        path = "/v2/models/affine/infer"
+
+        def refuse() -> int:  # as the HTTP protocol does: the answer is held in a local of the caller's frame
+            refused = app.inference.refusal(path)
+            return refused.status if refused is not None else 0
+
+        assert refuse() == 503  # no request could meet a 1 µs deadline
+        gc.collect()
+        gc.disable()
+        try:
+            statuses = [refuse() for _ in range(100)]
+            cyclic = gc.collect()
+        finally:
+            gc.enable()
+    assert statuses == [503] * 100
+    assert cyclic == 0, f"100 refusals left {cyclic} objects in reference cycles"
 
 
 def test_the_openapi_document_is_true_to_the_server(built_repository: Path) -> None:

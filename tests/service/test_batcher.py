@@ -143,6 +143,25 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_before_it_is_qu
     await batcher.stop()
 
 
+async def test_a_request_the_queue_would_refuse_after_its_body_is_read_is_refused_from_its_head() -> None:
+    model = FakeModel(cost_s=0.04)  # 10 ms a row
+    batcher = make_batcher(model, max_batch_size=4, max_queue_delay_s=1.0)
+    batcher.start()
+    queued = [asyncio.ensure_future(batcher.submit(rows(i, 4), 4, later())) for i in range(2)]
+    await asyncio.sleep(0)
+    # With a 120 ms deadline a one-row request would fit (90 ms of the 108 ms share), one of 4 rows not (120 ms).
+    with pytest.raises(Overloaded):
+        await batcher.submit(rows(9, 4), 4, time.monotonic() + 0.12)
+    # The head does not say how many rows follow: it is judged as the largest, and refused before its body.
+    refused = batcher.refusal(longest_wait_s=0.12)
+    assert isinstance(refused, Overloaded) and "about 120 ms" in refused.message
+    assert refused.headers["Retry-After"] == "1"
+    assert batcher.refusal(longest_wait_s=1.0) is None
+    for out in await asyncio.gather(*queued):  # nothing accepted is lost
+        assert out[0].shape == (4, 1)
+    await batcher.stop()
+
+
 async def test_a_request_past_its_deadline_gets_504_and_is_not_run() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=0.3)

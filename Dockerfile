@@ -40,6 +40,7 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
         --constraint requirements.lock $(python3 docker/deps.py cpu train)
 COPY models/ models/
 COPY export/ export/
+COPY repository/ repository/
 COPY service/ service/
 RUN python -m export.build --artifacts /tmp/artifacts --repository /models && rm -rf /tmp/artifacts
 
@@ -76,6 +77,7 @@ ARG PIP_INDEX=""
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock --constraint docker/gpu.lock \
         $(python3 docker/deps.py gpu)
+COPY repository/ repository/
 COPY service/ service/
 COPY --from=models /models /models
 # A GPU image that runs on CPU is a broken GPU deployment: say so, and stay not ready.
@@ -88,6 +90,7 @@ ARG PIP_INDEX=""
 # hadolint ignore=SC2046
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock $(python3 docker/deps.py cpu)
+COPY repository/ repository/
 COPY service/ service/
 COPY --from=models /models /models
 ENV NORMSERVE_PROVIDER=cpu

@@ -61,7 +61,7 @@ experiments: models  ## measure every normalization claim (about 15 minutes; cac
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service
+	$(BIN)/mypy service repository
 	$(BIN)/hadolint Dockerfile
 
 format: $(STAMP)  ## apply ruff's fixes and formatting

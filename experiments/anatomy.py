@@ -21,7 +21,7 @@ from export.onnx_export import INPUT_NAME, export_onnx, op_histogram
 from models.data import load_splits
 from models.norms import SwitchableNorm2d
 from models.train import load_checkpoint
-from service.repository import MODEL_FILE
+from repository import MODEL_FILE
 
 __all__ = ["AXES_4D", "AXES_3D", "fold_figures", "norm_axes"]
 

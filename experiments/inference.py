@@ -22,7 +22,7 @@ from experiments.training import batch_statistics_copy
 from export.batch_stats import batchnorm_layers
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME
 from export.verify import cpu_session
-from service.repository import BATCH_STATS_FILE, MODEL_FILE
+from repository import BATCH_STATS_FILE, MODEL_FILE
 
 __all__ = [
     "Graphs",

@@ -15,7 +15,7 @@ from experiments.plan import Plan
 from experiments.runs import Located, Run, parallel
 from models.data import load_splits
 from models.train import load_checkpoint
-from service.repository import REPORT_FILE
+from repository import REPORT_FILE
 
 __all__ = ["measure"]
 

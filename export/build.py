@@ -44,13 +44,12 @@ from export.batch_stats import batchnorm_layers, export_batch_stats, running_sta
 from export.fold import FoldError, fold_batchnorms
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
 from export.precise import precise_statistics, with_precise_statistics
-from export.repository import write_version
 from export.verify import Verification, VerificationError, verify_export
 from models.data import LABELS, load_splits
 from models.norms import ChannelLayerNorm, SwitchableNorm2d
 from models.train import checkpoint_matches, evaluate, init_untrained, load_checkpoint, train_model
 from models.zoo import DEFAULT_MODELS
-from service.repository import (
+from repository import (
     BATCH_STATS_FILE,
     BN_STATS_FILE,
     BatchNormStats,
@@ -60,6 +59,7 @@ from service.repository import (
     TensorSpec,
     load_version,
     sha256_file,
+    write_version,
 )
 
 __all__ = [

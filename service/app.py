@@ -18,6 +18,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.access import Access, endpoint_group
@@ -27,7 +28,7 @@ from service.metrics import Metrics
 from service.openapi import described
 from service.registry import Registry
 from service.routes import ROUTERS
-from service.routes.inference import InferenceEndpoint, Receive, Scope, Send, rendered, send_response
+from service.routes.inference import InferenceEndpoint, rendered, send_response
 from service.state import ServiceState
 
 __all__ = ["create_app"]

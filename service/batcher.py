@@ -22,18 +22,16 @@ import collections
 import concurrent.futures
 import enum
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, NotReady, Overloaded, ServeError
+from service.errors import BatchFailed, DeadlineExceeded, NotReady, Overloaded, ServeError
 from service.metrics import ModelMetrics
 
-__all__ = ["LOOP_BLOCK_BUDGET_S", "OVERLAP_BUDGET_S", "Batcher", "BatchFailed", "available_cores"]
+__all__ = ["LOOP_BLOCK_BUDGET_S", "OVERLAP_BUDGET_S", "Batcher"]
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +46,8 @@ LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on 
 DEADLINE_SHARE = 0.9
 
 
-def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity (taskset), capped by a cgroup v2 CPU quota."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        return cores
-    if quota == "max":
-        return cores
-    return max(1, min(cores, int(quota) // int(period)))
-
-
 Feeds = dict[str, np.ndarray]
 Outputs = list[np.ndarray]
-
-
-class BatchFailed(ServeError):
-    """onnxruntime raised while running a batch of validated inputs: a bug, answered as 500."""
 
 
 class _State(enum.Enum):
@@ -96,7 +78,7 @@ class Batcher:
         max_queue_delay_s: how long the first request of a batch may wait for more.
         queue_limit: queued requests at most; past it, requests are refused with 503.
         metrics: this model version's metric children.
-        cores: the cores the server may use (see ``available_cores``).
+        cores: the cores the server may use (``service.machine.available_cores``).
         max_requests: requests per batch at most; 1 runs each request as its own batch, unmixed.
     """
 

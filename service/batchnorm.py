@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.repository import BatchNormLayer, BatchNormStats
+from repository import BatchNormLayer, BatchNormStats
 
 __all__ = ["DISTANCE", "ONE_SAMPLE_NOTE", "compare", "layer_distance", "softmax"]
 

@@ -13,6 +13,7 @@ import orjson
 from service.logs import request_id
 
 __all__ = [
+    "BatchFailed",
     "ClientDisconnected",
     "DeadlineExceeded",
     "Forbidden",
@@ -112,6 +113,10 @@ class DeadlineExceeded(ServeError):
 
     status = 504
     reason = "deadline"
+
+
+class BatchFailed(ServeError):
+    """onnxruntime raised while running a batch of validated inputs: a bug, answered as 500."""
 
 
 def render(exc: Exception) -> tuple[int, dict[str, str], bytes]:

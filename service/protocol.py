@@ -28,9 +28,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field
 
+from repository import DTYPES, ModelConfig, TensorSpec
 from service.errors import InvalidInput
-from service.repository import ModelConfig, TensorSpec
-from service.runtime import DTYPES
 
 __all__ = [
     "InferRequest",

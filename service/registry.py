@@ -21,12 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.batcher import Batcher, available_cores
-from service.config import BatchingSettings, Settings
-from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
-from service.metrics import Metrics, ModelMetrics
-from service.repository import (
+from repository import (
     BN_STATS_FILE,
+    DTYPES,
     NAME_PATTERN,
     BatchNormStats,
     ModelConfig,
@@ -36,7 +33,12 @@ from service.repository import (
     load_config,
     load_version,
 )
-from service.runtime import CUDA, DTYPES, Runtime
+from service.batcher import Batcher
+from service.config import BatchingSettings, Settings
+from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
+from service.machine import available_cores
+from service.metrics import Metrics, ModelMetrics
+from service.runtime import CUDA, Runtime
 
 __all__ = ["BatchStatsGraph", "ModelState", "Registry", "ServedVersion", "VersionState"]
 

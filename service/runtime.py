@@ -21,25 +21,12 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["CPU", "CUDA", "DTYPES", "ProviderStatus", "Runtime", "cuda_status", "resolve_provider", "session_options"]
+__all__ = ["CPU", "CUDA", "ProviderStatus", "Runtime", "cuda_status", "resolve_provider", "session_options"]
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-# Open Inference Protocol datatype -> numpy dtype (BYTES has no fixed-size numpy form).
-DTYPES: dict[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 
 _ORT_WARNING = 2
 _ORT_FATAL = 4

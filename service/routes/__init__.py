@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from service.routes import batchnorm, demo, health, inference, metrics, repository
+from service.routes import batchnorm, demo, health, inference, metrics, repository_api
 
 __all__ = ["ROUTERS"]
 
@@ -11,7 +11,7 @@ ROUTERS: list[APIRouter] = [
     health.router,
     inference.router,
     batchnorm.router,
-    repository.router,
+    repository_api.router,
     metrics.router,
     demo.router,
 ]

@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from repository import ModelConfig, TensorSpec
 from service import __version__
 from service.errors import NotReady
 from service.registry import ModelEntry, ServedVersion
-from service.repository import ModelConfig, TensorSpec
 from service.state import service_state
 
 __all__ = ["EXTENSIONS", "router"]

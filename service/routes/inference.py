@@ -13,12 +13,12 @@ import itertools
 import re
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.config import Settings
 from service.errors import (
@@ -46,10 +46,6 @@ __all__ = [
     "read_request_body",
     "router",
 ]
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 router = APIRouter(tags=["inference"])
 

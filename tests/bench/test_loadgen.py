@@ -24,8 +24,8 @@ from bench.loadgen.run import RunConfig, run_level
 from bench.loadgen.samples import ModelSignature, build_requests, digit_images
 from bench.loadgen.stats import Window, is_stable, summarize
 from models.data import load_splits
+from repository import ModelConfig
 from service.protocol import parse_infer_request
-from service.repository import ModelConfig
 from tests.service.conftest import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,7 +26,7 @@ from export.verify import cpu_session
 from models.data import load_splits
 from models.train import make_checkpoint
 from models.zoo import build_model, config_to_dict
-from service.repository import BATCH_STATS_FILE, BN_STATS_FILE, RepositoryError, load_version
+from repository import BATCH_STATS_FILE, BN_STATS_FILE, RepositoryError, load_version
 from tests.conftest import randomize_batchnorms, tiny_cnn_spec, tiny_vit_spec
 from tests.export.conftest import perturb_first_conv_weight
 

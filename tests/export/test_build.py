@@ -12,7 +12,7 @@ from export.build import export_model, main
 from export.onnx_export import export_onnx
 from export.verify import VerificationError
 from models.train import train_model
-from service.repository import load_version, sha256_file
+from repository import load_version, sha256_file
 from tests.conftest import tiny_cnn_spec
 from tests.export.conftest import perturb_first_conv_weight
 

@@ -32,12 +32,11 @@ from onnx import TensorProto, helper, numpy_helper
 from prometheus_client.parser import text_string_to_metric_families
 
 from export.build import export_model
-from export.repository import write_version
 from models.train import make_checkpoint
 from models.zoo import build_model, config_to_dict
+from repository import ModelConfig, TensorSpec, write_version
 from service.app import create_app
 from service.config import Settings
-from service.repository import ModelConfig, TensorSpec
 from service.transport import server_config
 from tests.conftest import randomize_batchnorms, tiny_cnn_spec
 

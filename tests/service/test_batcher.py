@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, BatchFailed
-from service.errors import DeadlineExceeded, NotReady, Overloaded
+from service.batcher import Batcher
+from service.errors import BatchFailed, DeadlineExceeded, NotReady, Overloaded
 from service.metrics import Metrics
 
 pytestmark = pytest.mark.anyio

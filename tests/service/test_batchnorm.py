@@ -25,9 +25,9 @@ from export.build import export_model
 from models.data import load_splits
 from models.train import load_checkpoint, make_checkpoint
 from models.zoo import build_model, config_to_dict
+from repository import BATCH_STATS_FILE, BN_STATS_FILE
 from service.batchnorm import DISTANCE, ONE_SAMPLE_NOTE
 from service.config import Settings
-from service.repository import BATCH_STATS_FILE, BN_STATS_FILE
 from tests.conftest import tiny_cnn_spec
 from tests.service.conftest import RunningServer, ServeFactory, free_port, infer_json
 

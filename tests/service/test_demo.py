@@ -23,10 +23,9 @@ import torch
 
 from export.build import DIGITS_INPUT, norm_layer_counts
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from export.repository import write_version
 from models.data import LABELS
 from models.zoo import build_model, config_to_dict
-from service.repository import ModelConfig, TensorSpec
+from repository import ModelConfig, TensorSpec, write_version
 from service.routes.demo import DEMO_DIR
 from tests.conftest import tiny_cnn_spec
 from tests.service.conftest import AFFINE_CONFIG, RunningServer, ServeFactory, affine_onnx, infer_json

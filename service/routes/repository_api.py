@@ -1,4 +1,4 @@
-"""The model repository extension: list, load (or reload) and unload models at run time."""
+"""HTTP routes of the model repository extension: list, load (or reload) and unload models at run time."""
 
 from __future__ import annotations
 

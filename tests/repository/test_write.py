@@ -3,14 +3,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from export.repository import write_version
-from service.repository import (
+from repository import (
     ModelConfig,
     RepositoryError,
     TensorSpec,
     list_versions,
     load_config,
     load_version,
+    write_version,
 )
 
 

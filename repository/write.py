@@ -1,8 +1,7 @@
-"""Write a verified model version into the model repository."""
+"""Write a verified model version into the model repository, whole or not at all."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,7 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from service.repository import (
+from repository.read import list_versions, load_config, load_version, sha256_bytes
+from repository.schema import (
     CONFIG_FILE,
     MODEL_FILE,
     REPORT_FILE,
@@ -20,9 +20,6 @@ from service.repository import (
     ModelVersion,
     RepositoryError,
     VersionReport,
-    list_versions,
-    load_config,
-    load_version,
 )
 
 __all__ = ["write_version"]
@@ -88,8 +85,8 @@ def write_version(
         **report,
         "model": config.name,
         "version": version,
-        "sha256": hashlib.sha256(model_bytes).hexdigest(),
-        "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+        "sha256": sha256_bytes(model_bytes),
+        "files": {name: sha256_bytes(data) for name, data in files.items()},
     }
     VersionReport.model_validate(report)
 

@@ -1,7 +1,7 @@
 """Load-test a normserve model with locust, sending real held-out digits.
 
 Each simulated user sends inference requests to ``/v2/models/<model>/infer``, one after another
-and as fast as the server answers (no wait between requests unless ``NORMSERVE_WAIT_S`` sets
+and as fast as the server answers (no wait between requests unless ``NORMSERVE_LOCUST_WAIT_S`` sets
 one). The bodies are built once, at start, from the held-out test digits of ``models.data``: 64
 requests of one row each, which every user cycles through. For a model whose input is larger than
 the 8x8 digits (``resnet18-bn`` takes [3, 224, 224]) each digit is scaled up by nearest neighbour
@@ -17,19 +17,21 @@ a running server (``make serve``):
     locust -f bench/locustfile.py --host http://127.0.0.1:8000 --headless -u 64 -r 64 -t 60s
 
     # Triton's binary tensor data instead of JSON, statistics to bench-out_stats.csv and friends
-    NORMSERVE_DATA=binary locust -f bench/locustfile.py --host http://127.0.0.1:8000 \\
+    NORMSERVE_LOCUST_DATA=binary locust -f bench/locustfile.py --host http://127.0.0.1:8000 \\
         --headless -u 64 -r 64 -t 60s --csv bench-out
 
     # the web UI on http://127.0.0.1:8089, where the users, spawn rate and host are set per run
-    NORMSERVE_MODEL=resnet18-bn locust -f bench/locustfile.py --host http://127.0.0.1:8000
+    NORMSERVE_LOCUST_MODEL=resnet18-bn locust -f bench/locustfile.py --host http://127.0.0.1:8000
 
 Environment variables, read when the first user starts:
 
-    NORMSERVE_MODEL   the model to drive (default ``cnn-bn``)
-    NORMSERVE_DATA    ``json`` (tensors as JSON numbers, the default) or ``binary`` (Triton's
-                      binary data extension: a JSON header of ``Inference-Header-Content-Length``
-                      bytes, then the raw little-endian floats; outputs come back as bytes too)
-    NORMSERVE_WAIT_S  seconds each user waits between requests (default 0)
+    NORMSERVE_LOCUST_MODEL   the model to drive (default ``cnn-bn``)
+    NORMSERVE_LOCUST_DATA    ``json`` (tensors as JSON numbers, the default) or ``binary`` (Triton's
+                             binary data extension: a JSON header of ``Inference-Header-Content-Length``
+                             bytes, then the raw little-endian floats; outputs come back as bytes too)
+    NORMSERVE_LOCUST_WAIT_S  seconds each user waits between requests (default 0)
+
+(``NORMSERVE_LOCUST_*``, apart from the service's own ``NORMSERVE_*`` settings.)
 
 Requests appear in locust's statistics as ``/v2/models/<model>/infer [json]`` (or ``[binary]``).
 A response other than 200 is a failure named by its status and the start of the server's
@@ -64,7 +66,7 @@ from locust.exception import StopTest
 
 from bench.loadgen.samples import ModelSignature, build_requests
 
-__all__ = ["NormserveUser", "Settings", "Workload", "fetch_metadata", "load_workload"]
+__all__ = ["NormserveUser", "LoadTestSettings", "Workload", "fetch_metadata", "load_workload"]
 
 BODIES = 64  # distinct requests built at start, cycled through by every user...
 BODY_BYTES = 8 << 20  # ...or as many as fit in 8 MiB (a 224x224 RGB image is 0.6 MB binary, 0.9 MB as JSON)
@@ -77,26 +79,26 @@ class SetupError(Exception):
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The load test's settings, from NORMSERVE_MODEL, NORMSERVE_DATA and NORMSERVE_WAIT_S."""
+class LoadTestSettings:
+    """The load test's settings, from NORMSERVE_LOCUST_MODEL, NORMSERVE_LOCUST_DATA and NORMSERVE_LOCUST_WAIT_S."""
 
     model: str
     data: str  # "json" or "binary"
     wait_s: float
 
     @classmethod
-    def from_env(cls) -> Settings:
-        model = os.environ.get("NORMSERVE_MODEL", "cnn-bn")
-        data = os.environ.get("NORMSERVE_DATA", "json").strip().lower()
+    def from_env(cls) -> LoadTestSettings:
+        model = os.environ.get("NORMSERVE_LOCUST_MODEL", "cnn-bn")
+        data = os.environ.get("NORMSERVE_LOCUST_DATA", "json").strip().lower()
         if data not in ("json", "binary"):
-            raise SetupError(f"NORMSERVE_DATA is {data!r}; expected 'json' or 'binary'")
-        wait = os.environ.get("NORMSERVE_WAIT_S", "0")
+            raise SetupError(f"NORMSERVE_LOCUST_DATA is {data!r}; expected 'json' or 'binary'")
+        wait = os.environ.get("NORMSERVE_LOCUST_WAIT_S", "0")
         try:
             wait_s = float(wait)
         except ValueError:
             wait_s = -1.0
         if not wait_s >= 0:  # also refuses NaN
-            raise SetupError(f"NORMSERVE_WAIT_S is {wait!r}; expected seconds, 0 or more")
+            raise SetupError(f"NORMSERVE_LOCUST_WAIT_S is {wait!r}; expected seconds, 0 or more")
         return cls(model=model, data=data, wait_s=wait_s)
 
 
@@ -125,7 +127,7 @@ def fetch_metadata(host: str, model: str) -> dict[str, Any]:
         raise SetupError(f"GET {url} answered something other than JSON ({e}); is {host} a normserve server?") from None
 
 
-def load_workload(host: str, settings: Settings) -> Workload:
+def load_workload(host: str, settings: LoadTestSettings) -> Workload:
     """Read the model's input from the server and build the requests from the held-out digits
     (the load generator's own request builder, so both tools send the same bytes)."""
     metadata = fetch_metadata(host, settings.model)
@@ -152,7 +154,7 @@ def _error_text(body: str) -> str:
 
 
 @cache
-def _workload(host: str, settings: Settings) -> Workload:
+def _workload(host: str, settings: LoadTestSettings) -> Workload:
     return load_workload(host, settings)  # once per process (and host, which the web UI can change)
 
 
@@ -175,7 +177,7 @@ class NormserveUser(FastHttpUser):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         try:
-            self.settings = Settings.from_env()
+            self.settings = LoadTestSettings.from_env()
             self.workload = _workload(self.host, self.settings)
         except SetupError as e:
             # StopTest in a user's constructor is how locust itself refuses a missing --host: it logs the

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.loadgen.report import plot
 
-__all__ = ["BEGIN", "END", "targets", "render", "write_report"]
+__all__ = ["BEGIN", "END", "targets", "markdown", "write_report"]
 
 BEGIN = "<!-- bench:begin: written by `make bench`; edit outside these markers -->"
 END = "<!-- bench:end -->"
@@ -345,7 +345,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def render(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> str:
+def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> str:
     m = r["machine"]
     met = targets(r)
     tiny, large = r["models"]["tiny"], r["models"]["large"]
@@ -512,7 +512,7 @@ def write_report(r: dict[str, Any], doc: Path, smoke: bool = False) -> None:
     if r.get("overload"):
         plot_overload(assets / "overload.png", r["overload"])
         images["overload"] = "bench/overload.png"
-    section = render(r, images, smoke)
+    section = markdown(r, images, smoke)
     text = doc.read_text() if doc.exists() else "# normserve benchmarks\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)

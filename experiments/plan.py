@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 from experiments.runs import Run, shrink
 from models.zoo import DEFAULT_MODELS, ModelSpec
 
-__all__ = ["FULL", "SMOKE", "MODELS", "Plan", "Settings"]
+__all__ = ["FULL", "SMOKE", "MODELS", "Plan", "ExperimentSettings"]
 
 MODELS = ("cnn-bn", "cnn-gn", "cnn-in", "cnn-ln", "cnn-sn", "vit-bn", "vit-ln")  # every trained default model
 
 
 @dataclass(frozen=True)
-class Settings:
+class ExperimentSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     inference_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 0)  # 0: the whole held-out split
     skew_batch_size: int = 32
@@ -33,8 +33,8 @@ class Settings:
     max_steps: int | None = None  # stop every training after this many steps (smoke)
 
 
-FULL = Settings()
-SMOKE = Settings(
+FULL = ExperimentSettings()
+SMOKE = ExperimentSettings(
     seeds=(0, 1),
     inference_batch_sizes=(1, 2, 0),
     companions=3,
@@ -51,7 +51,7 @@ SMOKE = Settings(
 
 @dataclass(frozen=True)
 class Plan:
-    settings: Settings
+    settings: ExperimentSettings
 
     def _base(self, name: str) -> ModelSpec:
         spec = DEFAULT_MODELS[name]

@@ -145,8 +145,10 @@ class BatchNormStats(BaseModel):
 
 @dataclass(frozen=True)
 class ModelVersion:
+    """One version of a model as the repository holds it, its files checked against their hashes."""
+
     config: ModelConfig
-    version: str
+    number: str  # "1", "2", ...: the version folder's name
     path: Path  # the version's folder
     report: VersionReport
 

@@ -28,7 +28,7 @@ from service.metrics import Metrics
 from service.openapi import described
 from service.registry import Registry
 from service.routes import ROUTERS
-from service.routes.inference import InferenceEndpoint, rendered, send_response
+from service.routes.inference import InferenceEndpoint, asgi_error, send_response
 from service.state import ServiceState
 
 __all__ = ["create_app"]
@@ -40,7 +40,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _rendered(request: Request, exc: Exception) -> Response:
+async def _error_handler(request: Request, exc: Exception) -> Response:
     """ServeError and unexpected exceptions alike: errors.render decides what the client hears."""
     status, headers, body = render(exc)
     return Response(body, status_code=status, headers=headers, media_type="application/json")
@@ -100,7 +100,7 @@ class NormserveApp(FastAPI):
                         e.status,
                         e.message,
                     )
-                await send_response(send, *rendered(e))
+                await send_response(send, *asgi_error(e))
                 return
             if self.state.normserve.draining:
                 send = _closing(send)
@@ -195,8 +195,8 @@ def create_app(settings: Settings) -> NormserveApp:
         app.include_router(router)
     app.openapi = functools.partial(described, app)  # type: ignore[method-assign]
     _api_docs(app)
-    app.add_exception_handler(ServeError, _rendered)
+    app.add_exception_handler(ServeError, _error_handler)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _rendered)
+    app.add_exception_handler(Exception, _error_handler)
     return app

@@ -50,7 +50,7 @@ Feeds = dict[str, np.ndarray]
 Outputs = list[np.ndarray]
 
 
-class _State(enum.Enum):
+class _Phase(enum.Enum):
     QUEUED = 1
     RUNNING = 2
     EXPIRED = 3
@@ -63,7 +63,7 @@ class _Request:
     future: asyncio.Future[Outputs]
     enqueued: float
     deadline: float
-    state: _State = _State.QUEUED
+    phase: _Phase = _Phase.QUEUED
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -225,9 +225,9 @@ class Batcher:
         return (self._running_rows + self._queued_rows + rows + self._last_batch_rows) * self._row_s
 
     def _expire(self, request: _Request, why: str = "passed its deadline before it could run") -> None:
-        if request.state is not _State.QUEUED:
+        if request.phase is not _Phase.QUEUED:
             return
-        request.state = _State.EXPIRED
+        request.phase = _Phase.EXPIRED
         self._dequeued(request)
         waited = time.monotonic() - request.enqueued
         if not request.future.done():
@@ -244,7 +244,7 @@ class Batcher:
 
     async def _work(self, wake: asyncio.Event) -> None:
         while True:
-            while self._queue and self._queue[0].state is not _State.QUEUED:
+            while self._queue and self._queue[0].phase is not _Phase.QUEUED:
                 self._queue.popleft()  # expired while queued: already answered
             if not self._queue:
                 if self._closing:
@@ -315,7 +315,7 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             request = self._queue[0]
-            if request.state is not _State.QUEUED:
+            if request.phase is not _Phase.QUEUED:
                 self._queue.popleft()
                 continue
             if request.deadline <= now:  # its timer could not fire while the loop was busy
@@ -337,7 +337,7 @@ class Batcher:
                 request.timer.cancel()
             if request.future.done():  # the caller went away
                 continue
-            request.state = _State.RUNNING
+            request.phase = _Phase.RUNNING
             self._metrics.queue_seconds.observe(now - request.enqueued)
             batch.append(request)
             rows += request.rows

@@ -40,12 +40,14 @@ from service.machine import available_cores
 from service.metrics import Metrics, ModelMetrics
 from service.runtime import CUDA, Runtime
 
-__all__ = ["BatchStatsGraph", "ModelState", "Registry", "ServedVersion", "VersionState"]
+__all__ = ["BatchStatsGraph", "Readiness", "Registry", "ServedVersion", "VersionEntry"]
 
 log = logging.getLogger(__name__)
 
 
-class ModelState(enum.StrEnum):
+class Readiness(enum.StrEnum):
+    """Where a model or a version stands, as the repository extension's index says it."""
+
     LOADING = "LOADING"
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
@@ -86,11 +88,11 @@ class ServedVersion:
 
 
 @dataclass
-class VersionState:
+class VersionEntry:
     """A version the repository holds, served or not; ``reason`` says why it is not."""
 
     version: str
-    state: ModelState
+    readiness: Readiness
     reason: str = ""
     served: ServedVersion | None = None
 
@@ -99,17 +101,17 @@ class VersionState:
 class ModelEntry:
     name: str
     config: ModelConfig | None = None
-    versions: dict[str, VersionState] = field(default_factory=dict)
-    state: ModelState = ModelState.UNAVAILABLE  # of the model as a whole, while it has no versions
+    versions: dict[str, VersionEntry] = field(default_factory=dict)
+    readiness: Readiness = Readiness.UNAVAILABLE  # of the model as a whole, while it has no versions
     reason: str = ""  # why the model as a whole is unavailable (bad config, no versions) or still loading
 
-    def version(self, version: str) -> VersionState:
+    def version(self, version: str) -> VersionEntry:
         """One version of the model, served or not; 404 when the repository has no such version."""
-        state = self.versions.get(version)
-        if state is None:
+        version_entry = self.versions.get(version)
+        if version_entry is None:
             known = ", ".join(sorted(self.versions, key=int)) or "none"
             raise ModelNotFound(f"model {self.name!r} has no version {version!r}; it has: {known}")
-        return state
+        return version_entry
 
     def latest_ready(self) -> ServedVersion | None:
         ready = [v for v in self.versions.values() if v.served is not None]
@@ -141,10 +143,10 @@ class Registry:
             if served is None:
                 raise NotReady(f"model {name!r} is not ready: {self.reason(entry)}")
             return served
-        state = entry.version(version)
-        if state.served is None:
-            raise NotReady(f"model {name!r} version {version} is not ready: {state.state} {state.reason}".rstrip())
-        return state.served
+        held = entry.version(version)
+        if held.served is None:
+            raise NotReady(f"model {name!r} version {version} is not ready: {held.readiness} {held.reason}".rstrip())
+        return held.served
 
     def entry(self, name: str) -> ModelEntry:
         """The model's entry, served or not; 404 when the server does not have it."""
@@ -158,7 +160,7 @@ class Registry:
     def reason(entry: ModelEntry) -> str:
         if entry.reason:
             return entry.reason
-        reasons = [f"version {v.version}: {v.state} {v.reason}".rstrip() for v in entry.versions.values()]
+        reasons = [f"version {v.version}: {v.readiness} {v.reason}".rstrip() for v in entry.versions.values()]
         return "; ".join(reasons) or "no versions"
 
     def not_ready_reasons(self, required: list[str] | None = None) -> list[str]:
@@ -175,11 +177,11 @@ class Registry:
                 reasons.append(f"required model {name!r} (NORMSERVE_REQUIRED_MODELS) is not ready: {why}")
         if self.settings.require_gpu:
             for entry in self.models.values():
-                for state in entry.versions.values():
-                    if state.served is not None and state.served.runtime.provider.provider != CUDA:
-                        status = state.served.runtime.provider
+                for version_entry in entry.versions.values():
+                    if version_entry.served is not None and version_entry.served.runtime.provider.active != CUDA:
+                        status = version_entry.served.runtime.provider
                         reasons.append(
-                            f"{entry.name} version {state.version} runs on {status.provider}, and "
+                            f"{entry.name} version {version_entry.version} runs on {status.active}, and "
                             f"NORMSERVE_REQUIRE_GPU is set: {status.fallback or 'CUDA was not requested'}"
                         )
         return reasons
@@ -205,7 +207,7 @@ class Registry:
             else:  # lost+found, __pycache__: not a model, and not a reason to stop loading the others
                 log.warning("skipping %s: a model's folder name is letters, digits and . _ -", folder)
         for name in names:  # known from the start: a request for a model not loaded yet gets 503, not 404
-            self.models.setdefault(name, ModelEntry(name, state=ModelState.LOADING, reason="waiting to load"))
+            self.models.setdefault(name, ModelEntry(name, readiness=Readiness.LOADING, reason="waiting to load"))
         for name in names:
             if name not in self.models:
                 continue  # unloaded before its turn came
@@ -235,19 +237,19 @@ class Registry:
             old = self.models.get(name)
             if old is None or not old.versions:
                 old = None  # nothing served yet: nothing to retire
-                self.models[name] = ModelEntry(name, state=ModelState.LOADING, reason="loading")
+                self.models[name] = ModelEntry(name, readiness=Readiness.LOADING, reason="loading")
             new = await asyncio.to_thread(self._build, model_dir)
             if old is not None and old.latest_ready() is not None and new.latest_ready() is None:
                 # As Triton does: a reload that loads nothing leaves the versions that serve in place.
                 log.error("reloading %s failed, its loaded versions keep serving: %s", name, self.reason(new))
                 return new
-            for state in new.versions.values():
-                if state.served is not None:
-                    for batcher in state.served.batchers:
+            for version_entry in new.versions.values():
+                if version_entry.served is not None:
+                    for batcher in version_entry.served.batchers:
                         batcher.start()
-                    self._publish(name, state)
+                    self._publish(name, version_entry)
                 else:  # in the repository, and not serving: what NormserveModelNotReady alerts on
-                    self.metrics.model_ready.labels(name, state.version).set(0)
+                    self.metrics.model_ready.labels(name, version_entry.version).set(0)
             self.models[name] = new  # the swap: new requests go to the new sessions from here on
             if old is not None:
                 await self._retire(old, keep=new)
@@ -265,14 +267,14 @@ class Registry:
                 log.warning(
                     "NORMSERVE_PROVIDER=%s, but models run on %s: %s",
                     status.requested,
-                    status.provider,
+                    status.active,
                     status.fallback,
                 )
             log.info(
                 "loaded %s version %s on %s (max batch %d, max queue delay %.1f ms)",
                 entry.name,
-                s.version.version,
-                status.provider,
+                s.version.number,
+                status.active,
                 s.batching.max_batch_size,
                 s.batching.max_queue_delay_s * 1000,
             )
@@ -294,27 +296,27 @@ class Registry:
             await self._retire(entry, keep=None)
 
     async def _retire(self, entry: ModelEntry, keep: ModelEntry | None) -> None:
-        for state in entry.versions.values():
-            if state.served is None:
+        for version_entry in entry.versions.values():
+            if version_entry.served is None:
                 continue
-            for batcher in state.served.batchers:
+            for batcher in version_entry.served.batchers:
                 await batcher.stop()
-            replacement = keep.versions.get(state.version) if keep is not None else None
+            replacement = keep.versions.get(version_entry.version) if keep is not None else None
             successor = replacement.served if replacement is not None else None
             # Per metric family (infer's, the batchnorm endpoint's): what the successor runs there, if anything.
-            after = {id(m): r.provider.provider for m, r in self._graphs(successor)} if successor else {}
-            for metrics, runtime in self._graphs(state.served):
-                provider = runtime.provider.provider
+            after = {id(m): r.provider.active for m, r in self._graphs(successor)} if successor else {}
+            for metrics, runtime in self._graphs(version_entry.served):
+                provider = runtime.provider.active
                 if id(metrics) in after:
                     if after[id(metrics)] != provider:  # the old provider no longer runs it
-                        metrics.provider.remove(entry.name, state.version, provider)
+                        metrics.provider.remove(entry.name, version_entry.version, provider)
                 elif replacement is not None and metrics is self.metrics:  # the reload failed for this version
-                    metrics.model_ready.labels(entry.name, state.version).set(0)
-                    metrics.provider.remove(entry.name, state.version, provider)
+                    metrics.model_ready.labels(entry.name, version_entry.version).set(0)
+                    metrics.provider.remove(entry.name, version_entry.version, provider)
                 else:  # unloaded, or gone from the repository: no series, and nothing to alert on
                     for gauge in (metrics.model_ready, metrics.queue_limit):
-                        gauge.remove(entry.name, state.version)
-                    metrics.provider.remove(entry.name, state.version, provider)
+                        gauge.remove(entry.name, version_entry.version)
+                    metrics.provider.remove(entry.name, version_entry.version, provider)
 
     def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
         """Each graph a version serves, with the metric families it reports in."""
@@ -323,13 +325,13 @@ class Registry:
             graphs.append((self.metrics.batchnorm, served.batch_stats.runtime))
         return graphs
 
-    def _publish(self, name: str, state: VersionState) -> None:
-        if state.served is None:
+    def _publish(self, name: str, version_entry: VersionEntry) -> None:
+        if version_entry.served is None:
             return
-        for metrics, runtime in self._graphs(state.served):
-            metrics.provider.labels(name, state.version, runtime.provider.provider).set(1)
-            metrics.model_ready.labels(name, state.version).set(1)
-            metrics.queue_limit.labels(name, state.version).set(state.served.batching.queue_limit)
+        for metrics, runtime in self._graphs(version_entry.served):
+            metrics.provider.labels(name, version_entry.version, runtime.provider.active).set(1)
+            metrics.model_ready.labels(name, version_entry.version).set(1)
+            metrics.queue_limit.labels(name, version_entry.version).set(version_entry.served.batching.queue_limit)
 
     def _build(self, model_dir: Path) -> ModelEntry:
         """Read, create and warm every version of one model (blocking: runs in a thread)."""
@@ -356,7 +358,7 @@ class Registry:
             message = message.replace(root + os.sep, "").replace(root, "the model repository")
         return message
 
-    def _build_version(self, model_dir: Path, config: ModelConfig, version: str) -> VersionState:
+    def _build_version(self, model_dir: Path, config: ModelConfig, version: str) -> VersionEntry:
         name = config.name
         try:
             loaded = load_version(model_dir, version, config)
@@ -367,7 +369,7 @@ class Registry:
             batch_stats = self._build_batch_stats(loaded, runtime, batching) if loaded.has_batch_stats else None
         except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph
             log.exception("cannot load %s version %s", name, version)
-            return VersionState(version, ModelState.UNAVAILABLE, self._public(str(e).strip()))
+            return VersionEntry(version, Readiness.UNAVAILABLE, self._public(str(e).strip()))
         metrics = self.metrics.model(name, version)
         batcher = Batcher(
             f"{name} version {version}",
@@ -379,8 +381,8 @@ class Registry:
             metrics,
             self.cores,
         )
-        return VersionState(
-            version, ModelState.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)
+        return VersionEntry(
+            version, Readiness.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)
         )
 
     def _build_batch_stats(self, loaded: ModelVersion, served: Runtime, batching: BatchingSettings) -> BatchStatsGraph:
@@ -402,9 +404,9 @@ class Registry:
         runtime.warm(_example(config), batching.max_batch_size)
         if self.metrics.batchnorm is None:
             raise RuntimeError("the registry's metrics have no batchnorm families")
-        metrics = self.metrics.batchnorm.model(config.name, loaded.version)
+        metrics = self.metrics.batchnorm.model(config.name, loaded.number)
         batcher = Batcher(
-            f"{config.name} version {loaded.version} (batch statistics)",
+            f"{config.name} version {loaded.number} (batch statistics)",
             runtime.run,
             runtime.estimate,
             batching.max_batch_size,

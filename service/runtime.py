@@ -38,7 +38,7 @@ class ProviderStatus:
     """What was asked for and what runs: ``fallback`` explains why a CUDA request runs on CPU."""
 
     requested: Literal["auto", "cuda", "cpu"]
-    provider: str
+    active: str  # the provider the session runs on
     fallback: str | None = None
 
 

@@ -43,7 +43,7 @@ def batch_stats_graph(served: ServedVersion) -> BatchStatsGraph:
     norms = ", ".join(f"{kind} x{count}" for kind, count in config.norm_layers.items()) or "none recorded"
     if any("BatchNorm" in kind for kind in config.norm_layers):
         raise InvalidInput(
-            f"model {config.name} version {served.version.version} was exported without a batch-statistics graph "
+            f"model {config.name} version {served.version.number} was exported without a batch-statistics graph "
             f"(its norm layers: {norms}); export it again with `python -m export.build --force`"
         )
     raise InvalidInput(
@@ -93,7 +93,7 @@ async def batchnorm(
         answer = compare(
             logits, dict(zip(graph.runtime.output_names, batch, strict=True)), graph.stats, served.config.labels
         )
-        head: dict[str, Any] = {"model_name": model_name, "model_version": served.version.version}
+        head: dict[str, Any] = {"model_name": model_name, "model_version": served.version.number}
         if parsed.id is not None:
             head["id"] = parsed.id
         response = orjson.dumps(head | answer, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -31,7 +31,7 @@ async def ready(request: Request) -> JSONResponse:
     state = service_state(request)
     reasons = state.not_ready_reasons()
     models = [
-        {"name": entry.name, "version": v.version, "state": v.state, "reason": v.reason} | _provider(v.served)
+        {"name": entry.name, "version": v.version, "state": v.readiness, "reason": v.reason} | _provider(v.served)
         for entry in state.registry.models.values()
         for v in entry.versions.values()
     ]
@@ -50,10 +50,10 @@ def _provider(served: ServedVersion | None) -> dict[str, Any]:
     if served is None:
         return {}
     status = served.runtime.provider
-    return {"provider": status.provider, "provider_requested": status.requested, "provider_fallback": status.fallback}
+    return {"provider": status.active, "provider_requested": status.requested, "provider_fallback": status.fallback}
 
 
-def _described(entry: ModelEntry, version: str | None) -> tuple[ModelConfig, ServedVersion | None]:
+def _config_and_version(entry: ModelEntry, version: str | None) -> tuple[ModelConfig, ServedVersion | None]:
     """The model's config and the version that serves for ``version`` (None: the newest ready one)."""
     if entry.config is None:
         raise NotReady(f"model {entry.name!r} is not available: {entry.reason}")
@@ -62,7 +62,7 @@ def _described(entry: ModelEntry, version: str | None) -> tuple[ModelConfig, Ser
 
 
 def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
-    config, served = _described(entry, version)
+    config, served = _config_and_version(entry, version)
     return {
         "name": config.name,
         "versions": [version] if version is not None else sorted(entry.versions, key=int),
@@ -92,7 +92,7 @@ async def model_version_metadata(request: Request, model_name: str, model_versio
 @router.get("/v2/models/{model_name}/ready", summary="Can the model serve")
 async def model_ready(request: Request, model_name: str) -> dict[str, Any]:
     served = service_state(request).registry.get(model_name)
-    return {"name": model_name, "version": served.version.version, "ready": True, **_provider(served)}
+    return {"name": model_name, "version": served.version.number, "ready": True, **_provider(served)}
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="Can the model version serve")
@@ -109,7 +109,7 @@ def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
 
 def _config(request: Request, model_name: str, version: str | None) -> dict[str, Any]:
     """The model configuration, in Triton's model_config schema with normserve's own fields beside it."""
-    model, served = _described(service_state(request).registry.entry(model_name), version)
+    model, served = _config_and_version(service_state(request).registry.entry(model_name), version)
     config: dict[str, Any] = model.model_dump()
     config |= {
         "backend": "onnxruntime",

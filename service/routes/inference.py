@@ -41,10 +41,12 @@ __all__ = [
     "OPENAPI_REQUEST",
     "InferenceEndpoint",
     "RequestHeaders",
+    "asgi_error",
     "count_failure",
     "infer",
     "read_request_body",
     "router",
+    "send_response",
 ]
 
 router = APIRouter(tags=["inference"])
@@ -225,7 +227,7 @@ async def infer(
         outputs = await served.batcher.submit(request.feeds, request.rows, deadline)
         response = encode_infer_response(
             model_name,
-            served.version.version,
+            served.version.number,
             request,
             dict(zip(served.runtime.output_names, outputs, strict=True)),
             served.output_datatypes,
@@ -251,7 +253,7 @@ def _response_headers(body: bytes, header_length: int | None) -> list[tuple[byte
     ]
 
 
-def rendered(exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def asgi_error(exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """``errors.render`` for raw ASGI: the status, the headers as ASGI sends them, and the JSON body."""
     status, extra, body = render(exc)
     return status, _response_headers(body, None) + [(k.lower().encode(), v.encode()) for k, v in extra.items()], body
@@ -301,7 +303,7 @@ class InferenceEndpoint:
             )
             status, headers = 200, _response_headers(body, header_length)
         except Exception as e:
-            status, headers, body = rendered(e)
+            status, headers, body = asgi_error(e)
         await send_response(send, status, headers, body)
 
 
@@ -329,7 +331,7 @@ _OPENAPI = {
 }
 
 
-async def _routed(request: Request, model_name: str, model_version: str | None) -> Response:
+async def _infer_through_fastapi(request: Request, model_name: str, model_version: str | None) -> Response:
     headers = RequestHeaders.from_raw(request.scope["headers"])
     body, header_length = await infer(service_state(request), model_name, model_version, headers, request.receive)
     raw = _response_headers(body, header_length)
@@ -338,11 +340,11 @@ async def _routed(request: Request, model_name: str, model_version: str | None) 
 
 @router.post("/v2/models/{model_name}/infer", summary="Infer with the newest ready version", openapi_extra=_OPENAPI)
 async def infer_latest(request: Request, model_name: str) -> Response:
-    return await _routed(request, model_name, None)
+    return await _infer_through_fastapi(request, model_name, None)
 
 
 @router.post(
     "/v2/models/{model_name}/versions/{model_version}/infer", summary="Infer with one version", openapi_extra=_OPENAPI
 )
 async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
-    return await _routed(request, model_name, model_version)
+    return await _infer_through_fastapi(request, model_name, model_version)

@@ -31,10 +31,10 @@ async def index(request: Request) -> list[dict[str, Any]]:
         if entry is None:
             rows.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})  # as Triton says it
         elif not entry.versions:
-            rows.append({"name": name, "state": entry.state, "reason": entry.reason})
+            rows.append({"name": name, "state": entry.readiness, "reason": entry.reason})
         else:
             rows.extend(
-                {"name": name, "version": v.version, "state": v.state, "reason": v.reason}
+                {"name": name, "version": v.version, "state": v.readiness, "reason": v.reason}
                 for v in sorted(entry.versions.values(), key=lambda v: int(v.version))
             )
     return rows
@@ -54,7 +54,7 @@ async def load(request: Request, model_name: str) -> dict[str, Any]:
     except ServeError as e:
         log.warning("model control: load %r from %s failed: %d %s", model_name, _client(request), e.status, e.message)
         raise
-    versions = {v.version: {"state": v.state, "reason": v.reason} for v in entry.versions.values()}
+    versions = {v.version: {"state": v.readiness, "reason": v.reason} for v in entry.versions.values()}
     log.info("model control: load %r from %s: loaded versions %s", model_name, _client(request), sorted(versions))
     return {"name": model_name, "versions": versions}
 

@@ -25,7 +25,7 @@ MODEL = "tiny-cnn-bn"
 def run_locust(url: str, stats: Path, model: str, data: str) -> tuple[subprocess.CompletedProcess[str], list[Any]]:
     """Run the locustfile headless for 3 s with 3 users; its exit and the stats it saved."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}  # only the flags below
-    env |= {"NORMSERVE_MODEL": model, "NORMSERVE_DATA": data, "NORMSERVE_WAIT_S": "0"}
+    env |= {"NORMSERVE_LOCUST_MODEL": model, "NORMSERVE_LOCUST_DATA": data, "NORMSERVE_LOCUST_WAIT_S": "0"}
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url]
     command += ["--headless", "-u", "3", "-r", "3", "-t", "3s", "--stop-timeout", "5", "--json-file", str(stats)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)

@@ -32,7 +32,7 @@ def test_versions_are_listed_in_numeric_order(tmp_path) -> None:
     model_dir = make_model(tmp_path, versions=("10", "2", "1"))
     (model_dir / ".1.new-abc").mkdir()  # an exporter's staging folder is not a version
     assert list_versions(model_dir) == ["1", "2", "10"]
-    assert load_version(model_dir, "10").version == "10"
+    assert load_version(model_dir, "10").number == "10"
 
 
 @pytest.mark.parametrize(

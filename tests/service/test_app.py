@@ -34,13 +34,13 @@ async def test_mounted_under_a_prefix_inference_goes_through_fastapi_and_answers
     built_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     routed: list[str] = []  # requests that went through FastAPI's router rather than the fast path
-    through_fastapi = inference._routed
+    through_fastapi = inference._infer_through_fastapi
 
     async def spy(request: Request, model_name: str, model_version: str | None) -> Response:
         routed.append(request.url.path)
         return await through_fastapi(request, model_name, model_version)
 
-    monkeypatch.setattr(inference, "_routed", spy)
+    monkeypatch.setattr(inference, "_infer_through_fastapi", spy)
     app = create_app(Settings(repository=built_repository, provider="cpu"))
     outer = FastAPI()
     outer.mount("/normserve", app)

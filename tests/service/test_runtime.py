@@ -27,7 +27,7 @@ def model_file(built_repository: Path) -> Path:
 
 def test_cpu_runs_on_cpu_with_nothing_to_report(model_file: Path) -> None:
     runtime = Runtime(model_file, "cpu", intra_op_threads=1)
-    assert runtime.provider.provider == CPU and runtime.provider.fallback is None
+    assert runtime.provider.active == CPU and runtime.provider.fallback is None
     (y, total) = runtime.run({"x": np.ones((2, 4), dtype=np.float32)})
     assert y.shape == (2, 3) and total.shape == (2, 1)
 
@@ -35,9 +35,9 @@ def test_cpu_runs_on_cpu_with_nothing_to_report(model_file: Path) -> None:
 def test_auto_uses_cuda_when_it_loads_and_says_why_not_otherwise(model_file: Path) -> None:
     runtime = Runtime(model_file, "auto", intra_op_threads=1)
     if CUDA_LOADS:
-        assert runtime.provider.provider == CUDA and runtime.provider.fallback is None
+        assert runtime.provider.active == CUDA and runtime.provider.fallback is None
     else:
-        assert runtime.provider.provider == CPU
+        assert runtime.provider.active == CPU
         assert runtime.provider.fallback == cuda_status()
         assert "CUDA" in runtime.provider.fallback
 
@@ -47,7 +47,7 @@ def test_a_cuda_fallback_is_one_clear_line_not_onnxruntime_raw_error(
     model_file: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     runtime = Runtime(model_file, "cuda", intra_op_threads=1)  # asks onnxruntime for CUDA regardless
-    assert runtime.provider.provider == CPU and runtime.provider.fallback
+    assert runtime.provider.active == CPU and runtime.provider.fallback
     captured = capfd.readouterr()
     assert "onnxruntime" not in captured.err.lower(), "onnxruntime's raw fallback error leaked to stderr"
 

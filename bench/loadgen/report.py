@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.loadgen.run import LevelResult
 
-__all__ = ["machine", "table", "write_json", "write_csv", "plot"]
+__all__ = ["machine", "ms", "plot", "table", "write_csv", "write_json"]
 
 CSV_FIELDS = [
     "label",
@@ -101,13 +101,14 @@ def table(runs: dict[str, list[LevelResult]]) -> str:
             errors = r.summary()["errors"]
             error_text = ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0"
             cells = [label, load, f"{row['throughput']:,.0f}"]
-            cells += [_ms(row[k]) for k in ("p50", "p90", "p99", "p99.9", "max")]
+            cells += [ms(row[k]) for k in ("p50", "p90", "p99", "p99.9", "max")]
             cells += [error_text, "yes" if r.stable else "no"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
+    """Milliseconds for a table: three significant figures, whole numbers from 100 up, '-' for none."""
     if value is None:
         return "-"
     return f"{value:.3g}" if value < 100 else f"{value:,.0f}"

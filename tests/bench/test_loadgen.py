@@ -312,3 +312,68 @@ def test_the_cli_says_which_model_it_could_not_read(server: RunningServer) -> No
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "cannot read the model's inputs" in done.stderr and "404" in done.stderr
+
+
+# A load generator run with only the allowed distributions importable: any other is refused, as if not installed.
+_A_RUN_WITH_ONLY = """
+import importlib.abc, importlib.metadata as md, json, sys
+from pathlib import Path
+allowed = set(json.loads(sys.argv[3]))
+owners = {m: {d.lower().replace("_", "-") for d in ds} for m, ds in md.packages_distributions().items()}
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in owners and not owners[top] & allowed:
+            raise ModuleNotFoundError(f"No module named {top!r} (not installed with [bench])", name=top)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+import bench.loadgen.__main__
+from bench.loadgen.report import plot
+from bench.loadgen.samples import build_requests, read_signature
+build_requests(read_signature(Path(sys.argv[1])), "binary", 4)
+point = {"level": 1, "ok": 1, "throughput": 1.0, "latency_ms": {"p50": 1.0, "p99": 2.0}}
+plot(Path(sys.argv[2]), {"run": [point]}, "t")
+"""
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions those requirements install, with everything they require in turn."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = requirement.name.lower().replace("_", "-")
+        if name in seen or (requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            todo += [Requirement(r) for r in md.requires(requirement.name) or []]
+        except md.PackageNotFoundError:
+            pass
+    return seen
+
+
+def test_the_bench_extra_alone_installs_what_the_load_generator_needs(tmp_path: Path) -> None:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    allowed = _closure(project["dependencies"] + project["optional-dependencies"]["bench"]) | {"normserve"}
+    config = tmp_path / "config.json"
+    tensor = {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+    logits = {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
+    config.write_text(json.dumps({"name": "m", "max_batch_size": 8, "inputs": [tensor], "outputs": [logits]}))
+    done = subprocess.run(
+        [sys.executable, "-c", _A_RUN_WITH_ONLY, str(config), str(tmp_path / "plot.png"), json.dumps(sorted(allowed))],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+    )
+    # Requests built from the held-out digits, and the plot drawn, with nothing but the service and [bench].
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -13,7 +13,6 @@ import contextlib
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import numpy as np
 import onnx
 import pytest
 import torch
 import uvicorn
 from onnx import TensorProto, helper, numpy_helper
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.suite.servers import free_port, metric, wait_ready
 from export.build import export_model
 from models.train import make_checkpoint
 from models.zoo import build_model, config_to_dict
@@ -118,21 +116,6 @@ def repository(built_repository: Path, tmp_path: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The value of one sample of the server's /metrics, matched by name and all its labels (0 when absent)."""
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
 class RunningServer:
     """uvicorn serving ``create_app(settings)`` on a thread, on a free loopback port."""
 
@@ -176,15 +159,11 @@ def start_service(
     command = [sys.executable, "-m", "service"]
     process = subprocess.Popen(command, env=environment, stderr=stderr, text=True, preexec_fn=limit_files)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/v2/health/ready").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"the service did not become ready: {process.communicate()[1] or 'see its log'}")
+    try:
+        wait_ready(process, f"{url}/v2/health/ready", 60, "the service")
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}: {process.communicate()[1] or 'see its log'}") from None
+    return process, url
 
 
 ServeFactory = Callable[..., contextlib.AbstractContextManager[RunningServer]]

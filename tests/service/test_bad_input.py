@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.suite.servers import metric_samples
 from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json
 
 # Quarters and small integers: x @ W + b is exact in float32, so answers compare with ==.
@@ -239,8 +239,7 @@ def failures(server: RunningServer, model: str, reason: str) -> float:
     """normserve_request_failure_total of this model and reason, whichever version label it was counted under."""
     return sum(
         sample.value
-        for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
-        for sample in family.samples
+        for sample in metric_samples(server.url)
         if sample.name == "normserve_request_failure_total"
         and sample.labels["model"] == model
         and sample.labels["reason"] == reason

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from bench.suite.servers import metric_samples
 from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json, write_affine
 
 pytestmark = pytest.mark.anyio
@@ -246,11 +246,9 @@ async def test_a_corrupt_model_is_not_ready_with_its_reason_and_the_others_serve
 
 def ready_series(server: RunningServer, model: str) -> list[float]:
     """The values of normserve_model_ready for ``model``'s version 1 (none when it has no series)."""
-    families = text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
     return [
         s.value
-        for f in families
-        for s in f.samples
+        for s in metric_samples(server.url)
         if s.name == "normserve_model_ready" and s.labels == {"model": model, "version": "1"}
     ]
 

@@ -1,4 +1,4 @@
-"""The suite's results as targets met or missed, markdown tables and plots, written into docs/benchmarks.md.
+"""The suite's results as markdown tables and plots, written into docs/benchmarks.md.
 
 Only the text between the two markers is rewritten, so what people wrote around it (the design
 notes, the analysis of a missed target) stays.
@@ -11,125 +11,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen.report import plot
+from bench.loadgen.report import ms, plot
+from bench.suite.judging import rate, targets
 
-__all__ = ["BEGIN", "END", "targets", "markdown", "write_report"]
+__all__ = ["BEGIN", "END", "markdown", "write_report"]
 
 BEGIN = "<!-- bench:begin: written by `make bench`; edit outside these markers -->"
 END = "<!-- bench:end -->"
-
-
-def _tp(row: dict[str, Any]) -> float:
-    return float(row["throughput"])
-
-
-def _p(row: dict[str, Any], name: str) -> float:
-    return float(row["latency_ms"][name] or float("nan"))
-
-
-def _outside(row: dict[str, Any]) -> float:
-    return float(row.get("cpu_per_request_ms", {}).get("outside_onnxruntime", float("nan")))
-
-
-def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """T1–T6 of the latency issue, each with the figures it is judged on (all from this run)."""
-    tiny, naive, bare = r["tiny_json"]["closed"], r["naive"], r["bare"]
-    top, one = tiny[-1], tiny[0]
-    conns = int(top["level"])
-    batch1_ms = float(r["inprocess"]["tiny"]["batches"]["1"]["batch_ms"])
-    large_top = r["large_binary_batching"][-1]
-    ceiling = r["inprocess"]["large"]["best"]
-    middle = r["large_json"][0]
-    binary_middle = next(row for row in r["large_binary_batching"] if row["level"] == middle["level"])
-    memory = r["memory"]
-    growth = (memory["rss_after_mb"] - memory["rss_ready_mb"]) / memory["rss_ready_mb"]
-    t2_bound = _p(bare[0], "p50") + batch1_ms + 0.3
-    t4_ratio = _outside(middle) / _outside(binary_middle)
-    return [
-        {
-            "target": "T1",
-            "goal": f"tiny, JSON, {conns} conns: ≥ 5x naive, ≥ 40% of bare ASGI, p99 ≤ 20 ms",
-            "measured": f"{_tp(top) / _tp(naive[-1]):.1f}x naive, {100 * _tp(top) / _tp(bare[-1]):.0f}% of bare, "
-            f"p99 {_p(top, 'p99'):.1f} ms",
-            "met": _tp(top) >= 5 * _tp(naive[-1]) and _tp(top) >= 0.4 * _tp(bare[-1]) and _p(top, "p99") <= 20,
-        },
-        {
-            "target": "T2",
-            "goal": f"tiny, JSON, 1 conn: median ≤ bare median + batch-1 onnxruntime + 0.3 ms = {t2_bound:.3f} ms",
-            "measured": f"median {_p(one, 'p50'):.3f} ms "
-            f"(bare {_p(bare[0], 'p50'):.3f} ms, batch 1 {batch1_ms:.3f} ms)",
-            "met": _p(one, "p50") <= t2_bound,
-        },
-        {
-            "target": "T3",
-            "goal": f"large, binary, {int(large_top['level'])} conns: "
-            "≥ 85% of in-process onnxruntime at its best batch",
-            "measured": f"{_tp(large_top):.1f} req/s = {100 * _tp(large_top) / ceiling['rows_per_s']:.0f}% of "
-            f"{ceiling['rows_per_s']:.1f} rows/s (batch {ceiling['batch']})",
-            "met": _tp(large_top) >= 0.85 * ceiling["rows_per_s"],
-        },
-        {
-            "target": "T4",
-            "goal": "large: server CPU per request outside onnxruntime ≥ 5x lower with binary than JSON",
-            "measured": f"{t4_ratio:.1f}x ({_outside(middle):.2f} ms JSON, {_outside(binary_middle):.3f} ms binary, "
-            f"{int(middle['level'])} conns)",
-            "met": t4_ratio >= 5,
-        },
-        {
-            "target": "T5",
-            "goal": "RSS with the default models ≤ 600 MB; growth after 100,000 requests ≤ 5%",
-            "measured": f"{memory['rss_ready_mb']:.0f} MB ready, {memory['rss_after_mb']:.0f} MB after "
-            f"{memory['requests']:,} requests ({100 * growth:+.1f}%)",
-            "met": memory["rss_ready_mb"] <= 600 and growth <= 0.05 and memory["requests"] >= 100_000,
-        },
-        *overload_targets(r),
-        {
-            "target": "T6",
-            "goal": "ready ≤ 10 s after the process starts, default models built",
-            "measured": "slowest of "
-            + ", ".join(f"{s:.1f}" for s in r["startup_s"])
-            + f": {max(r['startup_s']):.1f} s",
-            "met": max(r["startup_s"]) <= 10,
-        },
-    ]
-
-
-def overload_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """T7: goodput holds past capacity, refusals are fast and say when to retry, the accepted stay in
-    their deadline, memory stays bounded; judged at each multiple of capacity of 3 or more."""
-    o = r.get("overload")
-    if not o:
-        return []
-    rows = [row for row in o["open"] if row["multiple"] >= 3]
-    parts, met = [], bool(rows)
-    for row in rows:
-        refused = row.get("refused", {"p50_ms": 0.0, "with_retry_after": 1.0})
-        p99 = row["latency_ms"]["p99"] or 0.0
-        rss = row.get("server_rss_mb", 0.0)
-        goodput = row.get("server_goodput_ratio", row["goodput_ratio"])
-        parts.append(
-            f"{row['multiple']:g}x: goodput {100 * goodput:.0f}% (client's count {100 * row['goodput_ratio']:.0f}%, "
-            f"generator at {100 * row.get('generator_cpu', 0):.0f}% of a core), 503 p50 {refused['p50_ms']:.2f} ms "
-            f"({100 * refused['with_retry_after']:.0f}% with Retry-After), p99 {p99:.0f} ms, RSS {rss:.0f} MB"
-        )
-        met = met and (
-            goodput >= 0.9
-            and refused["p50_ms"] < 5
-            and refused["with_retry_after"] == 1.0
-            and p99 <= o["deadline_ms"]
-            and rss <= 1.1 * o["rss_ready_mb"]
-        )
-    return [
-        {
-            "target": "T7",
-            "goal": f"overload, open loop over {o['connections']:,} conns at 3x and 10x of the closed-loop capacity "
-            f"({o['capacity']:,.0f} req/s): goodput (200s the server counted) ≥ 90%, 503 median < 5 ms with "
-            "Retry-After, p99 of 200s ≤ the "
-            f"{o['deadline_ms']} ms deadline, RSS ≤ 1.1x ready ({o['rss_ready_mb']:.0f} MB)",
-            "measured": "; ".join(parts),
-            "met": met,
-        }
-    ]
 
 
 def _overload_rows(o: dict[str, Any]) -> list[list[Any]]:
@@ -146,8 +34,8 @@ def _overload_rows(o: dict[str, Any]) -> list[list[Any]]:
             "-",
             "-",
             "-",
-            _ms(closed["latency_ms"]["p50"]),
-            _ms(closed["latency_ms"]["p99"]),
+            ms(closed["latency_ms"]["p50"]),
+            ms(closed["latency_ms"]["p99"]),
             _errors(closed),
             f"{closed.get('server_rss_mb', 0):.0f}",
         ]
@@ -164,10 +52,10 @@ def _overload_rows(o: dict[str, Any]) -> list[list[Any]]:
                 f"{100 * row.get('server_goodput_ratio', 0):.0f}%",
                 f"{100 * row.get('generator_cpu', 0):.0f}%",
                 f"{refused['count'] / row['seconds']:,.0f}" if refused else "0",
-                _ms(refused["p50_ms"]) if refused else "-",
+                ms(refused["p50_ms"]) if refused else "-",
                 f"{100 * refused['with_retry_after']:.0f}%" if refused else "-",
-                _ms(row["latency_ms"]["p50"]),
-                _ms(row["latency_ms"]["p99"]),
+                ms(row["latency_ms"]["p50"]),
+                ms(row["latency_ms"]["p99"]),
                 _errors(row),
                 f"{row.get('server_rss_mb', 0):.0f}",
             ]
@@ -270,12 +158,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
-
-
 def _errors(row: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0"
 
@@ -284,14 +166,14 @@ def _cpu(row: dict[str, Any]) -> list[str]:
     cpu = row.get("cpu_per_request_ms")
     if cpu is None:
         total = row.get("server_cpu_ms_per_request")
-        return [_ms(total), "-", "-"]
-    return [_ms(cpu["total"]), _ms(cpu["onnxruntime"]), _ms(cpu["outside_onnxruntime"])]
+        return [ms(total), "-", "-"]
+    return [ms(cpu["total"]), ms(cpu["onnxruntime"]), ms(cpu["outside_onnxruntime"])]
 
 
 def _closed_rows(label: str, rows: list[dict[str, Any]]) -> list[list[Any]]:
     return [
-        [label, int(row["level"]), f"{_tp(row):,.0f}"]
-        + [_ms(row["latency_ms"][k]) for k in ("p50", "p90", "p99", "p99.9", "max")]
+        [label, int(row["level"]), f"{rate(row):,.0f}"]
+        + [ms(row["latency_ms"][k]) for k in ("p50", "p90", "p99", "p99.9", "max")]
         + _cpu(row)
         + [_errors(row), "yes" if row["stable"] else "no"]
         for row in rows
@@ -304,8 +186,8 @@ CLOSED_HEADER += ["CPU ms/req", "in onnxruntime", "outside", "errors", "stable"]
 
 def _open_rows(label: str, rows: list[dict[str, Any]]) -> list[list[Any]]:
     return [
-        [label, f"{row['level']:,.0f}", f"{_tp(row):,.0f}"]
-        + [_ms(row["latency_ms"][k]) for k in ("p50", "p99", "p99.9", "max")]
+        [label, f"{row['level']:,.0f}", f"{rate(row):,.0f}"]
+        + [ms(row["latency_ms"][k]) for k in ("p50", "p99", "p99.9", "max")]
         + [row.get("max_backlog", 0), _errors(row)]
         for row in rows
     ]
@@ -476,7 +358,7 @@ def _wrk_section(wrk: dict[str, Any], r: dict[str, Any]) -> list[str]:
         w = wrk.get(key)
         ours = (r["tiny_json"]["closed"] if key == "normserve" else r["bare"])[-1]
         if w:
-            rows.append([name, w["connections"], f"{w['throughput']:,.0f}", f"{_tp(ours):,.0f}", _ms(w.get("p99_ms"))])
+            rows.append([name, w["connections"], f"{w['throughput']:,.0f}", f"{rate(ours):,.0f}", ms(w.get("p99_ms"))])
     return [
         "### Cross-check with wrk",
         "",

@@ -1,211 +1,26 @@
-"""The benchmark suite behind ``make bench``: every scenario, one run, one machine, ratios from the same run.
-
-The servers run on core 0 and the load generator on core 1 (``taskset``), with onnxruntime's
-threads matched to the server's cores. In order:
-
-1. start-up: normserve with the default models, started ``startups`` times, timed to ready;
-2. memory: its RSS once ready, and again after 100,000 tiny-model requests;
-3. the tiny model (cnn-bn), JSON then binary: concurrency 1, 16 and 64, then fixed rates from a
-   quarter of the saturated throughput to past it (open loop);
-4. the large model (resnet18-bn), binary at concurrency 1, 8 and 32 with batching on, then off
-   (a second server), and JSON at concurrency 8 (the server's CPU outside onnxruntime, JSON vs binary);
-5. baselines on the same core: the naive FastAPI app and the bare ASGI app, concurrency 1, 16, 64;
-6. ceilings and graphs: in-process onnxruntime at every batch size, folded vs unfolded graphs with
-   onnxruntime's optimizations off and on;
-7. a py-spy profile of normserve at the tiny model's concurrency 64, and, where ``wrk`` is
-   installed, a cross-check of the two HTTP ceilings with it.
-
-It writes ``docs/benchmarks.md`` (between its markers; the text around them is kept), the plots
-and ``docs/bench/suite.json``.
-
-    make bench                                   # about 8 minutes
-    python -m bench.suite --smoke --repository R --tiny tiny-cnn-bn --large tiny-cnn-bn \\
-        --artifacts A --doc /tmp/bench.md        # seconds: the test suite runs this
-"""
+"""Every scenario of the suite, each measured with the load generator against a server of ``servers``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.loadgen.driver import Target, encode_request
 from bench.loadgen.report import machine
 from bench.loadgen.run import LevelResult, RunConfig, run_levels
 from bench.loadgen.samples import ModelSignature, build_requests, read_signature
+from bench.suite.plan import ROOT, Plan
+from bench.suite.servers import Server, free_port, http_get, metric_samples, running
 
-__all__ = ["Plan", "FULL", "SMOKE", "run_suite", "main"]
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How long each part runs."""
-
-    window_s: float
-    warmup_s: float
-    max_windows: int
-    large_window_s: float
-    tiny_concurrency: tuple[int, ...]
-    large_concurrency: tuple[int, ...]
-    rate_fractions: tuple[float, ...]  # of the saturated (concurrency 64) throughput
-    memory_requests: int
-    startups: int
-    inprocess_seconds: float
-    tiny_batches: tuple[int, ...]
-    large_batches: tuple[int, ...]
-    profile_s: float
-    wrk_s: int
-    overload_multiples: tuple[float, ...]  # open-loop rates, as multiples of the closed-loop capacity
-    overload_connections: int
-    overload_s: float
-
-
-FULL = Plan(
-    window_s=2.0,
-    warmup_s=2.0,
-    max_windows=6,
-    large_window_s=3.0,
-    tiny_concurrency=(1, 16, 64),
-    large_concurrency=(1, 8, 32),
-    rate_fractions=(0.25, 0.5, 0.75, 0.9, 1.0, 1.2),
-    memory_requests=100_000,
-    startups=3,
-    inprocess_seconds=1.5,
-    tiny_batches=(1, 2, 4, 8, 16, 32, 64),
-    large_batches=(1, 4, 8, 32),
-    profile_s=8.0,
-    wrk_s=8,
-    overload_multiples=(1.5, 3.0, 10.0),
-    overload_connections=1024,
-    overload_s=6.0,
-)
-SMOKE = Plan(
-    window_s=0.25,
-    warmup_s=0.1,
-    max_windows=2,
-    large_window_s=0.25,
-    tiny_concurrency=(1, 8),
-    large_concurrency=(1, 4),
-    rate_fractions=(0.5, 1.0),
-    memory_requests=300,
-    startups=1,
-    inprocess_seconds=0.05,
-    tiny_batches=(1, 4),
-    large_batches=(1, 2),
-    profile_s=1.0,
-    wrk_s=1,
-    overload_multiples=(3.0,),
-    overload_connections=32,
-    overload_s=0.5,
-)
-
-
-# -- servers --------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
-@dataclass
-class Server:
-    """A server process pinned to the server cores."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    port: int
-    ready_path: str
-    process: subprocess.Popen[bytes] | None = None
-    startup_s: float = 0.0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 120.0) -> float:
-        """Start it and wait until ``ready_path`` answers 200; returns the seconds that took."""
-        began = time.perf_counter()
-        self.process = subprocess.Popen(
-            self.argv, env=os.environ | self.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        while _get(self.url + self.ready_path, timeout=1.0)[0] != 200:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self._stderr()}")
-            if time.perf_counter() - began > timeout_s:
-                self.stop()
-                raise RuntimeError(f"{self.name} was not ready within {timeout_s:g} s")
-            time.sleep(0.01)
-        self.startup_s = time.perf_counter() - began
-        return self.startup_s
-
-    def _stderr(self) -> str:
-        assert self.process is not None and self.process.stderr is not None
-        return self.process.stderr.read().decode(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        self.process = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def rss_mb(self) -> float:
-        import psutil
-
-        return round(float(psutil.Process(self.pid).memory_info().rss) / 2**20, 1)
-
-
-@contextmanager
-def running(server: Server) -> Any:
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-# -- the suite ------------------------------------------------------------------------------------
+__all__ = ["OVERLOAD_ROWS", "Suite", "overload", "run_suite"]
 
 
 @dataclass
@@ -228,7 +43,7 @@ class Suite:
         return len(self.server_cores) or os.cpu_count() or 1
 
     def normserve(self, **env: str) -> Server:
-        port = _free_port()
+        port = free_port()
         settings = {
             "NORMSERVE_REPOSITORY": str(self.repository),
             "NORMSERVE_PORT": str(port),
@@ -240,7 +55,7 @@ class Suite:
         )
 
     def uvicorn(self, name: str, app: str, **env: str) -> Server:
-        port = _free_port()
+        port = free_port()
         argv = [*self.taskset, sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning"]
         argv += ["--no-access-log", "--loop", "uvloop", "--http", "httptools"]
         return Server(name, argv, env, port, "/openapi.json" if "naive" in app else "/")
@@ -291,15 +106,11 @@ def _server_counters(server: Server) -> dict[str, float]:
     counters = {"cpu_s": times.user + times.system}
     if server.name != "normserve":
         return counters
-    status, body = _get(server.url + "/metrics")
-    if status != 200:
-        return counters
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == "normserve_compute_duration_seconds_sum":
-                counters["compute_s"] = counters.get("compute_s", 0.0) + sample.value
-            elif sample.name == "normserve_request_success_total":
-                counters["requests"] = counters.get("requests", 0.0) + sample.value
+    for sample in metric_samples(server.url):
+        if sample.name == "normserve_compute_duration_seconds_sum":
+            counters["compute_s"] = counters.get("compute_s", 0.0) + sample.value
+        elif sample.name == "normserve_request_success_total":
+            counters["requests"] = counters.get("requests", 0.0) + sample.value
     return counters
 
 
@@ -364,7 +175,7 @@ def run_suite(suite: Suite) -> dict[str, Any]:
             "requests": memory_run[0]["ok"] + sum(memory_run[0]["errors"].values()),
         }
         results["startup_s"] = startups
-        results["provider"] = json.loads(_get(f"{server.url}/v2/models/{suite.tiny}")[1]).get("provider")
+        results["provider"] = json.loads(http_get(f"{server.url}/v2/models/{suite.tiny}")[1]).get("provider")
 
         print("tiny model", file=sys.stderr)
         for encoding in ("json", "binary"):
@@ -559,59 +370,3 @@ def wrk(suite: Suite, server: Server, model: str, path: str | None = None) -> di
     from bench.profile import parse_wrk
 
     return {"connections": connections, **parse_wrk(done.stdout)}
-
-
-# -- command line ---------------------------------------------------------------------------------
-
-
-def _cores(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c != ""]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
-    p.add_argument("--artifacts", type=Path, default=ROOT / "artifacts", help="checkpoints, for the unfolded graphs")
-    p.add_argument("--tiny", default="cnn-bn", help="the tiny model (default %(default)s)")
-    p.add_argument("--large", default="resnet18-bn", help="the large model (default %(default)s)")
-    p.add_argument("--server-cores", type=_cores, default=[0], help="cores for the servers (default 0)")
-    p.add_argument("--generator-cores", type=_cores, default=[1], help="cores for the load generator (default 1)")
-    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="the document to write")
-    p.add_argument("--smoke", action="store_true", help="seconds-long windows: checks the suite runs, measures nothing")
-    args = p.parse_args(argv)
-    from bench.suite_report import write_report
-
-    available = sorted(os.sched_getaffinity(0))
-    wanted = set(args.server_cores) | set(args.generator_cores)
-    if shutil.which("taskset") is None or not wanted <= set(available) or len(available) < 2:
-        print(
-            f"warning: cannot pin to cores {sorted(wanted)} (this process may use {available}); unpinned",
-            file=sys.stderr,
-        )
-        args.server_cores, args.generator_cores = [], []
-    if args.generator_cores:
-        os.sched_setaffinity(0, args.generator_cores)
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the overload part opens 1,024 connections
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    suite = Suite(
-        SMOKE if args.smoke else FULL,
-        args.repository.resolve(),
-        args.tiny,
-        args.large,
-        args.artifacts.resolve(),
-        args.server_cores,
-        args.generator_cores,
-        {"command": " ".join(["python -m bench.suite", *(argv if argv is not None else sys.argv[1:])])},
-    )
-    started = time.perf_counter()
-    results = run_suite(suite)
-    results["suite_seconds"] = round(time.perf_counter() - started, 1)
-    write_report(results, args.doc, smoke=args.smoke)
-    print(f"wrote {args.doc} in {results['suite_seconds']:.0f} s", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

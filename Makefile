@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install debian-tools models serve test bench experiments image image-gpu lint format lock clean
+.PHONY: help install debian-tools models serve test test-fast bench experiments image image-gpu lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,8 +41,16 @@ debian-tools:  ## install Debian's chromium and prometheus for the browser and m
 		echo "make debian-tools: $$missing missing, and no apt-get as root to install them; their tests will be skipped"; \
 	fi
 
+# Tests run on every core (pytest-xdist), a test file to a worker: what a module's tests share (a server,
+# an image, a trained plan) is built once.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: lint debian-tools  ## install everything, lint, and run the tests
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: $(STAMP)  ## the tests without the slow ones (suite smoke, locust, training CLI, images, browser), for the edit-test loop
+	$(PYTEST) -m "not slow"
 
 # Images are built with podman from a local Debian base and wheels downloaded here (docker/build-image.sh),
 # so they build without a registry; the Dockerfile builds unchanged with docker anywhere else.

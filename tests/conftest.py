@@ -1,6 +1,14 @@
-"""Tiny models shared by the tests: a few thousand parameters, seconds to train and export."""
+"""Tiny models shared by the tests: a few thousand parameters, seconds to train and export.
+
+Under pytest-xdist (``make test`` runs one worker per core) each worker is a process of its own, with its
+own temporary folders (``tmp_path``), its own session fixtures and servers on free ports of their own, and
+torch's threads cut to its share of the cores: two workers of two threads each on two cores would spend
+their time preempting one another.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -56,3 +64,9 @@ def cnn_spec() -> ModelSpec:
 @pytest.fixture
 def vit_spec() -> ModelSpec:
     return tiny_vit_spec()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))

@@ -17,6 +17,8 @@ import pytest
 
 from tests.service.conftest import RunningServer
 
+pytestmark = pytest.mark.slow  # locust as a subprocess: make test runs it, make test-fast leaves it out
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "bench" / "locustfile.py"
 MODEL = "tiny-cnn-bn"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the suite's smoke run: make test runs it, make test-fast leaves it out
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -31,6 +31,8 @@ import tritonclient.http as httpclient
 from service.runtime import Runtime
 from tests.service.conftest import affine_expected, free_port, infer_json, metric
 
+pytestmark = pytest.mark.slow  # image builds and containers: make test runs them, make test-fast leaves them out
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "docker" / "build-image.sh"
 TAG = "localhost/normserve:test"

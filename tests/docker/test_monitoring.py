@@ -168,6 +168,7 @@ def _query(prometheus: str, expr: str) -> list[Any]:
     return result
 
 
+@pytest.mark.slow  # a real prometheus
 def test_every_dashboard_query_and_alert_signal_returns_data_from_a_real_prometheus(
     server: RunningServer, prometheus: str
 ) -> None:

@@ -11,6 +11,8 @@ from experiments.inference import Graphs, consecutive_batches
 from experiments.plan import SMOKE, Plan
 from models.data import load_splits
 
+pytestmark = pytest.mark.slow  # trains and exports the experiments' smoke plan (make test-fast leaves it out)
+
 SECTIONS = [
     "## The five norms",
     "## The models, over seeds",

@@ -50,6 +50,7 @@ def test_a_failed_check_writes_nothing_to_the_repository(tiny, tmp_path, monkeyp
     assert e.value.report["checks"]["parity"]["passed"] is False
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_build_cli_trains_exports_then_skips_what_is_built(tmp_path, monkeypatch, capsys) -> None:
     spec = tiny_cnn_spec("gn")
     monkeypatch.setattr(export.build, "DEFAULT_MODELS", {spec.name: spec})
@@ -65,6 +66,7 @@ def test_build_cli_trains_exports_then_skips_what_is_built(tmp_path, monkeypatch
     assert (tmp_path / "art" / "summary.md").read_text().count(spec.name) == 1
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_build_cli_rebuilds_what_a_changed_spec_or_checkpoint_made_stale(tmp_path, monkeypatch, capsys) -> None:
     spec = tiny_cnn_spec("in")
     args = ["--artifacts", str(tmp_path / "art"), "--repository", str(tmp_path / "repo")]
@@ -81,6 +83,7 @@ def test_build_cli_rebuilds_what_a_changed_spec_or_checkpoint_made_stale(tmp_pat
     assert "already in" not in out and f"{spec.name}: written" in out
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_build_cli_exports_again_when_the_statistics_asked_for_change(tmp_path, monkeypatch, capsys) -> None:
     spec = tiny_cnn_spec("bn")
     monkeypatch.setattr(export.build, "DEFAULT_MODELS", {spec.name: spec})
@@ -95,6 +98,7 @@ def test_build_cli_exports_again_when_the_statistics_asked_for_change(tmp_path, 
     assert "already in" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains through the CLI
 def test_build_cli_builds_the_others_when_one_model_fails(tmp_path, monkeypatch, capsys) -> None:
     good, bad = tiny_cnn_spec("gn"), replace(tiny_cnn_spec("bn"), min_test_accuracy=1.01)
     monkeypatch.setattr(export.build, "DEFAULT_MODELS", {bad.name: bad, good.name: good})

@@ -169,18 +169,28 @@ def start_service(
 ServeFactory = Callable[..., contextlib.AbstractContextManager[RunningServer]]
 
 
-@pytest.fixture
-def serve(built_repository: Path) -> ServeFactory:
-    """``with serve(queue_limit=2, repository=...) as server:`` starts a server with those settings."""
-
+def _serve_factory(repository: Path) -> ServeFactory:
     @contextlib.contextmanager
     def start(**overrides: Any) -> Iterator[RunningServer]:
-        fields: dict[str, Any] = {"repository": built_repository, "port": free_port(), "provider": "cpu"}
+        fields: dict[str, Any] = {"repository": repository, "port": free_port(), "provider": "cpu"}
         fields.update(overrides)
         with RunningServer(Settings(**fields)) as server:
             yield server
 
     return start
+
+
+@pytest.fixture
+def serve(built_repository: Path) -> ServeFactory:
+    """``with serve(queue_limit=2, repository=...) as server:`` starts a server with those settings."""
+    return _serve_factory(built_repository)
+
+
+@pytest.fixture(scope="module")
+def module_serve(built_repository: Path) -> ServeFactory:
+    """``serve`` for a module-scoped fixture: one server shared by every test of a module that only reads
+    from it (no metric it counts, no model it loads or unloads)."""
+    return _serve_factory(built_repository)
 
 
 @pytest.fixture

@@ -132,6 +132,7 @@ def wait_for_current(page: Any, selector: str) -> None:
     )
 
 
+@pytest.mark.slow  # a real browser
 def test_demo_page_draws_predicts_and_compares_batch_statistics(
     serve: ServeFactory, demo_repository: Path, browser: Any, tmp_path: Path
 ) -> None:
@@ -233,6 +234,7 @@ def _batchnorm_layers(server: RunningServer, model: str) -> int:
     return sum(count for kind, count in norm_layers.items() if "BatchNorm" in kind)
 
 
+@pytest.mark.slow  # a real browser
 def test_the_api_docs_load_with_no_network_but_the_server(server: RunningServer, browser: Any) -> None:
     """/docs is Swagger UI, /redoc is ReDoc, both from the fastapi-offline package: pages offline users can open."""
     from playwright.sync_api import expect

@@ -21,20 +21,32 @@ ROWS = np.array(
 )
 
 
-@pytest.fixture
-def server(serve: ServeFactory) -> Iterator[RunningServer]:
-    """A server whose models the client may load and unload (NORMSERVE_MODEL_CONTROL=explicit)."""
-    with serve(model_control="explicit") as running:
+@pytest.fixture(scope="module")
+def server(module_serve: ServeFactory) -> Iterator[RunningServer]:
+    """One server for the module, whose models a client may load (NORMSERVE_MODEL_CONTROL=explicit). The
+    test that unloads a model has a server of its own."""
+    with module_serve(model_control="explicit") as running:
         yield running
 
 
-@pytest.fixture
-def client(server: RunningServer) -> Iterator[httpclient.InferenceServerClient]:
+def _client(server: RunningServer) -> Iterator[httpclient.InferenceServerClient]:
     triton = httpclient.InferenceServerClient(server.host)
     try:
         yield triton
     finally:
         triton.close()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[httpclient.InferenceServerClient]:
+    yield from _client(server)
+
+
+@pytest.fixture
+def own_client(serve: ServeFactory) -> Iterator[httpclient.InferenceServerClient]:
+    """A client of a server of its own, for a test that unloads models."""
+    with serve(model_control="explicit") as running:
+        yield from _client(running)
 
 
 def affine_input(x: np.ndarray, binary: bool = True) -> httpclient.InferInput:
@@ -277,7 +289,8 @@ def test_the_repository_index_lists_every_model_ready(client: httpclient.Inferen
     assert states == {("affine", "1"): "READY", ("tiny-cnn-bn", "1"): "READY"}
 
 
-def test_unload_then_load_through_the_client(client: httpclient.InferenceServerClient) -> None:
+def test_unload_then_load_through_the_client(own_client: httpclient.InferenceServerClient) -> None:
+    client = own_client
     client.unload_model("affine")
     assert not client.is_model_ready("affine")
     assert not client.is_model_ready("affine", model_version="1")

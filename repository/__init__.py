@@ -14,47 +14,10 @@ lists under ``files``, does not hash to the sha256 in its report is refused: the
 it was verified.
 """
 
-from repository.read import list_versions, load_bn_stats, load_config, load_version, sha256_bytes, sha256_file
-from repository.schema import (
-    BATCH_STATS_FILE,
-    BN_STATS_FILE,
-    CONFIG_FILE,
-    DTYPES,
-    MODEL_FILE,
-    NAME_PATTERN,
-    REPORT_FILE,
-    VERSION_PATTERN,
-    BatchNormLayer,
-    BatchNormStats,
-    ModelConfig,
-    ModelVersion,
-    RepositoryError,
-    TensorSpec,
-    VersionReport,
-)
-from repository.write import write_version
+# The package's names are its modules' own: each module's __all__ says what it gives.
+from repository import read, schema, write
+from repository.read import *  # noqa: F403
+from repository.schema import *  # noqa: F403
+from repository.write import *  # noqa: F403
 
-__all__ = [
-    "BATCH_STATS_FILE",
-    "BN_STATS_FILE",
-    "CONFIG_FILE",
-    "DTYPES",
-    "MODEL_FILE",
-    "NAME_PATTERN",
-    "REPORT_FILE",
-    "VERSION_PATTERN",
-    "BatchNormLayer",
-    "BatchNormStats",
-    "ModelConfig",
-    "ModelVersion",
-    "RepositoryError",
-    "TensorSpec",
-    "VersionReport",
-    "list_versions",
-    "load_bn_stats",
-    "load_config",
-    "load_version",
-    "sha256_bytes",
-    "sha256_file",
-    "write_version",
-]
+__all__ = [*schema.__all__, *read.__all__, *write.__all__]

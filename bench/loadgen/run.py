@@ -19,7 +19,7 @@ from typing import Any
 from bench.loadgen.driver import Load, Target, clock
 from bench.loadgen.stats import Window, is_stable, summarize
 
-__all__ = ["RunConfig", "LevelResult", "run_level", "run_levels"]
+__all__ = ["LevelResult", "RunConfig", "cpu_seconds", "run_level", "run_levels"]
 
 STABLE_WINDOWS = 3
 
@@ -60,18 +60,18 @@ class LevelResult:
         return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used so far, user and system: the one reader of a server's CPU."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def _server_cpu(pid: int | None) -> Callable[[], float | None]:
     if pid is None:
         return lambda: None
-    import psutil
-
-    process = psutil.Process(pid)
-
-    def read() -> float:
-        times = process.cpu_times()
-        return float(times.user + times.system)
-
-    return read
+    return lambda: cpu_seconds(pid)
 
 
 async def _sleep_until(moment: float, done: Callable[[], bool]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.loadgen.driver import Target, encode_request
 from bench.loadgen.report import machine
-from bench.loadgen.run import LevelResult, RunConfig, run_levels
+from bench.loadgen.run import LevelResult, RunConfig, cpu_seconds, run_levels
 from bench.loadgen.samples import ModelSignature, build_requests, read_signature
 from bench.suite.plan import ROOT, Plan
 from bench.suite.servers import Server, free_port, http_get, metric_samples, running
@@ -100,10 +100,7 @@ class Suite:
 
 
 def _server_counters(server: Server) -> dict[str, float]:
-    import psutil
-
-    times = psutil.Process(server.pid).cpu_times()
-    counters = {"cpu_s": times.user + times.system}
+    counters = {"cpu_s": cpu_seconds(server.pid)}
     if server.name != "normserve":
         return counters
     for sample in metric_samples(server.url):

@@ -107,11 +107,11 @@ class ModelEntry:
 
     def version(self, version: str) -> VersionEntry:
         """One version of the model, served or not; 404 when the repository has no such version."""
-        version_entry = self.versions.get(version)
-        if version_entry is None:
+        held = self.versions.get(version)
+        if held is None:
             known = ", ".join(sorted(self.versions, key=int)) or "none"
             raise ModelNotFound(f"model {self.name!r} has no version {version!r}; it has: {known}")
-        return version_entry
+        return held
 
     def latest_ready(self) -> ServedVersion | None:
         ready = [v for v in self.versions.values() if v.served is not None]
@@ -168,8 +168,8 @@ class Registry:
         model that is not served, and with NORMSERVE_REQUIRE_GPU every model on CPU."""
         reasons = []
         serving = {name for name, entry in self.models.items() if entry.latest_ready() is not None}
-        if not serving and (held := self.repository_names()):
-            reasons.append(f"no model is loaded and ready, of the {len(held)} in the repository")
+        if not serving and (in_repository := self.repository_names()):
+            reasons.append(f"no model is loaded and ready, of the {len(in_repository)} in the repository")
         for name in required or []:
             if name not in serving:
                 entry = self.models.get(name)
@@ -177,11 +177,11 @@ class Registry:
                 reasons.append(f"required model {name!r} (NORMSERVE_REQUIRED_MODELS) is not ready: {why}")
         if self.settings.require_gpu:
             for entry in self.models.values():
-                for version_entry in entry.versions.values():
-                    if version_entry.served is not None and version_entry.served.runtime.provider.active != CUDA:
-                        status = version_entry.served.runtime.provider
+                for held in entry.versions.values():
+                    if held.served is not None and held.served.runtime.provider.active != CUDA:
+                        status = held.served.runtime.provider
                         reasons.append(
-                            f"{entry.name} version {version_entry.version} runs on {status.active}, and "
+                            f"{entry.name} version {held.version} runs on {status.active}, and "
                             f"NORMSERVE_REQUIRE_GPU is set: {status.fallback or 'CUDA was not requested'}"
                         )
         return reasons
@@ -243,13 +243,13 @@ class Registry:
                 # As Triton does: a reload that loads nothing leaves the versions that serve in place.
                 log.error("reloading %s failed, its loaded versions keep serving: %s", name, self.reason(new))
                 return new
-            for version_entry in new.versions.values():
-                if version_entry.served is not None:
-                    for batcher in version_entry.served.batchers:
+            for held in new.versions.values():
+                if held.served is not None:
+                    for batcher in held.served.batchers:
                         batcher.start()
-                    self._publish(name, version_entry)
+                    self._publish(name, held)
                 else:  # in the repository, and not serving: what NormserveModelNotReady alerts on
-                    self.metrics.model_ready.labels(name, version_entry.version).set(0)
+                    self.metrics.model_ready.labels(name, held.version).set(0)
             self.models[name] = new  # the swap: new requests go to the new sessions from here on
             if old is not None:
                 await self._retire(old, keep=new)
@@ -296,27 +296,27 @@ class Registry:
             await self._retire(entry, keep=None)
 
     async def _retire(self, entry: ModelEntry, keep: ModelEntry | None) -> None:
-        for version_entry in entry.versions.values():
-            if version_entry.served is None:
+        for held in entry.versions.values():
+            if held.served is None:
                 continue
-            for batcher in version_entry.served.batchers:
+            for batcher in held.served.batchers:
                 await batcher.stop()
-            replacement = keep.versions.get(version_entry.version) if keep is not None else None
+            replacement = keep.versions.get(held.version) if keep is not None else None
             successor = replacement.served if replacement is not None else None
             # Per metric family (infer's, the batchnorm endpoint's): what the successor runs there, if anything.
             after = {id(m): r.provider.active for m, r in self._graphs(successor)} if successor else {}
-            for metrics, runtime in self._graphs(version_entry.served):
+            for metrics, runtime in self._graphs(held.served):
                 provider = runtime.provider.active
                 if id(metrics) in after:
                     if after[id(metrics)] != provider:  # the old provider no longer runs it
-                        metrics.provider.remove(entry.name, version_entry.version, provider)
+                        metrics.provider.remove(entry.name, held.version, provider)
                 elif replacement is not None and metrics is self.metrics:  # the reload failed for this version
-                    metrics.model_ready.labels(entry.name, version_entry.version).set(0)
-                    metrics.provider.remove(entry.name, version_entry.version, provider)
+                    metrics.model_ready.labels(entry.name, held.version).set(0)
+                    metrics.provider.remove(entry.name, held.version, provider)
                 else:  # unloaded, or gone from the repository: no series, and nothing to alert on
                     for gauge in (metrics.model_ready, metrics.queue_limit):
-                        gauge.remove(entry.name, version_entry.version)
-                    metrics.provider.remove(entry.name, version_entry.version, provider)
+                        gauge.remove(entry.name, held.version)
+                    metrics.provider.remove(entry.name, held.version, provider)
 
     def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
         """Each graph a version serves, with the metric families it reports in."""
@@ -325,13 +325,13 @@ class Registry:
             graphs.append((self.metrics.batchnorm, served.batch_stats.runtime))
         return graphs
 
-    def _publish(self, name: str, version_entry: VersionEntry) -> None:
-        if version_entry.served is None:
+    def _publish(self, name: str, held: VersionEntry) -> None:
+        if held.served is None:
             return
-        for metrics, runtime in self._graphs(version_entry.served):
-            metrics.provider.labels(name, version_entry.version, runtime.provider.active).set(1)
-            metrics.model_ready.labels(name, version_entry.version).set(1)
-            metrics.queue_limit.labels(name, version_entry.version).set(version_entry.served.batching.queue_limit)
+        for metrics, runtime in self._graphs(held.served):
+            metrics.provider.labels(name, held.version, runtime.provider.active).set(1)
+            metrics.model_ready.labels(name, held.version).set(1)
+            metrics.queue_limit.labels(name, held.version).set(held.served.batching.queue_limit)
 
     def _build(self, model_dir: Path) -> ModelEntry:
         """Read, create and warm every version of one model (blocking: runs in a thread)."""

@@ -28,6 +28,9 @@ from repository import ModelConfig
 from service.protocol import parse_infer_request
 from tests.service.conftest import RunningServer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "docker"))
+from deps import requirements  # noqa: E402  (docker/deps.py: what each dependency group installs)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -359,15 +362,9 @@ def _closure(requirements: list[str]) -> set[str]:
     return seen
 
 
-def test_the_bench_extra_alone_installs_what_the_load_generator_needs(tmp_path: Path) -> None:
-    import tomllib
-
-    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
-    allowed = _closure(project["dependencies"] + project["optional-dependencies"]["bench"]) | {"normserve"}
-    config = tmp_path / "config.json"
-    tensor = {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
-    logits = {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
-    config.write_text(json.dumps({"name": "m", "max_batch_size": 8, "inputs": [tensor], "outputs": [logits]}))
+def test_the_bench_extra_alone_installs_what_the_load_generator_needs(built_repository: Path, tmp_path: Path) -> None:
+    allowed = _closure(requirements(["bench"])) | {"normserve"}
+    config = built_repository / "tiny-cnn-bn" / "config.json"
     done = subprocess.run(
         [sys.executable, "-c", _A_RUN_WITH_ONLY, str(config), str(tmp_path / "plot.png"), json.dumps(sorted(allowed))],
         cwd=Path(__file__).parents[2],

@@ -28,7 +28,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from export.onnx_export import OUTPUT_NAME, export_onnx
-from export.verify import PARITY_ATOL, PARITY_RTOL, Check, cpu_session
+from export.verify import (
+    PARITY_ATOL,
+    PARITY_RTOL,
+    Check,
+    Feeds,
+    as_feeds,
+    cpu_session,
+    flatten_outputs,
+    rows,
+    take,
+)
 from models.norms import bn_channel_dim
 
 __all__ = [
@@ -107,8 +117,8 @@ class BatchStatsNorm(nn.Module):
 class BatchStatsModel(nn.Module):
     """``model`` with each BatchNorm replaced by ``BatchStatsNorm``.
 
-    forward returns ``(logits, mean_0, var_0, mean_1, var_1, ...)``, one pair per BatchNorm in
-    ``layer_names`` order.
+    forward takes the model's inputs and returns ``(logits, mean_0, var_0, mean_1, var_1, ...)``: the
+    model's first output, then one pair per BatchNorm in ``layer_names`` order.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -123,9 +133,9 @@ class BatchStatsModel(nn.Module):
             setattr(self.model.get_submodule(parent), child, norm)
             self.norms.append(norm)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.sink.stats.clear()
-        logits = self.model(x)
+        logits = flatten_outputs(self.model(*inputs))[0]
         stats: list[torch.Tensor] = []
         for name, norm in zip(self.layer_names, self.norms, strict=True):
             if id(norm) not in self.sink.stats:
@@ -139,8 +149,19 @@ def stat_output_names(count: int) -> list[str]:
     return [f"batch_{stat}.{i}" for i in range(count) for stat in ("mean", "var")]
 
 
-def export_batch_stats(model: nn.Module, example: torch.Tensor) -> tuple[onnx.ModelProto, list[str]]:
+def export_batch_stats(
+    model: nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    input_names: list[str] | None = None,
+    logits_output: str = OUTPUT_NAME,
+) -> tuple[onnx.ModelProto, list[str]]:
     """Export the batch-statistics graph of ``model``; returns it and its BatchNorm layer names.
+
+    Args:
+        model: the unfolded model, eval mode.
+        example: its input batch (a tuple for several inputs).
+        input_names: the graph's inputs, as the served graph names them.
+        logits_output: the name of the model's first output, which the graph returns before the statistics.
 
     Raises:
         ValueError: the model has no BatchNorm.
@@ -148,12 +169,15 @@ def export_batch_stats(model: nn.Module, example: torch.Tensor) -> tuple[onnx.Mo
     wrapped = BatchStatsModel(model)
     if not wrapped.layer_names:
         raise ValueError("the model has no BatchNorm layer; a batch-statistics graph would equal the served one")
-    proto = export_onnx(wrapped, example, output_names=[OUTPUT_NAME, *stat_output_names(len(wrapped.layer_names))])
+    names = [logits_output, *stat_output_names(len(wrapped.layer_names))]
+    proto = export_onnx(wrapped, example, input_names=input_names, output_names=names)
     return proto, wrapped.layer_names
 
 
 @torch.no_grad()
-def _input_shapes(model: nn.Module, layer_names: list[str], example: torch.Tensor) -> dict[str, torch.Size]:
+def _input_shapes(
+    model: nn.Module, layer_names: list[str], example: torch.Tensor | tuple[torch.Tensor, ...]
+) -> dict[str, torch.Size]:
     """The shape of what each named BatchNorm receives when ``model`` (eval mode) runs ``example``."""
     shapes: dict[str, torch.Size] = {}
     handles = [
@@ -163,14 +187,16 @@ def _input_shapes(model: nn.Module, layer_names: list[str], example: torch.Tenso
         for name in layer_names
     ]
     try:
-        model.eval()(example)
+        model.eval()(*(example if isinstance(example, tuple) else (example,)))
     finally:
         for handle in handles:
             handle.remove()
     return shapes
 
 
-def running_statistics(model: nn.Module, layer_names: list[str], example: torch.Tensor) -> list[dict[str, Any]]:
+def running_statistics(
+    model: nn.Module, layer_names: list[str], example: torch.Tensor | tuple[torch.Tensor, ...]
+) -> list[dict[str, Any]]:
     """Per BatchNorm: what the service shows beside the batch's statistics (bn_stats.json), with the
     axes its statistics pool and how many values per channel one sample gives them (from ``example``)."""
     shapes = _input_shapes(model, layer_names, example)
@@ -226,9 +252,9 @@ def _train_mode_reference(model: nn.Module, layer_names: list[str]) -> Any:
         layers[name].register_forward_pre_hook(hook(name, layers[name]))
 
     @torch.no_grad()
-    def run(x: np.ndarray) -> _Reference:
-        logits = reference(torch.tensor(x)).numpy()
-        return _Reference(logits, [s for name in layer_names for s in seen[name]])
+    def run(feeds: Feeds) -> _Reference:
+        logits = flatten_outputs(reference(*(torch.tensor(a) for a in feeds.values())))[0]
+        return _Reference(logits.numpy(), [s for name in layer_names for s in seen[name]])
 
     return run
 
@@ -243,20 +269,21 @@ def _worst(ort_values: list[np.ndarray], ref_values: list[np.ndarray]) -> tuple[
     return diff, worst
 
 
-def check_batch_stats_parity(session: Any, run_reference: Any, x: np.ndarray) -> Check:
+def check_batch_stats_parity(session: Any, run_reference: Any, x: np.ndarray | Feeds) -> Check:
     """The graph against PyTorch train() mode at each of ``BATCH_SIZES``: logits and every layer's statistics."""
+    feeds = as_feeds(x)
     figures: dict[str, Any] = {"atol": PARITY_ATOL, "rtol": PARITY_RTOL, "batches": {}}
     passed = True
     for size in BATCH_SIZES:
-        batch = x[:size]
-        if len(batch) < size:
+        batch = take(feeds, slice(0, size))
+        if rows(batch) < size:
             continue
         try:
             ref = run_reference(batch)
         except ValueError as e:  # "Expected more than 1 value per channel when training"
             figures["batches"][str(size)] = {"skipped": f"PyTorch train() refuses this batch: {e}"}
             continue
-        logits, *stats = session.run(None, {session.get_inputs()[0].name: batch})
+        logits, *stats = session.run(None, batch)
         logit_diff, logit_worst = _worst([logits], [ref.logits])
         stat_diff, stat_worst = _worst(stats, ref.stats)
         ok = bool(np.isfinite(logits).all()) and max(logit_worst, stat_worst) <= 1.0
@@ -277,35 +304,49 @@ def check_batch_stats_parity(session: Any, run_reference: Any, x: np.ndarray) ->
     return Check("batch_stats_parity", passed, detail, figures)
 
 
-def skewed_batch(x: np.ndarray, labels: np.ndarray | None, size: int = 64) -> tuple[np.ndarray, str]:
-    """A batch whose statistics differ from the training data's: one class only, or brightened inputs."""
+def skewed_batch(x: np.ndarray | Feeds, labels: np.ndarray | None, size: int = 64) -> tuple[Feeds, str]:
+    """A batch whose statistics differ from the data's: one class only; brightened inputs for a model of
+    one float input; else the first sample repeated (its own statistics, not the population's)."""
+    feeds = as_feeds(x)
     if labels is not None:
         cls = int(labels[0])
-        batch = x[labels == cls][:size]
-        return batch, f"{len(batch)} held-out samples all of class {cls}"
-    return x[:size] * 0.5 + 0.5, f"{min(size, len(x))} inputs scaled by 0.5 and shifted by +0.5"
+        batch = take(feeds, np.flatnonzero(labels == cls)[:size])
+        return batch, f"{rows(batch)} held-out samples all of class {cls}"
+    if len(feeds) == 1 and (only := next(iter(feeds.values()))).dtype.kind == "f":
+        return {k: v[:size] * 0.5 + 0.5 for k, v in feeds.items()}, (
+            f"{min(size, len(only))} inputs scaled by 0.5 and shifted by +0.5"
+        )
+    repeats = min(size, 8)
+    return take(feeds, np.zeros(repeats, dtype=np.int64)), f"the first sample repeated {repeats} times"
 
 
-def check_batch_stats_differ(session: Any, eval_model: nn.Module, x: np.ndarray, labels: np.ndarray | None) -> Check:
+def check_batch_stats_differ(
+    session: Any, eval_model: nn.Module, x: np.ndarray | Feeds, labels: np.ndarray | None
+) -> Check:
     """On a skewed batch, the graph's output must differ from the eval (running-statistics) output by far
     more than the parity tolerance: otherwise it is not using the batch's statistics."""
     batch, described = skewed_batch(x, labels)
-    logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    logits = session.run(None, batch)[0]
     with torch.no_grad():
-        running = eval_model.eval()(torch.tensor(batch)).numpy()
+        args = (torch.tensor(a) for a in batch.values())
+        running = flatten_outputs(eval_model.eval()(*args))[0].numpy()
     diff, worst = _worst([logits], [running])
-    changed = int((logits.argmax(1) != running.argmax(1)).sum())
+    changed = int((logits.argmax(1) != running.argmax(1)).sum()) if logits.ndim == 2 else 0
     passed = worst >= DIFFERENCE_FACTOR
     detail = (
         f"on {described}: max |batch - running statistics output| = {diff:.3g}, {worst:.3g}x the parity "
-        f"tolerance (expected >= {DIFFERENCE_FACTOR:g}x); {changed} of {len(batch)} predicted classes change"
+        f"tolerance (expected >= {DIFFERENCE_FACTOR:g}x); {changed} of {rows(batch)} predicted classes change"
     )
     figures = {"batch": described, "max_abs_diff": diff, "diff_over_tolerance": worst, "changed_predictions": changed}
     return Check("batch_stats_differ", passed, detail, figures)
 
 
 def verify_batch_stats(
-    proto: onnx.ModelProto, model: nn.Module, layer_names: list[str], x: np.ndarray, labels: np.ndarray | None
+    proto: onnx.ModelProto,
+    model: nn.Module,
+    layer_names: list[str],
+    x: np.ndarray | Feeds,
+    labels: np.ndarray | None,
 ) -> list[Check]:
     """Both checks of the batch-statistics graph of ``model`` (unfolded, eval mode) on inputs ``x``."""
     session = cpu_session(proto)

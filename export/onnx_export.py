@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import io
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import onnx
 import torch
@@ -35,37 +37,54 @@ def _quiet_exporter() -> Iterator[None]:
         onnx_logger.setLevel(level)
 
 
+def _batch_axes(model: nn.Module, count: int, batch: Any) -> tuple[Any, ...]:
+    """torch.export's dynamic shapes for ``count`` inputs whose axis 0 is the batch, following the
+    structure of ``forward``'s signature: one entry per parameter, a tuple of them for ``*args``."""
+    axes = tuple({0: batch} for _ in range(count))
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (axes,)
+    return axes
+
+
 def export_onnx(
     model: nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     optimize: bool = True,
     opset: int = OPSET,
+    input_names: list[str] | None = None,
     output_names: list[str] | None = None,
 ) -> onnx.ModelProto:
-    """Export ``model`` (eval mode) to a self-contained ONNX model with input (batch, ...) -> output.
+    """Export ``model`` (eval mode) to a self-contained ONNX model with inputs (batch, ...) -> outputs.
 
     Args:
         model: the module to export; it is put in eval mode.
-        example: an input with a batch of at least 2 rows (a batch of 1 would be specialized).
+        example: an input with a batch of at least 2 rows (a batch of 1 would be specialized), or a
+            tuple of them, one per argument of ``forward``, all with the same rows.
         optimize: run the exporter's graph optimizer. It folds BatchNorm into a preceding
             Conv/Gemm by itself, so export with ``optimize=False`` to see the graph as the model is.
         opset: ONNX opset version.
-        output_names: the graph's outputs, in the order forward returns them (default: one, ``logits``).
+        input_names: the graph's inputs, in ``forward``'s order (default: one, ``input``).
+        output_names: the graph's outputs, in the order forward returns them (default: one, ``logits``;
+            an empty list keeps the names the exporter gives them).
     """
-    if example.shape[0] < 2:
-        raise ValueError(f"example batch must have at least 2 rows to keep the batch dynamic, got {example.shape[0]}")
+    examples = example if isinstance(example, tuple) else (example,)
+    if examples[0].shape[0] < 2:
+        raise ValueError(
+            f"example batch must have at least 2 rows to keep the batch dynamic, got {examples[0].shape[0]}"
+        )
     batch = torch.export.Dim("batch", min=1)
     with _quiet_exporter():
         program = torch.onnx.export(
             model.eval(),
-            (example,),
+            examples,
             dynamo=True,
             opset_version=opset,
             optimize=optimize,
-            input_names=[INPUT_NAME],
-            output_names=output_names or [OUTPUT_NAME],
-            dynamic_shapes=({0: batch},),
+            input_names=input_names or [INPUT_NAME],
+            output_names=[OUTPUT_NAME] if output_names is None else (output_names or None),
+            dynamic_shapes=_batch_axes(model, len(examples), batch),
             verbose=False,
         )
     if program is None:

@@ -69,6 +69,7 @@ __all__ = [
     "up_to_date",
     "export_checkpoint",
     "export_model",
+    "library_versions",
     "norm_layer_counts",
     "verification_inputs",
     "main",
@@ -110,7 +111,8 @@ def verification_inputs(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | 
     return x.astype(np.float32), None, f"{RANDOM_SAMPLES} seeded standard-normal images"
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries an export depends on, for its report."""
     return {m.__name__: m.__version__ for m in (torch, onnx, onnxscript, onnxruntime)}
 
 
@@ -166,7 +168,7 @@ def export_model(
         "norm_layers": norm_layer_counts(model),
         "bn_statistics": bn_statistics,
         "batch_stats": batch_stats_report,
-        "versions": _versions(),
+        "versions": library_versions(),
         "checkpoint_sha256": meta.get("checkpoint_sha256"),
         "export_seconds": round(time.perf_counter() - start, 2),
     }

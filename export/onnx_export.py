@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import inspect
 import io
@@ -15,11 +14,9 @@ import onnx
 import torch
 from torch import nn
 
-__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "op_histogram"]
+from export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, op_histogram
 
-OPSET = 21  # GroupNorm exports as one GroupNormalization node from opset 21
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "op_histogram"]
 
 
 @contextlib.contextmanager
@@ -32,6 +29,8 @@ def _quiet_exporter() -> Iterator[None]:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+            # Several inputs share the one batch Dim, and the exporter says it keeps one name for it.
+            warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
             yield
     finally:
         onnx_logger.setLevel(level)
@@ -92,22 +91,3 @@ def export_onnx(
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return proto
-
-
-def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    """Count the operators of the main graph, of its subgraphs and of its local functions."""
-    counts: collections.Counter[str] = collections.Counter()
-
-    def walk(nodes: list[onnx.NodeProto]) -> None:
-        for node in nodes:
-            counts[node.op_type] += 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(list(attr.g.node))
-                for g in attr.graphs:
-                    walk(list(g.node))
-
-    walk(list(model.graph.node))
-    for fn in model.functions:
-        walk(list(fn.node))
-    return dict(sorted(counts.items()))

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
-from torch import nn
 
-from export.onnx_export import INPUT_NAME, op_histogram
+from export.graphs import INPUT_NAME, op_histogram
+
+if TYPE_CHECKING:  # torch is imported where a PyTorch reference is used: the ONNX import path has none
+    import torch
+    from torch import nn
 
 __all__ = [
     "PARITY_ATOL",
@@ -260,6 +262,8 @@ def check_accuracy(outputs: np.ndarray, labels: np.ndarray, minimum: float) -> C
 
 def flatten_outputs(result: Any) -> list[torch.Tensor]:
     """A forward's result as the exporter flattens it: a tensor, or a tuple, list or dict of them."""
+    import torch
+
     if isinstance(result, torch.Tensor):
         return [result]
     if isinstance(result, dict):
@@ -271,6 +275,8 @@ def flatten_outputs(result: Any) -> list[torch.Tensor]:
 
 def torch_reference(model: nn.Module, input_names: list[str], chunk: int = 256) -> Reference:
     """The unfolded PyTorch model as a reference: ``model(*inputs)`` in eval mode, ``chunk`` rows at a time."""
+    import torch
+
     if model.training:
         raise ValueError("the reference model is in training mode; expected eval mode (running statistics)")
 

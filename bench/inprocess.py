@@ -18,9 +18,11 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from bench.loadgen.samples import ModelSignature, digit_images
@@ -40,20 +42,27 @@ def _signature(session: ort.InferenceSession) -> ModelSignature:
 
 
 def time_batches(
-    model: Path, batches: list[int], threads: int = 1, optimize: bool = True, seconds: float = 1.0
+    model: Path,
+    batches: list[int],
+    threads: int = 1,
+    optimize: bool = True,
+    seconds: float = 1.0,
+    feeds_for: Callable[[int], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Per-batch and per-row time of ``model`` at each batch size, on real digits.
+    """Per-batch and per-row time of ``model`` at each batch size, on real digits (or on
+    ``feeds_for(batch)``, for a model whose inputs are not one image).
 
     Returns:
         ``{"batches": {b: {"batch_ms", "row_us", "rows_per_s"}}, "best": {...}}`` where ``best`` is the
         batch size with the most rows per second.
     """
     session = ort.InferenceSession(str(model), session_options(threads, optimize), providers=["CPUExecutionProvider"])
-    spec = _signature(session).input
+    if feeds_for is None:
+        spec = _signature(session).input
+        feeds_for = lambda batch: {spec.name: digit_images(batch, *spec.shape[1:])}  # noqa: E731
     results: dict[int, dict[str, float]] = {}
     for batch in batches:
-        x = digit_images(batch, *spec.shape[1:])
-        feeds = {spec.name: x}
+        feeds = feeds_for(batch)
         for _ in range(3):
             session.run(None, feeds)
         rounds = []

@@ -46,7 +46,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="most rows in one batch (default 64)")
     parser.add_argument("--labels", type=Path, help="class names of the first output, one per line")
     parser.add_argument("--description", default="", help="shown in the model's metadata")
-    parser.add_argument("--repository", type=Path, default=None, help="default: $NORMSERVE_REPOSITORY or model_repository")
+    parser.add_argument("--repository", type=Path, help="default: $NORMSERVE_REPOSITORY, else model_repository")
     parser.add_argument("--version", type=int, help="version to write (default: the next free one)")
     parser.add_argument("--force", action="store_true", help="write into a model the repository already has")
 
@@ -84,12 +84,12 @@ def _step(total: int) -> Any:
 def _summary(report: dict[str, Any], repository: Path) -> str:
     folds = report["folds"]
     forward = sum(1 for f in folds if f.get("forward"))
-    checks = "; ".join(c["detail"] for c in report["checks"].values())
     lines = [
         f"{report['model']} version {report['version']} written to {repository / report['model'] / report['version']}",
         f"  BatchNorms: {len(folds) - forward} folded, {forward} folded forward, {len(report['unfoldable'])} as affine"
         f" (fold at the {'ONNX' if report['fold_path'] == 'onnx' else 'torch.fx'} level)",
-        f"  verified on {report['verified_on']}: {checks}",
+        f"  verified on {report['verified_on']}:",
+        *(f"    {name}: {check['detail']}" for name, check in report["checks"].items()),
     ]
     for u in report["unfoldable"]:
         lines.append(f"  kept as affine: {u['norm']}: {u['reason']}")

@@ -96,7 +96,7 @@ def _batch_stats_files(
         graph, layers = batch_stats_graph(original, batch)
     except OnnxImportError as e:
         return {}, {"unavailable": str(e)}, []
-    result = check_batch_stats_graph(original, graph, batch)
+    result = check_batch_stats_graph(original, graph, batch, batched)
     # The endpoint compares the first output only: the others are not returned.
     keep = {first_output.name, *(name for layer in layers for name in (layer["mean_output"], layer["var_output"]))}
     outputs = [o for o in graph.graph.output if o.name in keep]

@@ -93,14 +93,14 @@ def load_callable(target: str) -> nn.Module:
     except UserModelError:
         raise
     except Exception as e:  # the user's module: any error it raises on import is theirs to read
-        raise UserModelError(f"{module_name}: importing it raised {type(e).__name__}: {e}") from e
+        raise UserModelError(f"{module_name}: importing it raised {_first_line(e)}") from e
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise UserModelError(f"{module_name} has no callable {attribute!r}; expected a function returning an nn.Module")
     try:
         model = factory()
     except Exception as e:
-        raise UserModelError(f"{target}() raised {type(e).__name__}: {e}") from e
+        raise UserModelError(f"{target}() raised {_first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise UserModelError(f"{target}() returned {type(model).__name__}; expected a torch.nn.Module")
     return model
@@ -127,8 +127,8 @@ def check_forward(model: nn.Module, specs: list[InputSpec], feeds: Feeds) -> lis
             outputs = flatten_outputs(model.eval()(*_tensors(feeds, specs, slice(0, 2))))
     except Exception as e:
         raise UserModelError(
-            f"{type(model).__name__}.forward on two rows of {describe_specs(specs)} raised {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; check --input's names, datatypes and dims"
+            f"{type(model).__name__}.forward on two rows of {describe_specs(specs)} raised {_first_line(e)}; "
+            "check --input's names, datatypes and dims"
         ) from e
     bad = [f"#{i} {tuple(t.shape)}" for i, t in enumerate(outputs) if t.ndim == 0 or t.shape[0] != 2]
     if bad:
@@ -156,18 +156,37 @@ def _output_spec(name: str, tensor: torch.Tensor) -> TensorSpec:
     return TensorSpec(name=name, datatype=datatypes[tensor.dtype], shape=[-1, *tensor.shape[1:]])  # type: ignore[arg-type]
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _export(
+    model: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str], optimize: bool
+) -> onnx.ModelProto:
+    """``export_onnx``, with the exporter's own failure (an operator it cannot convert, a shape it cannot keep
+    dynamic) turned into one line for the user."""
+    try:
+        return export_onnx(model, example, optimize=optimize, input_names=input_names, output_names=output_names)
+    except Exception as e:  # torch.export and torch.onnx raise many unrelated types
+        raise UserModelError(
+            f"torch.onnx.export (dynamo) cannot export {type(model).__name__} with a dynamic batch axis: "
+            f"{_first_line(e)}"
+        ) from e
+
+
 def _fold_and_export(
     model: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str]
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The served graph and what the report says of the fold: through torch.fx where it traces, else
     at the ONNX level on the unfolded export."""
-    unfolded = export_onnx(model, example, optimize=False, input_names=input_names, output_names=output_names)
+    unfolded = _export(model, example, input_names, output_names, optimize=False)
     try:
         folded = fold_batchnorms(model, example)
     except FoldError:
         raise
     except Exception as e:  # torch.fx's errors have no common base: TraceError, TypeError, NotImplementedError...
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = _first_line(e)
         at_onnx = fold_onnx_batchnorms(unfolded)
         return at_onnx.model, {
             "fold_path": "onnx",
@@ -176,8 +195,8 @@ def _fold_and_export(
             "unfoldable": [vars(u) for u in at_onnx.unfoldable],
             "ops": {"unfolded": op_histogram(unfolded), "served": op_histogram(at_onnx.model)},
         }
-    served = export_onnx(folded.model, example, input_names=input_names, output_names=output_names)
-    ops_folded = export_onnx(folded.model, example, optimize=False, input_names=input_names, output_names=output_names)
+    served = _export(folded.model, example, input_names, output_names, optimize=True)
+    ops_folded = _export(folded.model, example, input_names, output_names, optimize=False)
     return served, {
         "fold_path": "torch.fx",
         "folds": [vars(f) for f in folded.folds],

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = _export(args, repository) if args.command == "export" else _import(args, repository)
     except refused as e:
-        print(f"normserve {args.command}: {e}", file=sys.stderr)
+        one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # onnxruntime's span lines
+        print(f"normserve {args.command}: {one_line}", file=sys.stderr)
         return USAGE_ERROR
     print(_summary(report, repository))
     return 0

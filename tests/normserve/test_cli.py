@@ -179,3 +179,54 @@ def test_import_and_serve_need_no_torch(tmp_path: Path) -> None:
     assert done.stdout.splitlines()[-1] == "[]"
     report = json.loads((tmp_path / "r" / "m" / "1" / "report.json").read_text())
     assert report["source"]["kind"] == "onnx" and [f["kind"] for f in report["folds"]] == ["Conv+BatchNormalization"]
+
+
+def unknown_op_graph() -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("NoSuchOp", ["x"], ["y"])],
+        "broken",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"garbage", "is not an ONNX model (expected a serialized onnx.ModelProto)"),
+        (unknown_op_graph().SerializeToString(), "NoSuchOp"),
+    ],
+    ids=["not-onnx", "onnxruntime-refuses"],
+)
+def test_import_refuses_a_file_it_cannot_serve_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    (tmp_path / "m.onnx").write_bytes(content)
+    err = expect_refusal(capsys, tmp_path / "repo", "import", str(tmp_path / "m.onnx"), "--name", "m")
+    assert message in err
+
+
+def test_import_reads_external_data_and_writes_one_self_contained_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from examples.onnx_convnet import main as write_convnet
+
+    assert write_convnet([str(tmp_path / "convnet.onnx"), "--external-data"]) == 0
+    assert (tmp_path / "convnet.onnx.data").exists()
+    capsys.readouterr()
+    code, out, err = run(
+        capsys, "import", str(tmp_path / "convnet.onnx"), "--name", "convnet", "--repository", str(tmp_path / "r")
+    )
+    assert code == 0, err
+    assert "4 folded, 0 folded forward, 1 as affine" in out and "kept as affine: bn_after_relu" in out
+    version = load_version(tmp_path / "r" / "convnet", "1")
+    served = onnx.load(version.model_file, load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in served.graph.initializer)
+    assert sorted(p.name for p in version.path.iterdir()) == [
+        "batch_stats.onnx",
+        "bn_stats.json",
+        "model.onnx",
+        "report.json",
+    ]
+    assert load_config(tmp_path / "r" / "convnet").max_batch_size == 64

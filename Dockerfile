@@ -79,6 +79,8 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
         $(python3 docker/deps.py gpu)
 COPY repository/ repository/
 COPY service/ service/
+COPY export/ export/
+COPY normserve/ normserve/
 COPY --from=models /models /models
 # A GPU image that runs on CPU is a broken GPU deployment: say so, and stay not ready.
 ENV NORMSERVE_PROVIDER=cuda \
@@ -92,6 +94,8 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock $(python3 docker/deps.py cpu)
 COPY repository/ repository/
 COPY service/ service/
+COPY export/ export/
+COPY normserve/ normserve/
 COPY --from=models /models /models
 ENV NORMSERVE_PROVIDER=cpu
 USER 10001:10001

@@ -262,3 +262,30 @@ def test_the_compose_file_brings_normserve_and_prometheus_up_in_its_cpu_profile(
         assert {r["name"] for r in rules} >= {"NormserveDown", "NormserveModelNotReady", "NormserveCpuFallback"}
     finally:
         run("down", "--volumes", "--timeout", "5")
+
+
+def test_the_image_imports_a_users_onnx_file_without_torch(image: str, tmp_path: Path) -> None:
+    """`python -m normserve import` runs in the CPU image, which has onnx and onnxruntime but no torch."""
+    from examples.onnx_convnet import main as write_convnet
+    from repository import load_config, load_version
+
+    work = tmp_path / "work"
+    work.mkdir()
+    assert write_convnet([str(work / "convnet.onnx"), "--external-data"]) == 0
+    for path in work.iterdir():
+        path.chmod(0o644)
+    work.chmod(0o777)  # the image's user writes the repository here
+    argv = ["-m", "normserve", "import", "/work/convnet.onnx", "--name", "convnet", "--repository", "/work/models"]
+    done = podman(
+        "run", "--rm", "--network", "none", "--read-only", "--volume", f"{work}:/work",
+        "--entrypoint", "python", image, *argv, check=False, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "convnet version 1 written to /work/models/convnet/1" in done.stdout
+    assert "4 folded, 0 folded forward, 1 as affine" in done.stdout
+    assert load_version(work / "models" / "convnet", "1").has_batch_stats
+    assert load_config(work / "models" / "convnet").max_batch_size == 64
+    no_torch = podman(
+        "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c", "import torch", check=False
+    )
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr

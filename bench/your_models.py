@@ -157,16 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="measuring time per batch size and graph")
     parser.add_argument("--only", nargs="*", help="some of the examples, by name")
-    parser.add_argument("--write", action="store_true", help=f"replace the table in {DOC.relative_to(ROOT)}")
+    parser.add_argument("--write", action="store_true", help="replace the table in docs/your-model.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    os.chdir(ROOT)  # the examples are loaded as examples/<file>.py, from the repository's root
     chosen = [e for e in EXAMPLES if not args.only or e.name in args.only]
     rows = []
-    for example in chosen:
-        start = time.perf_counter()
-        rows.append(measure(example, args.seconds))
-        print(f"{example.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    here = Path.cwd()
+    os.chdir(ROOT)  # the examples are loaded as examples/<file>.py, from the repository's root
+    try:
+        for example in chosen:
+            start = time.perf_counter()
+            rows.append(measure(example, args.seconds))
+            print(f"{example.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        os.chdir(here)
     text = table(rows)
     cores = sorted(os.sched_getaffinity(0))
     stamp = f"Measured {time.strftime('%Y-%m-%d')} on cores {cores} of this machine ({os.cpu_count()} in all)."

@@ -9,6 +9,11 @@ and writes it (``schema``, ``read``, ``write``). It imports neither torch nor on
     <root>/<model>/<version>/bn_stats.json       (BatchNorm models) BatchNormStats: per layer, the running
                                                  mean and variance, and the batch-statistics graph's outputs
 
+A config's max_batch_size is Triton's: at least 1, every input's and output's first dimension is the
+batch (-1) and no other dimension is -1; 0, the model has no batch dimension and every shape is fixed.
+Every datatype but BYTES is served. A report whose ``batch_stats`` is ``{"unavailable": "<reason>"}``
+says why a BatchNorm model's version has no batch-statistics graph.
+
 Versions are positive integers, as in Triton. A version whose model.onnx, or any file its report
 lists under ``files``, does not hash to the sha256 in its report is refused: the file changed after
 it was verified.

@@ -63,9 +63,29 @@ class RepositoryError(Exception):
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(min_length=1)
     datatype: Datatype
-    shape: list[int]  # -1 marks the dynamic (batch) dimension
+    shape: list[int]  # -1 marks the batch dimension (first, and only where the model has one)
+
+    @model_validator(mode="after")
+    def _servable(self) -> TensorSpec:
+        if self.datatype not in DTYPES:
+            raise ValueError(
+                f"tensor {self.name!r} is {self.datatype}: normserve serves tensors of fixed-size elements only "
+                f"({', '.join(DTYPES)}); a {self.datatype} tensor (variable-length strings) has no fixed-size form "
+                "to batch, check or send as binary data"
+            )
+        if any(d == 0 or d < -1 for d in self.shape):
+            raise ValueError(
+                f"tensor {self.name!r} has shape {self.shape}; expected sizes of at least 1, "
+                "or -1 for the batch dimension"
+            )
+        return self
+
+    @property
+    def text(self) -> str:
+        """How messages name the tensor: ``x (FP32 [-1, 4])``."""
+        return f"{self.name} ({self.datatype} {self.shape})"
 
 
 class ModelConfig(BaseModel):
@@ -73,7 +93,9 @@ class ModelConfig(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     platform: Literal["onnxruntime_onnx"] = "onnxruntime_onnx"
-    max_batch_size: int = Field(ge=1)
+    # As Triton writes it: >= 1, every tensor's first dimension is the batch (-1), and requests are batched up
+    # to this many rows; 0, the tensors have no batch dimension, their shapes are fixed, and each request runs alone.
+    max_batch_size: int = Field(ge=0)
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     labels: list[str] = Field(default_factory=list)
@@ -81,6 +103,32 @@ class ModelConfig(BaseModel):
     trained: bool = True
     description: str = ""
     input_description: str = ""
+
+    @model_validator(mode="after")
+    def _shapes_agree_with_batching(self) -> ModelConfig:
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names {names} repeat; expected each {kind} named once")
+            for spec in specs:
+                if self.max_batch_size == 0 and -1 in spec.shape:
+                    raise ValueError(
+                        f"{kind} {spec.text} has a -1 dimension, but max_batch_size is 0 (no batch dimension): "
+                        "expected every dimension fixed, or max_batch_size >= 1 with -1 as the first dimension only"
+                    )
+                if self.max_batch_size >= 1 and (spec.shape[:1] != [-1] or -1 in spec.shape[1:]):
+                    raise ValueError(
+                        f"{kind} {spec.text}: with max_batch_size {self.max_batch_size} every tensor's first "
+                        "dimension is the batch, -1, and no other dimension is -1; expected a shape like "
+                        f"{[-1, *(d for d in spec.shape if d != -1)]} (or max_batch_size 0 for a model with no "
+                        "batch dimension)"
+                    )
+        return self
+
+    @property
+    def batched(self) -> bool:
+        """Whether the tensors have a batch dimension (max_batch_size >= 1) that requests are batched along."""
+        return self.max_batch_size > 0
 
     @functools.cached_property
     def input_specs(self) -> dict[str, TensorSpec]:
@@ -103,6 +151,14 @@ class VersionReport(BaseModel):
     files: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")], Sha256] = Field(
         default_factory=dict
     )
+
+    @property
+    def batch_stats_unavailable(self) -> str | None:
+        """Why the version has no batch-statistics graph, where the report says so: an exporter that could
+        not build one writes ``"batch_stats": {"unavailable": "<reason>"}``."""
+        section = (self.model_extra or {}).get("batch_stats")
+        reason = section.get("unavailable") if isinstance(section, dict) else None
+        return reason if isinstance(reason, str) and reason else None
 
 
 class BatchNormLayer(BaseModel):

@@ -5,8 +5,10 @@ A batch closes when it holds ``max_batch_size`` rows or when its first request h
 while the previous batch ran, so a lone request never waits and a loaded server batches by itself.
 A request of several rows counts as that many rows and is never split across batches. Each caller
 gets back exactly its own rows: BatchNorm's running statistics make a row's answer independent of
-the rows it shared a batch with. A graph whose answer does depend on its batch (the batch-statistics
-graph of the batchnorm endpoint) gets a batcher with ``max_requests=1``: each request is one batch.
+the rows it shared a batch with. A batch that fails runs again one request at a time, so that a
+request whose values the model refuses fails alone. A graph whose answer does depend on its batch
+(the batch-statistics graph of the batchnorm endpoint) gets a batcher with ``max_requests=1``: each
+request is one batch.
 
 Where a batch runs is decided from its cost, measured at warm-up, and from the cores the server
 may use. With a second core, a batch that costs more than ``OVERLAP_BUDGET_S`` runs on the
@@ -363,9 +365,20 @@ class Batcher:
                 if self._thread is None:
                     self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run {self.name}")
                 outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._run, feeds)
-        except Exception as e:  # inputs the protocol layer validated were refused: a bug, but the worker goes on
-            log.exception("model %s failed to run a batch of %d rows", self.name, rows)
-            error = BatchFailed(f"model {self.name} failed to run a batch of {rows} rows: {e}")
+        except Exception as e:
+            if len(batch) > 1:
+                # One request's values may be what the model refused (an index out of its range): each request
+                # runs again alone, so that only the one that failed fails.
+                log.warning("model %s failed a batch of %d requests (%s); running each alone", self.name, len(batch), e)
+                for request in batch:
+                    if not request.future.done():
+                        await self._execute_rows([request], request.rows)
+                return
+            if isinstance(e, ServeError):  # the runtime says the model refused this request's values
+                error: ServeError = e
+            else:  # inputs the protocol layer validated were refused: a bug, but the worker goes on
+                log.exception("model %s failed to run a batch of %d rows", self.name, rows)
+                error = BatchFailed(f"model {self.name} failed to run a batch of {rows} rows: {e}")
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(error)

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from repository import BatchNormLayer, BatchNormStats
+from repository import BatchNormLayer, BatchNormStats, ModelVersion
 
-__all__ = ["DISTANCE", "ONE_SAMPLE_NOTE", "compare", "layer_distance", "softmax"]
+__all__ = ["DISTANCE", "ONE_SAMPLE_NOTE", "compare", "layer_distance", "no_batch_stats_reason", "softmax"]
 
 DISTANCE = (
     "per layer, the root mean square over channels of the 2-Wasserstein distance between N(batch mean, batch "
@@ -42,6 +42,30 @@ ONE_SAMPLE_NOTE = (
     "but it is not the answer the model was trained to give, which uses the running statistics. (A layer with "
     "one value per channel would divide 0 by sqrt(eps): PyTorch refuses such a batch in train() mode.)"
 )
+
+
+def no_batch_stats_reason(version: ModelVersion) -> str:
+    """Why a served version has no batch-statistics graph for the batchnorm endpoint, and what it would need:
+    the reason its report gives (an exporter that could not build the graph says why), else what its norm
+    layers say."""
+    config = version.config
+    norms = ", ".join(f"{kind} x{count}" for kind, count in config.norm_layers.items()) or "none recorded"
+    if (reason := version.report.batch_stats_unavailable) is not None:
+        return (
+            f"model {config.name} version {version.number} has no batch-statistics graph (its norm layers: {norms}): "
+            f"{reason}"
+        )
+    if any("BatchNorm" in kind for kind in config.norm_layers):
+        return (
+            f"model {config.name} version {version.number} was exported without a batch-statistics graph "
+            f"(its norm layers: {norms}); export it again with its batch-statistics graph (for the default models, "
+            "`python -m export.build --force`)"
+        )
+    return (
+        f"model {config.name} has no BatchNorm layer (its norm layers: {norms}), so it has no running statistics "
+        "to compare with batch statistics: GroupNorm, InstanceNorm and LayerNorm normalize each sample on its own. "
+        "Expected a BatchNorm model"
+    )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -75,7 +99,9 @@ def compare(
     """The endpoint's answer for one batch.
 
     Args:
-        running_logits: (N, classes) from the served graph (running statistics).
+        running_logits: (N, classes) from the served graph (running statistics): the 2-D output
+            ``stats.logits_output``, class scores or any other 2-D output (a regression head's
+            probabilities and predictions mean nothing, but are still given).
         batch_outputs: the batch-statistics graph's outputs by name: the logits and, per layer,
             its batch mean and variance, each (C,).
         stats: the model's BatchNorm layers and their running statistics.
@@ -102,6 +128,7 @@ def compare(
         )
     answer: dict[str, Any] = {
         "batch_size": len(running_logits),
+        "output": stats.logits_output,
         "labels": list(labels),
         "running": running,
         "batch": batch,

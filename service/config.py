@@ -35,7 +35,7 @@ class ModelOverride(BaseModel):
 class BatchingSettings(BaseModel):
     """What one model's batcher runs with, once the defaults, the overrides and the model are combined."""
 
-    max_batch_size: int
+    max_batch_size: int  # 0: the model has no batch dimension, and each request runs alone
     max_queue_delay_s: float
     queue_limit: int
 
@@ -155,7 +155,12 @@ class Settings(BaseSettings):
         return header.lower()
 
     def batching(self, model: str, model_max_batch_size: int) -> BatchingSettings:
-        """Combine the server defaults, this model's override and the batch size the model was verified at."""
+        """Combine the server defaults, this model's override and the batch size the model was verified at.
+
+        A model of max_batch_size 0 has no batch dimension: it keeps 0 and no queue delay, whatever the
+        settings say (no request can join another's batch, so none should wait for one)."""
+        if model_max_batch_size == 0:
+            return BatchingSettings(max_batch_size=0, max_queue_delay_s=0.0, queue_limit=self.queue_limit)
         override = self.models.get(model, ModelOverride())
         wanted = override.max_batch_size or self.max_batch_size or model_max_batch_size
         delay_ms = override.max_queue_delay_ms if override.max_queue_delay_ms is not None else self.max_queue_delay_ms

@@ -7,11 +7,19 @@ sent as bytes says how many in ``parameters.binary_data_size``, in input order::
     {"id": "42", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [...]}],
      "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]}
 
+Every datatype but BYTES goes both ways (BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, FP32, FP64):
+in JSON as numbers, BOOL as ``true``/``false``; as binary data in little-endian element order, BOOL as
+one byte per element (0 or 1), as Triton sends it. A model with a batch dimension (max_batch_size >= 1)
+takes any number of rows up to its max batch size, the same in every input; one without (max_batch_size
+0) takes exactly the declared shapes, and a request counts as one row.
+
 An output may ask for ``"classification": k`` (Triton's classification extension): its top k
-classes per row, as BYTES strings ``"<score>:<index>:<label>"``.
+classes per row of a 2-D output, as BYTES strings ``"<score>:<index>:<label>"``, or
+``"<score>:<index>"`` where the model has no labels (as Triton answers without a label file).
 
 JSON is parsed strictly: ``NaN`` and ``Infinity`` are not JSON numbers and are refused, as is any
-value that does not fit the declared datatype. This module is the hot path, so it parses with
+value that does not fit the declared datatype; binary floating-point data (FP16, FP32, FP64) must be
+finite too. This module is the hot path, so it parses with
 orjson and checks by hand; the pydantic schemas at the bottom document the same format in OpenAPI.
 """
 
@@ -71,10 +79,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _spec_text(spec: TensorSpec) -> str:
-    return f"{spec.name} ({spec.datatype} {spec.shape})"
-
-
 def _json(data: bytes | memoryview, what: str) -> Any:
     try:
         return orjson.loads(data)
@@ -98,9 +102,16 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview
     return _json(view[:size], "the JSON header (the first Inference-Header-Content-Length bytes)"), view[size:]
 
 
-def _check_shape(name: str, shape: Any, spec: TensorSpec, max_batch_size: int) -> list[int]:
+def _check_shape(name: str, shape: Any, spec: TensorSpec, max_batch_size: int, batched: bool) -> list[int]:
     if not (isinstance(shape, list) and all(type(d) is int for d in shape)):
         raise InvalidInput(f"input '{name}' has shape {_short(shape)}; expected a list of integers like {spec.shape}")
+    if not batched:
+        if shape != spec.shape:
+            raise InvalidInput(
+                f"input '{name}' has shape {shape}; expected exactly {spec.shape} (the model has no batch dimension: "
+                "max_batch_size 0)"
+            )
+        return list(shape)
     dims_ok = len(shape) == len(spec.shape) and all(s == -1 or d == s for d, s in zip(shape, spec.shape, strict=True))
     if not dims_ok:
         raise InvalidInput(f"input '{name}' has shape {shape}; expected {spec.shape} (-1: rows in the batch)")
@@ -160,6 +171,12 @@ def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: l
             f"but only {len(binary)} bytes follow it"
         )
     array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+    if array.dtype.kind == "b" and (bytes_ := array.view(np.uint8)).size and bytes_.max() > 1:
+        first = int(np.flatnonzero(bytes_ > 1)[0])
+        raise InvalidInput(
+            f"input '{name}' holds byte {int(bytes_.flat[first])} at flat index {first}; a BOOL element is one byte, "
+            "0 (false) or 1 (true)"
+        )
     if array.dtype.kind == "f" and not (finite := np.isfinite(array)).all():
         first = int(np.flatnonzero(~finite)[0])
         raise InvalidInput(
@@ -178,7 +195,8 @@ def parse_infer_request(
         body: the whole request body.
         header_length: the Inference-Header-Content-Length header, if sent (binary data follows the JSON).
         config: the model's config, whose inputs and outputs the request must match.
-        max_batch_size: the most rows the request may carry.
+        max_batch_size: the most rows the request may carry (unused for a model without a batch dimension,
+            whose every input must have exactly its declared shape; such a request counts as one row).
 
     Raises:
         InvalidInput: naming what was wrong and what was expected.
@@ -197,7 +215,7 @@ def parse_infer_request(
     if not (isinstance(inputs, list) and len(inputs) > 0):
         raise InvalidInput(
             f"'inputs' is {'missing' if inputs is None else _short(inputs)}; expected a list of tensors: "
-            + ", ".join(_spec_text(s) for s in config.inputs)
+            + ", ".join(s.text for s in config.inputs)
         )
     specs = config.input_specs
     feeds: dict[str, np.ndarray] = {}
@@ -213,14 +231,14 @@ def parse_infer_request(
                 raise InvalidInput(f"input {which} has no '{key}'")
         spec = specs.get(name) if isinstance(name, str) else None
         if spec is None:
-            expected = ", ".join(_spec_text(s) for s in config.inputs)
+            expected = ", ".join(s.text for s in config.inputs)
             raise InvalidInput(f"model {config.name} has no input {_short(name)}; expected {expected}")
         name = spec.name
         if name in feeds:
             raise InvalidInput(f"input '{name}' is given twice")
         if tensor["datatype"] != spec.datatype:
             raise InvalidInput(f"input '{name}' has datatype {_short(tensor['datatype'])}; expected {spec.datatype}")
-        shape = _check_shape(name, tensor["shape"], spec, max_batch_size)
+        shape = _check_shape(name, tensor["shape"], spec, max_batch_size, config.batched)
         tensor_parameters = tensor.get("parameters") or {}
         if not isinstance(tensor_parameters, dict):
             raise InvalidInput(f"input '{name}' parameters must be an object")
@@ -234,12 +252,15 @@ def parse_infer_request(
             if "data" not in tensor:
                 raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
             feeds[name] = _from_json(name, tensor["data"], shape, spec.datatype)
-        if rows not in (0, shape[0]):
+        if not config.batched:
+            rows = 1  # the request is one run of the model, and counts as one
+        elif rows not in (0, shape[0]):
             raise InvalidInput(f"input '{name}' has {shape[0]} rows but another input has {rows}; expected equal")
-        rows = shape[0]
+        else:
+            rows = shape[0]
     missing = [s for s in config.inputs if s.name not in feeds]
     if missing:
-        raise InvalidInput("missing input " + ", ".join(_spec_text(s) for s in missing))
+        raise InvalidInput("missing input " + ", ".join(s.text for s in missing))
     if offset != len(binary):
         raise InvalidInput(
             f"{len(binary) - offset} bytes follow the binary tensors; binary_data_size of the inputs sums to {offset}"
@@ -278,9 +299,12 @@ def _classification(parameters: dict[str, Any], spec: TensorSpec) -> int:
     k = parameters.get("classification")
     if k is None:
         return 0
-    classes = spec.shape[-1] if len(spec.shape) == 2 else 0
-    if not classes:
-        raise InvalidInput(f"output '{spec.name}' has shape {spec.shape}; classification needs [-1, classes]")
+    if len(spec.shape) != 2:
+        raise InvalidInput(
+            f"output '{spec.name}' has shape {spec.shape}; classification needs a 2-D output of scores, "
+            "(rows, classes), such as [-1, 10]"
+        )
+    classes = spec.shape[-1]
     if not (type(k) is int and 1 <= k <= classes):
         raise InvalidInput(
             f"output '{spec.name}' classification is {_short(k)}; expected a count of classes, 1..{classes}"

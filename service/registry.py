@@ -2,7 +2,10 @@
 
 Each model version gets its own onnxruntime session and batcher; a BatchNorm model's version also
 gets its batch-statistics graph, with a batcher that runs each request as its own batch (its answer
-depends on the batch), for the batchnorm endpoint. A model that fails to load is
+depends on the batch), for the batchnorm endpoint. A model without a batch dimension (max_batch_size
+0) has nothing to batch: its batcher runs each request alone, as one row. Every graph must take and
+give what config.json declares (names, datatypes, shapes, checked against the graph and again on what
+its warm-up answers) or its version is not served. A model that fails to load is
 kept as UNAVAILABLE with the reason, and never stops the others. A reload builds and warms the new
 sessions off the event loop, swaps them in at once, and lets the old batchers finish what they
 had accepted: no request is lost.
@@ -28,6 +31,7 @@ from repository import (
     BatchNormStats,
     ModelConfig,
     ModelVersion,
+    TensorSpec,
     list_versions,
     load_bn_stats,
     load_config,
@@ -38,7 +42,7 @@ from service.config import BatchingSettings, Settings
 from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
 from service.machine import available_cores
 from service.metrics import Metrics, ModelMetrics
-from service.runtime import CUDA, Runtime
+from service.runtime import CUDA, GraphTensor, Runtime
 
 __all__ = ["BatchStatsGraph", "Readiness", "Registry", "ServedVersion", "VersionEntry"]
 
@@ -119,8 +123,15 @@ class ModelEntry:
 
 
 def _example(config: ModelConfig) -> dict[str, np.ndarray]:
-    """One row of zeros for every input, to warm the session with."""
+    """One row of zeros for every input (every input whole, for a model without a batch dimension), to warm
+    the session with."""
     return {s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DTYPES[s.datatype]) for s in config.inputs}
+
+
+def _batcher_shape(config: ModelConfig, batching: BatchingSettings) -> tuple[int, int | None]:
+    """The batcher's max_batch_size and max_requests. A model without a batch dimension runs each request
+    alone, and a request counts as one row of a batch of one."""
+    return (batching.max_batch_size, None) if config.batched else (1, 1)
 
 
 class Registry:
@@ -270,14 +281,12 @@ class Registry:
                     status.active,
                     status.fallback,
                 )
-            log.info(
-                "loaded %s version %s on %s (max batch %d, max queue delay %.1f ms)",
-                entry.name,
-                s.version.number,
-                status.active,
-                s.batching.max_batch_size,
-                s.batching.max_queue_delay_s * 1000,
+            batching = (
+                f"max batch {s.batching.max_batch_size}, max queue delay {s.batching.max_queue_delay_s * 1000:.1f} ms"
+                if s.config.batched
+                else "no batch dimension: each request runs alone"
             )
+            log.info("loaded %s version %s on %s (%s)", entry.name, s.version.number, status.active, batching)
 
     async def unload(self, name: str) -> None:
         """Stop serving a model: new requests get 404, those it accepted still finish."""
@@ -365,21 +374,25 @@ class Registry:
             runtime = Runtime(loaded.model_file, self.settings.provider, self.settings.intra_op_threads)
             _check_graph(runtime, config)
             batching = self.settings.batching(name, config.max_batch_size)
-            runtime.warm(_example(config), batching.max_batch_size)
+            _check_outputs(runtime, config, _warm(runtime, config, batching))
             batch_stats = self._build_batch_stats(loaded, runtime, batching) if loaded.has_batch_stats else None
-        except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph
+        except Exception as e:  # corrupt file, bad report, onnxruntime refusing the graph, a graph unlike its config
             log.exception("cannot load %s version %s", name, version)
             return VersionEntry(version, Readiness.UNAVAILABLE, self._public(str(e).strip()))
+        if not config.batched and (override := self.settings.models.get(name)) and override.max_batch_size:
+            log.warning("NORMSERVE_MODELS sets a max_batch_size for %s, which has no batch dimension: ignored", name)
         metrics = self.metrics.model(name, version)
+        max_batch_size, max_requests = _batcher_shape(config, batching)
         batcher = Batcher(
             f"{name} version {version}",
             runtime.run,
             runtime.estimate,
-            batching.max_batch_size,
+            max_batch_size,
             batching.max_queue_delay_s,
             batching.queue_limit,
             metrics,
             self.cores,
+            max_requests=max_requests,
         )
         return VersionEntry(
             version, Readiness.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)
@@ -390,18 +403,32 @@ class Registry:
         (whose logits it is compared with), and warmed."""
         config = loaded.config
         stats = load_bn_stats(loaded)
-        if stats.logits_output not in served.output_names:
+        compared = config.output_specs.get(stats.logits_output)
+        if compared is None:
             raise ValueError(
                 f"{BN_STATS_FILE} compares output {stats.logits_output!r}, which model.onnx does not have "
                 f"(it has {served.output_names})"
             )
+        if len(compared.shape) != 2:
+            raise ValueError(
+                f"{BN_STATS_FILE} compares output {compared.text}; the batchnorm endpoint compares a 2-D output "
+                "(rows, scores)"
+            )
         runtime = Runtime(loaded.batch_stats_file, self.settings.provider, self.settings.intra_op_threads)
-        expected = [
-            stats.logits_output,
-            *(name for layer in stats.layers for name in (layer.mean_output, layer.var_output)),
-        ]
-        _check_graph(runtime, config, expected, loaded.batch_stats_file.name, f"config.json and {BN_STATS_FILE}")
-        runtime.warm(_example(config), batching.max_batch_size)
+        statistics = [name for layer in stats.layers for name in (layer.mean_output, layer.var_output)]
+        graph = loaded.batch_stats_file.name
+        _check_graph(runtime, config, [stats.logits_output, *statistics], graph, f"config.json and {BN_STATS_FILE}")
+        warmed = _warm(runtime, config, batching, graph)
+        _check_outputs(runtime, config, warmed, graph)
+        for outputs in warmed.values():
+            by_name = dict(zip(runtime.output_names, outputs, strict=True))
+            for layer in stats.layers:
+                for name in (layer.mean_output, layer.var_output):
+                    if by_name[name].shape != (layer.channels,):
+                        raise ValueError(
+                            f"{graph} answers {name} of shape {list(by_name[name].shape)}; {BN_STATS_FILE} expects "
+                            f"layer {layer.name}'s statistics there, one per channel: [{layer.channels}]"
+                        )
         if self.metrics.batchnorm is None:
             raise RuntimeError("the registry's metrics have no batchnorm families")
         metrics = self.metrics.batchnorm.model(config.name, loaded.number)
@@ -409,7 +436,7 @@ class Registry:
             f"{config.name} version {loaded.number} (batch statistics)",
             runtime.run,
             runtime.estimate,
-            batching.max_batch_size,
+            _batcher_shape(config, batching)[0],
             0.0,  # nothing may join a batch, so there is nothing to wait for
             batching.queue_limit,
             metrics,
@@ -430,8 +457,9 @@ def _check_graph(
     graph: str = "model.onnx",
     declared_by: str = "config.json's tensors",
 ) -> None:
-    """The graph's tensor names must be the ones declared: config.json's inputs, and ``outputs``
-    (config.json's by default)."""
+    """The graph's tensors must be the ones declared: config.json's inputs, and ``outputs`` (config.json's
+    by default), by name; and every tensor config.json declares, by datatype and shape (a dimension the
+    graph leaves open fits any size; a -1, the batch, only one the graph leaves open)."""
     declared_in = sorted(s.name for s in config.inputs)
     declared_out = sorted(outputs if outputs is not None else [s.name for s in config.outputs])
     if sorted(runtime.input_names) != declared_in or sorted(runtime.output_names) != declared_out:
@@ -439,3 +467,54 @@ def _check_graph(
             f"{graph} has inputs {runtime.input_names} and outputs {runtime.output_names}, but {declared_by} "
             f"expect {declared_in} and {declared_out}"
         )
+    unlike = [
+        f"{kind} {tensor.text} is declared {spec.text}"
+        for kind, tensors, specs in (
+            ("input", runtime.inputs, config.input_specs),
+            ("output", runtime.outputs, config.output_specs),
+        )
+        for tensor in tensors
+        if (spec := specs.get(tensor.name)) is not None and not _fits(tensor, spec)
+    ]
+    if unlike:
+        raise ValueError(f"{graph} does not take or give what config.json declares: its " + "; its ".join(unlike))
+
+
+def _fits(tensor: GraphTensor, spec: TensorSpec) -> bool:
+    if tensor.datatype != spec.datatype:
+        return False
+    if tensor.shape is None:
+        return True
+    return len(tensor.shape) == len(spec.shape) and all(
+        g is None or g == d for g, d in zip(tensor.shape, spec.shape, strict=True)
+    )
+
+
+def _warm(
+    runtime: Runtime, config: ModelConfig, batching: BatchingSettings, graph: str = "model.onnx"
+) -> dict[int, list[np.ndarray]]:
+    """``runtime.warm`` on zeros of the declared shapes, which the graph must take."""
+    try:
+        return runtime.warm(_example(config), batching.max_batch_size)
+    except ServeError as e:
+        raise ValueError(f"{graph} fails its warm-up on zeros of config.json's input shapes: {e.message}") from None
+
+
+def _check_outputs(
+    runtime: Runtime, config: ModelConfig, warmed: dict[int, list[np.ndarray]], graph: str = "model.onnx"
+) -> None:
+    """What the graph answered at warm-up must be what config.json declares: each declared output of its
+    datatype, and of its shape with the batch dimension as long as the batch (so that each caller's rows
+    can be cut out of a batch's answer)."""
+    for rows, outputs in warmed.items():
+        for name, array in zip(runtime.output_names, outputs, strict=True):
+            spec = config.output_specs.get(name)
+            if spec is None:
+                continue
+            expected = [rows if d == -1 else d for d in spec.shape]
+            if list(array.shape) != expected or array.dtype != DTYPES[spec.datatype]:
+                batch = f"a batch of {rows} rows" if rows else "the example input"
+                raise ValueError(
+                    f"{graph} answers {batch} with {name} of {array.dtype} {list(array.shape)}; config.json declares "
+                    f"{spec.text}, so expected {np.dtype(DTYPES[spec.datatype])} {expected}"
+                )

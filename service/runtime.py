@@ -20,8 +20,20 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-__all__ = ["CPU", "CUDA", "ProviderStatus", "Runtime", "cuda_status", "resolve_provider", "session_options"]
+from service.errors import InvalidInput
+
+__all__ = [
+    "CPU",
+    "CUDA",
+    "GraphTensor",
+    "ProviderStatus",
+    "Runtime",
+    "cuda_status",
+    "resolve_provider",
+    "session_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +43,42 @@ CUDA = "CUDAExecutionProvider"
 _ORT_WARNING = 2
 _ORT_FATAL = 4
 _QUIET = threading.Lock()  # sessions are created one at a time while onnxruntime's log is turned down
+
+
+# onnxruntime's element types, as the Open Inference Protocol names them.
+_DATATYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class GraphTensor:
+    """An input or output as the graph declares it."""
+
+    name: str
+    datatype: str  # FP32, INT64, ...; onnxruntime's own name (e.g. "tensor(uint64)") for a type the protocol lacks
+    shape: list[int | None] | None  # None: a dimension (or the whole shape) the graph leaves open
+
+    @property
+    def text(self) -> str:
+        dims = (
+            "unknown" if self.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        )
+        return f"{self.name} ({self.datatype} {dims})"
+
+
+def _graph_tensor(arg: ort.NodeArg) -> GraphTensor:
+    shape = None if arg.shape is None else [d if isinstance(d, int) and d >= 0 else None for d in arg.shape]
+    return GraphTensor(arg.name, _DATATYPES.get(arg.type, arg.type), shape)
 
 
 @dataclass(frozen=True)
@@ -106,34 +154,64 @@ class Runtime:
         if requested != "cpu" and provider != CUDA:
             fallback = cuda_status() or "onnxruntime could not create the CUDA provider (no usable GPU or driver)"
         self.provider = ProviderStatus(requested, provider, fallback)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.inputs = [_graph_tensor(i) for i in self.session.get_inputs()]
+        self.outputs = [_graph_tensor(o) for o in self.session.get_outputs()]
+        self.input_names = [i.name for i in self.inputs]
+        self.output_names = [o.name for o in self.outputs]
         self._seconds_at_1 = 0.0
         self._seconds_per_row = 0.0
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one batch; the outputs come in ``output_names`` order."""
-        return self.session.run(self.output_names, feeds)  # type: ignore[no-any-return]
+        """Run one batch; the outputs come in ``output_names`` order.
 
-    def warm(self, example: dict[str, np.ndarray], max_batch_size: int, repeats: int = 3) -> None:
+        Raises:
+            InvalidInput: onnxruntime refused the values (INVALID_ARGUMENT: an index out of an embedding's
+                range, say), as Triton answers it: the inputs' datatypes and shapes are checked before, so
+                what is left is what the model makes of the values.
+        """
+        try:
+            return self.session.run(self.output_names, feeds)  # type: ignore[no-any-return]
+        except InvalidArgument as e:
+            raise InvalidInput(f"the model refused the inputs' values: {e}") from None
+
+    def warm(
+        self, example: dict[str, np.ndarray], max_batch_size: int, repeats: int = 3
+    ) -> dict[int, list[np.ndarray]]:
         """Run the graph at batch 1 and at ``max_batch_size`` so that the first requests pay no
-        allocation or kernel selection, and measure what one batch costs at each end."""
+        allocation or kernel selection, and measure what one batch costs at each end.
 
-        def timed(feeds: dict[str, np.ndarray]) -> float:
+        Args:
+            example: one row of every input (with max_batch_size 0: every input whole).
+            max_batch_size: the most rows a batch holds; 0 for a graph without a batch dimension, which
+                runs the example as it is (each request is one run, and costs the same).
+
+        Returns:
+            The outputs of each batch size it ran, by rows (0 for a graph without a batch dimension), so
+            that the caller can check them against what the model declares.
+        """
+        outputs: dict[int, list[np.ndarray]] = {}
+
+        def timed(feeds: dict[str, np.ndarray], rows: int) -> float:
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                self.run(feeds)
+                outputs[rows] = self.run(feeds)
                 times.append(time.perf_counter() - start)
             return statistics.median(times)
 
+        if max_batch_size == 0:
+            self.run(example)
+            self._seconds_at_1, self._seconds_per_row = timed(example, 0), 0.0
+            return outputs
         big = {k: np.repeat(v, max_batch_size, axis=0) for k, v in example.items()}
         self.run(big)
-        at_1 = timed(example)
-        at_max = timed(big) if max_batch_size > 1 else at_1
+        at_1 = timed(example, 1)
+        at_max = timed(big, max_batch_size) if max_batch_size > 1 else at_1
         self._seconds_at_1 = at_1
         self._seconds_per_row = max(at_max - at_1, 0.0) / max(max_batch_size - 1, 1)
+        return outputs
 
     def estimate(self, rows: int) -> float:
-        """Seconds one batch of ``rows`` rows should take, from the warm-up."""
+        """Seconds one batch of ``rows`` rows should take, from the warm-up (a graph without a batch
+        dimension runs one request a batch, counted as one row)."""
         return self._seconds_at_1 + self._seconds_per_row * (rows - 1)

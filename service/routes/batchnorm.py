@@ -1,11 +1,13 @@
 """POST /v2/models/{m}[/versions/{v}]/batchnorm: one batch with running and with batch statistics.
 
-The request is an inference request, as ``infer`` takes it (JSON or binary tensors), checked as
-``infer`` checks it; what it asks of the outputs (binary data, classification) does not apply: the
-answer is always JSON. The batch runs twice: through the served graph, with the
+The request is an inference request, as ``infer`` takes it (JSON or binary tensors, every input of
+the model), checked as ``infer`` checks it; what it asks of the outputs (binary data, classification)
+does not apply: the answer is always JSON. The batch runs twice: through the served graph, with the
 running statistics (dynamically batched with other requests, which cannot change its answer), and
 through the batch-statistics graph, alone (its answer is a property of exactly this batch). The
-answer is ``service.batchnorm.compare``'s, as JSON.
+answer is ``service.batchnorm.compare``'s, as JSON. What it compares is the 2-D output that the
+model's ``bn_stats.json`` names (``logits_output``), row by row; a model without a batch dimension
+(max_batch_size 0) gives the statistics of its one fixed-size batch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from service.batcher import Feeds, Outputs
-from service.batchnorm import compare
+from service.batchnorm import compare, no_batch_stats_reason
 from service.errors import InvalidInput, ServeError
 from service.logs import request_id
 from service.openapi import schema_ref
@@ -36,21 +38,11 @@ _ids = itertools.count(1)
 
 
 def batch_stats_graph(served: ServedVersion) -> BatchStatsGraph:
-    """The version's batch-statistics graph; 400 for a model without BatchNorm, saying what it has."""
+    """The version's batch-statistics graph; 400 for a version without one, saying why (the reason its
+    report gives, or its norm layers)."""
     if served.batch_stats is not None:
         return served.batch_stats
-    config = served.config
-    norms = ", ".join(f"{kind} x{count}" for kind, count in config.norm_layers.items()) or "none recorded"
-    if any("BatchNorm" in kind for kind in config.norm_layers):
-        raise InvalidInput(
-            f"model {config.name} version {served.version.number} was exported without a batch-statistics graph "
-            f"(its norm layers: {norms}); export it again with `python -m export.build --force`"
-        )
-    raise InvalidInput(
-        f"model {config.name} has no BatchNorm layer (its norm layers: {norms}), so it has no running statistics "
-        "to compare with batch statistics: GroupNorm, InstanceNorm and LayerNorm normalize each sample on its own. "
-        "Expected a BatchNorm model"
-    )
+    raise InvalidInput(no_batch_stats_reason(served.version))
 
 
 async def _run_both(
@@ -108,9 +100,11 @@ async def batchnorm(
 
 
 class _Side(BaseModel):
-    logits: list[list[float]] = Field(description="(N, classes)")
-    probabilities: list[list[float]] = Field(description="softmax of the logits, (N, classes)")
-    predictions: list[int] = Field(description="the predicted class of each sample")
+    logits: list[list[float]] = Field(description="the compared output, (N, classes): the model's scores")
+    probabilities: list[list[float]] = Field(
+        description="softmax of the logits, (N, classes); meaningful where the output holds class scores"
+    )
+    predictions: list[int] = Field(description="the predicted class (argmax) of each sample")
 
 
 class _Layer(BaseModel):
@@ -132,7 +126,8 @@ class BatchNormResponseSchema(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
-    batch_size: int
+    batch_size: int = Field(description="the rows of the compared output")
+    output: str = Field(description="the compared output (bn_stats.json's logits_output)")
     labels: list[str]
     running: _Side = Field(description="the served graph: running statistics, as /infer answers")
     batch: _Side = Field(description="the batch-statistics graph: this batch's own statistics, as train() mode")
@@ -154,7 +149,7 @@ _OPENAPI = {
 _DESCRIPTION = (
     "Run one batch with BatchNorm's running statistics (the served graph, as infer) and with the batch's own "
     "statistics (as train() mode; never batched with other requests), and compare them per sample and per layer. "
-    "400 for a model without BatchNorm."
+    "400 for a model without a batch-statistics graph, saying why."
 )
 
 

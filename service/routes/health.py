@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from repository import ModelConfig, TensorSpec
 from service import __version__
+from service.batchnorm import no_batch_stats_reason
 from service.errors import NotReady
 from service.registry import ModelEntry, ServedVersion
 from service.state import service_state
@@ -76,7 +77,17 @@ def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
         "norm_layers": config.norm_layers,
         "max_batch_size": served.batching.max_batch_size if served else config.max_batch_size,
         **_provider(served),
+        **_batch_statistics(served),
     }
+
+
+def _batch_statistics(served: ServedVersion | None) -> dict[str, Any]:
+    """Whether the batchnorm endpoint serves the version, and if not, why (its 400's message)."""
+    if served is None:
+        return {}
+    if served.batch_stats is not None:
+        return {"batch_statistics": {"available": True}}
+    return {"batch_statistics": {"available": False, "reason": no_batch_stats_reason(served.version)}}
 
 
 @router.get("/v2/models/{model_name}", summary="Model metadata")
@@ -101,10 +112,10 @@ async def model_version_ready(request: Request, model_name: str, model_version: 
     return {"name": model_name, "version": model_version, "ready": True, **_provider(served)}
 
 
-def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
-    """A tensor as Triton's model_config.proto has it: the batch dimension is implied by max_batch_size."""
-    data_type = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
-    return {"name": spec.name, "data_type": data_type, "dims": spec.shape[1:]}
+def _triton_tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
+    """A tensor as Triton's model_config.proto has it: the batch dimension (of a model with max_batch_size
+    >= 1) is implied by max_batch_size, not among the dims; a model without one lists every dimension."""
+    return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": spec.shape[1:] if batched else spec.shape}
 
 
 def _config(request: Request, model_name: str, version: str | None) -> dict[str, Any]:
@@ -113,10 +124,10 @@ def _config(request: Request, model_name: str, version: str | None) -> dict[str,
     config: dict[str, Any] = model.model_dump()
     config |= {
         "backend": "onnxruntime",
-        "input": [_triton_tensor(s) for s in model.inputs],
-        "output": [_triton_tensor(s) for s in model.outputs],
+        "input": [_triton_tensor(s, model.batched) for s in model.inputs],
+        "output": [_triton_tensor(s, model.batched) for s in model.outputs],
     }
-    if served is not None:
+    if served is not None and model.batched:  # as Triton: no dynamic batching without a batch dimension
         config["max_batch_size"] = served.batching.max_batch_size
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": round(served.batching.max_queue_delay_s * 1e6),

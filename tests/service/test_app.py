@@ -123,9 +123,9 @@ def test_the_server_is_live_at_once_and_ready_only_when_every_model_is_warm(
     warmed = threading.Event()
     warm = Runtime.warm
 
-    def slow_warm(self: Runtime, *args: Any, **kwargs: Any) -> None:
+    def slow_warm(self: Runtime, *args: Any, **kwargs: Any) -> dict[int, list[np.ndarray]]:
         warmed.wait(timeout=30)
-        warm(self, *args, **kwargs)
+        return warm(self, *args, **kwargs)
 
     monkeypatch.setattr(Runtime, "warm", slow_warm)
     server = RunningServer(Settings(repository=built_repository, port=free_port(), provider="cpu"))

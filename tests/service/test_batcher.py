@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher
-from service.errors import BatchFailed, DeadlineExceeded, NotReady, Overloaded
+from service.errors import BatchFailed, DeadlineExceeded, InvalidInput, NotReady, Overloaded
 from service.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
@@ -198,6 +198,27 @@ async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> N
     (out,) = await batcher.submit(rows(3, 1), 1, later())
     np.testing.assert_array_equal(out, [[6.0]])
     await batcher.stop()
+
+
+async def test_a_request_whose_values_the_model_refuses_fails_alone() -> None:
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batches.append(feeds["x"].ravel().tolist())
+        if (feeds["x"] < 0).any():
+            raise InvalidInput("the model refused the inputs' values: a negative index")
+        return [feeds["x"] * 2]
+
+    batches: list[list[float]] = []
+    batcher = Batcher("fake version 1", run, lambda rows: 0.0, 8, 0.05, 100, Metrics().model("fake", "1"))
+    batcher.start()
+    results = await asyncio.gather(
+        *(batcher.submit(rows(start, 2), 2, later()) for start in (0, -5, 10)), return_exceptions=True
+    )
+    await batcher.stop()
+    good, bad, other = results
+    np.testing.assert_array_equal(good[0], rows(0, 2)["x"] * 2)  # type: ignore[index]
+    np.testing.assert_array_equal(other[0], rows(10, 2)["x"] * 2)  # type: ignore[index]
+    assert isinstance(bad, InvalidInput) and "a negative index" in bad.message  # its own error: a 400
+    assert batches == [[0, 1, -5, -4, 10, 11], [0, 1], [-5, -4], [10, 11]]  # the batch, then each alone
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from service.batchnorm import DISTANCE, ONE_SAMPLE_NOTE
 from service.config import Settings
 from tests.conftest import tiny_cnn_spec
 from tests.service.conftest import RunningServer, ServeFactory, free_port, infer_json
+from tests.service.user_models import BN_NO_GRAPH_REASON, regress_expected, regress_inputs, write_bn_models
 
 pytestmark = pytest.mark.anyio
 
@@ -51,7 +52,9 @@ def tiny_bn(built_models: tuple[Path, Path]) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def with_gn(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared repository plus a tiny GroupNorm CNN, exported by the real exporter."""
+    """The shared repository plus a tiny GroupNorm CNN, exported by the real exporter, and users' BatchNorm
+    models built by hand (tests/service/user_models.py): a two-input regression head with and without a batch
+    dimension, and one whose report says why it has no batch-statistics graph."""
     root = tmp_path_factory.mktemp("with-gn") / "repository"
     shutil.copytree(built_repository, root)
     spec = tiny_cnn_spec("gn")
@@ -59,7 +62,7 @@ def with_gn(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
     meta = make_checkpoint(spec, model, {"test_accuracy": None})
     del meta["state_dict"]
     export_model(model, meta, root)
-    return root
+    return write_bn_models(root)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +182,94 @@ def test_a_model_without_batchnorm_gets_a_400_naming_its_norm_layers(server: Run
     error = response.json()["error"]
     assert "has no BatchNorm layer" in error and "GroupNorm x" in error and "Expected a BatchNorm model" in error
     assert server.metric("normserve_batchnorm_request_failure_total", model=GN, version="", reason="invalid_input") >= 1
+
+
+def binary_body(feeds: dict[str, np.ndarray], datatypes: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """A request of binary tensors, and its headers."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": datatypes[n],
+                    "shape": list(x.shape),
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+                for n, x in feeds.items()
+            ]
+        }
+    ).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+    return header + b"".join(x.tobytes() for x in feeds.values()), headers
+
+
+@pytest.mark.parametrize(("model", "rows"), [("regress-bn", 6), ("regress-bn-fixed", 5)])
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_two_input_regression_head_compares_its_output_with_and_without_a_batch_dimension(
+    server: RunningServer, model: str, rows: int, binary: bool
+) -> None:
+    feeds = regress_inputs(rows, seed=rows)
+    url = f"{server.url}/v2/models/{model}/batchnorm"
+    if binary:
+        content, headers = binary_body(feeds, {"x": "FP32", "shift": "INT64"})
+        response = httpx.post(url, content=content, headers=headers)
+    else:
+        tensors = [infer_json("x", feeds["x"])["inputs"][0], infer_json("shift", feeds["shift"], "INT64")["inputs"][0]]
+        response = httpx.post(url, json={"id": "r", "inputs": tensors})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    expected = regress_expected(feeds)
+    assert (answer["batch_size"], answer["output"], answer["labels"]) == (rows, "pred", [])
+    np.testing.assert_allclose(answer["running"]["logits"], expected["running"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answer["batch"]["logits"], expected["batch"], rtol=1e-5, atol=1e-5)
+    assert np.abs(expected["batch"] - expected["running"]).max() > 0.1  # the batch is far from the running statistics
+    (layer,) = answer["layers"]
+    assert (layer["name"], layer["type"], layer["channels"], layer["values_per_channel"]) == (
+        "head.bn",
+        "BatchNorm1d",
+        3,
+        rows,
+    )
+    np.testing.assert_allclose(layer["batch_mean"], expected["mean"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer["batch_var"], expected["var"], rtol=1e-5, atol=1e-5)
+    assert layer["distance"] > 0
+    # A 2-output regression head has no classes: its probabilities and predictions are given, and mean nothing.
+    for side in ("running", "batch"):
+        np.testing.assert_allclose(np.sum(answer[side]["probabilities"], axis=1), 1, rtol=1e-9)
+        assert answer[side]["predictions"] == np.argmax(answer[side]["logits"], axis=1).tolist()
+    infer = httpx.post(f"{server.url}/v2/models/{model}/infer", json={"inputs": [
+        infer_json("x", feeds["x"])["inputs"][0], infer_json("shift", feeds["shift"], "INT64")["inputs"][0]
+    ]}).json()  # fmt: skip
+    np.testing.assert_allclose(
+        np.reshape(infer["outputs"][0]["data"], (rows, 2)), answer["running"]["logits"], atol=1e-6
+    )
+
+
+def test_a_model_without_a_batch_dimension_takes_its_one_fixed_batch_only(server: RunningServer) -> None:
+    feeds = regress_inputs(4)
+    tensors = [infer_json("x", feeds["x"])["inputs"][0], infer_json("shift", feeds["shift"], "INT64")["inputs"][0]]
+    response = httpx.post(f"{server.url}/v2/models/regress-bn-fixed/batchnorm", json={"inputs": tensors})
+    assert response.status_code == 400
+    assert "input 'x' has shape [4, 4]; expected exactly [5, 4]" in response.json()["error"]
+    missing = httpx.post(f"{server.url}/v2/models/regress-bn/batchnorm", json={"inputs": tensors[:1]})
+    assert missing.status_code == 400 and "missing input shift (INT64 [-1, 2])" in missing.json()["error"]
+
+
+def test_a_model_whose_report_says_why_it_has_no_batch_statistics_graph_gets_that_reason(
+    server: RunningServer,
+) -> None:
+    feeds = regress_inputs(2)
+    tensors = [infer_json("x", feeds["x"])["inputs"][0], infer_json("shift", feeds["shift"], "INT64")["inputs"][0]]
+    response = httpx.post(f"{server.url}/v2/models/bn-no-graph/batchnorm", json={"inputs": tensors})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "bn-no-graph version 1 has no batch-statistics graph" in error and BN_NO_GRAPH_REASON in error
+    assert "BatchNormalization x1" in error
+    metadata = httpx.get(f"{server.url}/v2/models/bn-no-graph").json()
+    assert metadata["batch_statistics"] == {"available": False, "reason": error}
+    assert httpx.get(f"{server.url}/v2/models/regress-bn").json()["batch_statistics"] == {"available": True}
+    assert httpx.get(f"{server.url}/v2/models/{CNN}").json()["batch_statistics"] == {"available": True}
+    assert httpx.get(f"{server.url}/v2/models/{GN}").json()["batch_statistics"]["available"] is False
 
 
 @pytest.mark.parametrize(

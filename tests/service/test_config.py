@@ -32,6 +32,13 @@ def test_per_model_batching_combines_override_default_and_the_verified_batch_siz
     assert settings.batching("small", model_max_batch_size=8).max_batch_size == 8  # never past what was verified
 
 
+def test_a_model_without_a_batch_dimension_keeps_it_whatever_the_caps_say() -> None:
+    settings = Settings(max_queue_delay_ms=2, max_batch_size=16, models={"fixed": {"max_batch_size": 4}})
+    fixed = settings.batching("fixed", model_max_batch_size=0)
+    assert (fixed.max_batch_size, fixed.max_queue_delay_s) == (0, 0.0)  # nothing to batch, so nothing to wait for
+    assert settings.batching("other", model_max_batch_size=0).max_batch_size == 0
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "named"),
     [

@@ -29,6 +29,7 @@ from repository import ModelConfig, TensorSpec, write_version
 from service.routes.demo import DEMO_DIR
 from tests.conftest import tiny_cnn_spec
 from tests.service.conftest import AFFINE_CONFIG, RunningServer, ServeFactory, affine_onnx, infer_json
+from tests.service.user_models import BN_NO_GRAPH_REASON, USER_MODELS, write_user_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -148,7 +149,9 @@ def test_demo_page_draws_predicts_and_compares_batch_statistics(
         expect(page.locator('#model-list [data-model="broken"]')).to_contain_text(
             re.compile(r"broken is not ready: UNAVAILABLE .*the file changed after it was exported and verified")
         )
-        expect(page.locator('#model-list [data-model="affine"]')).to_contain_text("not a digit model (input x [-1, 4])")
+        expect(page.locator('#model-list [data-model="affine"]')).to_contain_text(
+            "not a digit model (inputs x FP32 [-1, 4]; outputs y FP32 [-1, 3], total FP32 [-1, 1])"
+        )
         expect(page.locator('#model-list [data-model="tiny-cnn-bn"]')).to_contain_text("BatchNorm2d")
 
         # Draw a 7 with the mouse: the 8x8 input gets ink, and every digit model predicts it.
@@ -225,6 +228,101 @@ def test_demo_page_draws_predicts_and_compares_batch_statistics(
         page.screenshot(path=tmp_path / "demo.png", full_page=True)
         if os.environ.get("NORMSERVE_DEMO_SCREENSHOT"):
             page.screenshot(path=os.environ["NORMSERVE_DEMO_SCREENSHOT"], full_page=True)
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def user_models_repository(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test repository (affine, tiny-cnn-bn) and users' own models (tests/service/user_models.py)."""
+    root = tmp_path_factory.mktemp("demo-user-models")
+    shutil.copytree(built_repository, root, dirs_exist_ok=True)
+    return write_user_models(root, broken=True)
+
+
+@pytest.mark.slow  # a real browser
+def test_demo_page_lists_every_model_and_sends_a_random_batch_to_any_batch_statistics_graph(
+    serve: ServeFactory, user_models_repository: Path, browser: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(f"{m.text} ({m.location['url']})") if m.type == "error" else None)
+    with serve(repository=user_models_repository) as server:
+        page.goto(f"{server.url}/demo")
+        expect(page.locator("#server-status")).to_contain_text("server ready; not ready: wrong-dtype")
+        expect(page.locator("#model-list li")).to_have_count(len(USER_MODELS) + 3)  # and affine, tiny-cnn-bn
+        expect(page.locator('#model-list [data-model="wrong-dtype"]')).to_contain_text("does not take or give")
+        expect(page.locator('#model-list [data-model="text-cls"]')).to_contain_text(
+            "not a digit model (inputs token_ids INT64 [-1, 8], attention_mask BOOL [-1, 8]; "
+            "outputs logits FP32 [-1, 3], tokens INT64 [-1])"
+        )
+        expect(page.locator('#model-list [data-model="regress-bn"] .tag')).to_have_text("batch statistics")
+        # The digit model keeps the drawing; every other one is shown by its metadata.
+        expect(page.locator("#digit-panels")).to_be_visible()
+        expect(page.locator("#predictions [data-model]")).to_have_count(1)
+        cards = page.locator("#other-model-list .meta-card")
+        expect(cards).to_have_count(len(USER_MODELS) + 1)
+        grid = page.locator('#other-model-list [data-model="grid"]')
+        expect(grid).to_contain_text("no batch dimension (max_batch_size 0)")
+        expect(grid).to_contain_text("a 3x4 grid of reals")
+        expect(grid.locator("tbody tr")).to_have_count(2)
+        expect(grid.locator("tbody tr").first).to_contain_text("[3, 4]")
+        no_graph = page.locator('#other-model-list [data-model="bn-no-graph"]')
+        expect(no_graph).to_contain_text(BN_NO_GRAPH_REASON)
+
+        # The BatchNorm panel: the digit model first, then every other model with a batch-statistics graph.
+        options = page.locator("#bn-model option")
+        expect(options).to_have_count(3)
+        assert options.all_inner_texts()[0].startswith("tiny-cnn-bn")
+        expect(page.locator("#bn-others")).to_contain_text(BN_NO_GRAPH_REASON)
+        wait_for_current(page, "#bn-result")
+        expect(page.locator("#bn-digit")).to_be_visible()
+        expect(page.locator("#bn-random")).to_be_hidden()
+
+        page.select_option("#bn-model", "regress-bn")
+        expect(page.locator("#bn-digit")).to_be_hidden()
+        expect(page.locator("#bn-random")).to_be_visible()
+        result = page.locator("#bn-result")
+        expect(result).to_have_attribute("data-model", "regress-bn")
+        expect(result).to_have_attribute("data-batch-size", "8")
+        expect(page.locator("#bn-compare")).to_be_hidden()
+        expect(page.locator("#bn-outputs")).to_contain_text("Output pred, 8 rows of 2")
+        expect(page.locator("#bn-layers tbody tr")).to_have_count(1)
+        expect(page.locator('#bn-layers tbody tr[data-layer="head.bn"]')).to_contain_text("BatchNorm1d")
+        first = page.locator("#bn-layers .dist .value").inner_text()
+        page.fill("#bn-rows", "3")
+        page.click("#bn-reseed")
+        expect(result).to_have_attribute("data-seed", "1")
+        expect(result).to_have_attribute("data-batch-size", "3")
+        expect(page.locator("#bn-status")).to_have_attribute("data-state", "done")
+        assert page.locator("#bn-layers .dist .value").inner_text() != first  # another batch, other statistics
+
+        page.select_option("#bn-model", "regress-bn-fixed")
+        expect(result).to_have_attribute("data-model", "regress-bn-fixed")
+        expect(result).to_have_attribute("data-batch-size", "5")  # its one fixed-size batch
+        expect(page.locator("#bn-rows")).to_be_hidden()
+        expect(page.locator("#bn-shapes")).to_contain_text("x FP32 [5, 4], shift INT64 [5, 2]; no batch dimension")
+
+        page.select_option("#bn-model", "tiny-cnn-bn")
+        expect(page.locator("#bn-digit")).to_be_visible()
+        expect(result).to_have_attribute("data-model", "tiny-cnn-bn")
+        expect(page.locator("#bn-compare")).to_be_visible()
+        page.screenshot(path=tmp_path / "demo-user-models.png", full_page=True)
+        if os.environ.get("NORMSERVE_DEMO_SCREENSHOT"):
+            page.screenshot(path=os.environ["NORMSERVE_DEMO_SCREENSHOT"], full_page=True)
+
+    # A server with no digit model: no drawing, and the random batch straight away.
+    only_users = tmp_path / "only-users"
+    write_user_models(only_users)
+    with serve(repository=only_users) as server:
+        page.goto(f"{server.url}/demo")
+        expect(page.locator("#server-status")).to_have_text("server ready")
+        expect(page.locator("#digit-panels")).to_be_hidden()
+        expect(page.locator("#other-model-list .meta-card")).to_have_count(len(USER_MODELS))
+        expect(page.locator("#bn-result")).to_have_attribute("data-model", "regress-bn")
+        expect(page.locator("#bn-layers tbody tr")).to_have_count(1)
     assert not errors, errors
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from repository import ModelConfig, TensorSpec
@@ -53,3 +54,87 @@ def test_the_good_request_beside_them_parses_to_its_own_rows() -> None:
     parsed = parse(Req(infer_json("x", GOOD_X)))
     assert parsed.rows == 2
     np.testing.assert_array_equal(parsed.feeds["x"], GOOD_X)
+
+
+# A model without a batch dimension, and one of BOOL and FP16 inputs.
+FIXED = ModelConfig(
+    name="fixed",
+    max_batch_size=0,
+    inputs=[TensorSpec(name="x", datatype="FP32", shape=[3, 4]), TensorSpec(name="n", datatype="INT64", shape=[3])],
+    outputs=[TensorSpec(name="y", datatype="FP32", shape=[3, 2]), TensorSpec(name="s", datatype="FP32", shape=[3])],
+)
+FLAGS = ModelConfig(
+    name="flags",
+    max_batch_size=4,
+    inputs=[TensorSpec(name="b", datatype="BOOL", shape=[-1, 2]), TensorSpec(name="h", datatype="FP16", shape=[-1, 2])],
+    outputs=[TensorSpec(name="y", datatype="FP16", shape=[-1, 2])],
+)
+
+
+def fixed_request(x_shape: list[int]) -> bytes:
+    x = np.zeros(x_shape, np.float32)
+    return orjson.dumps({"inputs": [*infer_json("x", x)["inputs"], *infer_json("n", np.arange(3), "INT64")["inputs"]]})
+
+
+def test_a_request_to_a_model_without_a_batch_dimension_is_one_row_of_exactly_its_shape() -> None:
+    parsed = parse_infer_request(fixed_request([3, 4]), None, FIXED, 0)
+    assert parsed.rows == 1 and parsed.feeds["x"].shape == (3, 4) and parsed.feeds["n"].dtype == np.int64
+    for shape in ([1, 3, 4], [2, 4], [3, 4, 1]):
+        with pytest.raises(InvalidInput) as refused:
+            parse_infer_request(fixed_request(shape), None, FIXED, 0)
+        assert f"input 'x' has shape {shape}; expected exactly [3, 4]" in refused.value.message
+        assert "no batch dimension" in refused.value.message
+
+
+def binary_request(tensors: dict[str, tuple[str, np.ndarray]]) -> tuple[bytes, str]:
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": n, "datatype": d, "shape": list(x.shape), "parameters": {"binary_data_size": x.nbytes}}
+                for n, (d, x) in tensors.items()
+            ]
+        }
+    )
+    return header + b"".join(x.tobytes() for _, x in tensors.values()), str(len(header))
+
+
+def test_bool_and_fp16_binary_data_are_read_and_checked() -> None:
+    flags = np.array([[True, False], [False, True]])
+    halves = np.array([[0.5, -2], [1e4, 3]], np.float16)
+    parsed = parse_infer_request(*binary_request({"b": ("BOOL", flags), "h": ("FP16", halves)}), FLAGS, 4)
+    np.testing.assert_array_equal(parsed.feeds["b"], flags)
+    np.testing.assert_array_equal(parsed.feeds["h"], halves)
+    not_a_bool = np.array([[1, 0], [7, 1]], np.uint8).view(np.bool_)
+    with pytest.raises(InvalidInput, match=r"input 'b' holds byte 7 at flat index 2; a BOOL element is one byte"):
+        parse_infer_request(*binary_request({"b": ("BOOL", not_a_bool), "h": ("FP16", halves)}), FLAGS, 4)
+    overflowed = np.array([[0.5, np.inf], [1, 2]], np.float16)
+    with pytest.raises(InvalidInput, match=r"input 'h' holds 1 NaN or Infinity value\(s\), the first at flat index 1"):
+        parse_infer_request(*binary_request({"b": ("BOOL", flags), "h": ("FP16", overflowed)}), FLAGS, 4)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [([1, 0, 0, 1], "holds int64 values; expected BOOL"), ([True, False, 1.5, True], "expected BOOL")],
+)
+def test_bool_in_json_is_true_and_false_only(data: list[Any], fragment: str) -> None:
+    body = {
+        "inputs": [
+            {"name": "b", "datatype": "BOOL", "shape": [2, 2], "data": data},
+            infer_json("h", np.ones((2, 2)), "FP16")["inputs"][0],
+        ]
+    }
+    with pytest.raises(InvalidInput) as refused:
+        parse_infer_request(orjson.dumps(body), None, FLAGS, 4)
+    assert fragment in refused.value.message
+
+
+def test_classification_needs_a_2d_output() -> None:
+    body = orjson.loads(fixed_request([3, 4]))
+    for output, ok in (("y", True), ("s", False)):
+        request = orjson.dumps(body | {"outputs": [{"name": output, "parameters": {"classification": 1}}]})
+        if ok:
+            assert parse_infer_request(request, None, FIXED, 0).outputs[0].classification == 1
+            continue
+        with pytest.raises(InvalidInput) as refused:
+            parse_infer_request(request, None, FIXED, 0)
+        assert "output 's' has shape [3]; classification needs a 2-D output of scores" in refused.value.message

@@ -16,6 +16,7 @@ import pytest
 from service.registry import Registry
 from service.runtime import CPU, CUDA, Runtime, cuda_status
 from tests.service.conftest import ServeFactory
+from tests.service.user_models import write_grid
 
 CUDA_LOADS = cuda_status() is None
 
@@ -90,3 +91,20 @@ def test_a_model_override_caps_the_batch_size_at_what_the_model_was_verified_for
         assert registry.get("tiny-cnn-bn").batching.max_batch_size == 4
         config = httpx.get(f"{server.url}/v2/models/affine/config").json()
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 3000
+
+
+def test_warm_up_runs_each_end_of_the_batch_and_returns_what_it_answered(model_file: Path, tmp_path: Path) -> None:
+    runtime = Runtime(model_file, "cpu", intra_op_threads=1)
+    warmed = runtime.warm({"x": np.ones((1, 4), dtype=np.float32)}, max_batch_size=8, repeats=1)
+    assert {rows: [o.shape for o in outputs] for rows, outputs in warmed.items()} == {
+        1: [(1, 3), (1, 1)],
+        8: [(8, 3), (8, 1)],
+    }
+    assert runtime.estimate(8) >= runtime.estimate(1) > 0
+    assert [(t.name, t.datatype, t.shape) for t in runtime.inputs] == [("x", "FP32", [None, 4])]
+    # A graph without a batch dimension runs its example as it is, once a request: the cost of every request.
+    write_grid(tmp_path)
+    fixed = Runtime(tmp_path / "grid" / "1" / "model.onnx", "cpu", intra_op_threads=1)
+    warmed = fixed.warm({"x": np.ones((3, 4), dtype=np.float32)}, max_batch_size=0, repeats=1)
+    assert list(warmed) == [0] and warmed[0][0].shape == (3, 2)
+    assert fixed.estimate(1) > 0 and [(t.name, t.shape) for t in fixed.outputs] == [("y", [3, 2])]

@@ -1,14 +1,21 @@
 // normserve demo page. Plain JavaScript; talks to this server's own API only:
 //   GET  /v2/health/ready              which models there are, and their state
-//   GET  /v2/models/{m}                each model's inputs, outputs, labels and norm layers
+//   GET  /v2/models/{m}                each model's inputs, outputs, labels, norm layers and batch statistics
 //   POST /v2/models/{m}/infer          the prediction of every served digit model (running statistics)
-//   POST /v2/models/{m}/batchnorm      one batch through a BatchNorm model, with running and with batch statistics
+//   POST /v2/models/{m}/batchnorm      one batch through a model with a batch-statistics graph, with running and
+//                                      with batch statistics: digits for a digit model, a seeded random batch
+//                                      of its declared inputs for any other
 // and GET /demo/digits.json, the held-out test split (pixels 0..16).
+// A digit model takes one FP32 input of shape [-1, 1, 8, 8] and gives a 10-class 2-D output: only those use the
+// drawing; every other model is shown by its metadata.
 "use strict";
 
 const SIDE = 8; // the models' input is 8x8, one channel
 const CELLS = SIDE * SIDE;
 const DIGIT_SHAPE = JSON.stringify([-1, 1, SIDE, SIDE]);
+const DIGIT_CLASSES = 10;
+const RANDOM_ROWS = 8; // the rows of a random batch, at first (at most the model's max batch size)
+const INTEGER_TYPE = /^U?INT/;
 const DEBOUNCE_MS = 150; // after a stroke ends or a key edits the grid
 const READY_RETRY_MS = 3000;
 const BRUSH = 30; // stroke width in canvas pixels (280 wide): about one of the 8 blocks
@@ -31,6 +38,8 @@ const state = {
   bnModel: null,
   cursor: 27, // the highlighted cell of the 8x8 grid
 };
+
+const byName = (a, b) => a.name.localeCompare(b.name);
 
 // ---------------------------------------------------------------------------------------------
 // The API
@@ -96,8 +105,27 @@ function hasBatchNorm(meta) {
   return Object.keys(meta.norm_layers || {}).some((type) => BN_TYPE.test(type));
 }
 
+// Whether the batchnorm endpoint serves the model: the metadata says (with the reason when it does not).
+function hasBatchStats(meta) {
+  return meta.batch_statistics ? meta.batch_statistics.available : hasBatchNorm(meta);
+}
+
+// The model's 10-class 2-D output (rows, classes), if it has one.
+function digitOutput(meta) {
+  return meta.outputs.find((o) => o.shape.length === 2 && o.shape[0] === -1 && o.shape[1] === DIGIT_CLASSES);
+}
+
 function isDigitModel(meta) {
-  return meta.inputs.length === 1 && JSON.stringify(meta.inputs[0].shape) === DIGIT_SHAPE;
+  const [input] = meta.inputs;
+  return meta.inputs.length === 1 && input.datatype === "FP32" && JSON.stringify(input.shape) === DIGIT_SHAPE && Boolean(digitOutput(meta));
+}
+
+function shapeText(shape) {
+  return `[${shape.join(", ")}]`;
+}
+
+function tensorsText(tensors) {
+  return tensors.map((t) => `${t.name} ${t.datatype} ${shapeText(t.shape)}`).join(", ");
 }
 
 function labelOf(name, index) {
@@ -192,13 +220,15 @@ async function refreshModels() {
     setTimeout(refreshModels, READY_RETRY_MS);
   }
   renderModelList();
+  renderOtherModels();
+  renderDigitPanels();
   renderBnPicker();
   predictNow();
 }
 
 function renderModelList() {
   const list = $("#model-list");
-  const items = [...state.models.values()].sort((a, b) => a.name.localeCompare(b.name));
+  const items = [...state.models.values()].sort(byName);
   if (!items.length) {
     list.replaceChildren(el("li", { class: "muted", text: "The server serves no models (yet)." }));
     return;
@@ -214,9 +244,9 @@ function renderModelList() {
         li.classList.add("waiting");
         detail = `metadata: ${m.metaError || "loading"}`;
       } else if (!isDigitModel(m.meta)) {
-        li.classList.add("skipped");
-        const shapes = m.meta.inputs.map((i) => `${i.name} [${i.shape.join(", ")}]`).join(", ");
-        detail = `not a digit model (input ${shapes}); skipped`;
+        li.classList.add("other");
+        detail = `v${m.version} · not a digit model (inputs ${tensorsText(m.meta.inputs)}; outputs ${tensorsText(m.meta.outputs)})`;
+        if (hasBatchStats(m.meta)) li.querySelector(".name").after(el("span", { class: "tag", text: "batch statistics" }));
       } else {
         const provider = m.meta.provider ? ` · ${m.meta.provider}` : "";
         detail = `v${m.version} · ${normText(m.meta.norm_layers)}${provider}`;
@@ -227,6 +257,61 @@ function renderModelList() {
       return li;
     }),
   );
+}
+
+// Every ready model that does not take digits, by its metadata: what it is, what it takes and gives.
+function renderOtherModels() {
+  const others = [...state.models.values()].filter((m) => m.state === "READY" && m.meta && !isDigitModel(m.meta)).sort(byName);
+  $("#other-models").hidden = !others.length;
+  const list = $("#other-model-list");
+  const shown = JSON.stringify(others.map((m) => [m.name, m.version]));
+  if (list.dataset.shown === shown) return; // the page checks again every few seconds: keep what is read
+  list.dataset.shown = shown;
+  list.replaceChildren(...others.map(metadataCard));
+}
+
+function metadataCard(model) {
+  const meta = model.meta;
+  const stats = meta.batch_statistics;
+  const facts = [
+    ["versions", meta.versions.join(", ")],
+    ["batching", meta.max_batch_size
+      ? `up to ${meta.max_batch_size} rows a batch (the -1 dimension is the rows)`
+      : "no batch dimension (max_batch_size 0): every request has exactly these shapes, and runs alone"],
+    ["norm layers", normText(meta.norm_layers)],
+    ["labels", meta.labels?.length ? `${meta.labels.length}: ${meta.labels.slice(0, 10).join(", ")}${meta.labels.length > 10 ? ", …" : ""}` : "none"],
+    ["runs on", meta.provider || "unknown"],
+    ["batch statistics", stats?.available ? "a batch-statistics graph: the BatchNorm panel below takes a random batch"
+      : hasBatchNorm(meta) && stats?.reason ? stats.reason : "none"],
+  ];
+  if (meta.input_description) facts.unshift(["input", meta.input_description]);
+  const row = (kind, t) =>
+    el("tr", {}, el("td", { text: kind }), el("td", { class: "mono", text: t.name }), el("td", { text: t.datatype }), el("td", { class: "mono", text: shapeText(t.shape) }));
+  return el(
+    "article",
+    { class: "meta-card", "data-model": model.name },
+    el("h3", { text: model.name }),
+    el("p", { class: "muted", text: meta.description || "No description." }),
+    el("dl", { class: "facts" }, ...facts.flatMap(([key, value]) => [el("dt", { text: key }), el("dd", { text: value })])),
+    el(
+      "div",
+      { class: "layers-scroll" },
+      el(
+        "table",
+        { class: "tensors" },
+        el("thead", {}, el("tr", {}, ...["", "name", "datatype", "shape"].map((h) => el("th", { scope: "col", text: h })))),
+        el("tbody", {}, ...meta.inputs.map((t) => row("input", t)), ...meta.outputs.map((t) => row("output", t))),
+      ),
+    ),
+  );
+}
+
+// The drawing and the predictions are for digit models: hidden once the server is known to serve none.
+function renderDigitPanels() {
+  const models = [...state.models.values()];
+  const settled = models.every((m) => m.state === "UNAVAILABLE" || (m.state === "READY" && m.meta));
+  const digits = models.some((m) => m.state === "READY" && m.meta && isDigitModel(m.meta));
+  $("#digit-panels").hidden = models.length > 0 && settled && !digits;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -531,7 +616,7 @@ async function predictNow() {
         card.dataset.input = String(input);
         return;
       }
-      const wanted = model.meta.outputs[0].name;
+      const wanted = digitOutput(model.meta).name;
       const output = result.data.outputs.find((o) => o.name === wanted) || result.data.outputs[0];
       const probabilities = softmax(output.data);
       const top = argmax(probabilities);
@@ -549,8 +634,16 @@ async function predictNow() {
 // ---------------------------------------------------------------------------------------------
 // The BatchNorm panel
 
+// Every ready model with a batch-statistics graph: the digit models first.
 function bnModels() {
-  return digitModels().filter((m) => hasBatchNorm(m.meta));
+  const ready = [...state.models.values()].filter((m) => m.state === "READY" && m.meta && hasBatchStats(m.meta));
+  const digit = ready.filter((m) => isDigitModel(m.meta)).sort(byName);
+  return [...digit, ...ready.filter((m) => !isDigitModel(m.meta)).sort(byName)];
+}
+
+function isDigitBn() {
+  const meta = state.models.get(state.bnModel)?.meta;
+  return Boolean(meta && isDigitModel(meta));
 }
 
 function renderBnPicker() {
@@ -560,10 +653,12 @@ function renderBnPicker() {
   if (JSON.stringify([...select.options].map((o) => o.value)) !== JSON.stringify(names)) {
     select.replaceChildren(...models.map((m) => el("option", { value: m.name, text: `${m.name} (${normText(m.meta.norm_layers)})` })));
   }
+  const before = state.bnModel;
   if (!names.includes(state.bnModel)) state.bnModel = names.includes("cnn-bn") ? "cnn-bn" : names[0] || null;
   select.value = state.bnModel || "";
   select.disabled = !models.length;
-  const others = digitModels().filter((m) => !hasBatchNorm(m.meta));
+  const others = digitModels().filter((m) => !hasBatchStats(m.meta) && !hasBatchNorm(m.meta));
+  const without = [...state.models.values()].filter((m) => m.state === "READY" && m.meta && !hasBatchStats(m.meta) && hasBatchNorm(m.meta));
   const switchable = others.filter((m) => Object.keys(m.meta.norm_layers || {}).some((k) => SWITCHABLE_TYPE.test(k)));
   const plain = others.filter((m) => !switchable.includes(m));
   const named = (list) => list.map((m) => `${m.name} (${normText(m.meta.norm_layers)})`).join(", ");
@@ -576,14 +671,30 @@ function renderBnPicker() {
       ? `${named(switchable)}: Switchable Norm mixes each sample's own IN and LN statistics with BN statistics ` +
         "that are running statistics at inference, so it has no batch dependence either."
       : "",
+    ...without.map((m) => m.meta.batch_statistics?.reason || `${m.name}: no batch-statistics graph.`),
   ].filter(Boolean).join(" ");
+  if (state.bnModel !== before) bnModelChanged(false); // predictNow, which follows, sends the digits
+  else renderCompanions();
+}
+
+// The panel takes digits for a digit model, a random batch of its declared inputs for any other.
+function bnModelChanged(sendDigits = true) {
+  const digit = isDigitBn();
+  $("#bn-digit").hidden = !digit;
+  $("#bn-random").hidden = digit || !state.bnModel;
+  $("#bn-result").hidden = true;
   renderCompanions();
+  if (digit) {
+    if (sendDigits) requestBatchnorm();
+  } else if (state.bnModel) {
+    renderRandomControls(state.models.get(state.bnModel).meta);
+    sendRandomBatch();
+  }
 }
 
 $("#bn-model").addEventListener("change", (event) => {
   state.bnModel = event.target.value;
-  renderCompanions();
-  requestBatchnorm();
+  bnModelChanged();
 });
 
 function batchLimit() {
@@ -679,7 +790,7 @@ function renderCompanions() {
   const n = state.companions.length + 1;
   const full = n >= batchLimit();
   $("#bn-size").textContent = `(${n} ${n === 1 ? "sample" : "samples"}${full ? `, the most ${state.bnModel} takes` : ""})`;
-  const usable = Boolean(state.bnModel && state.digits);
+  const usable = Boolean(state.bnModel && state.digits && isDigitBn());
   for (const id of ["#add-same", "#add-other", "#add-shifted"]) $(id).disabled = !usable || full;
   $("#remove-last").disabled = !state.companions.length;
   $("#clear-companions").disabled = !state.companions.length;
@@ -697,9 +808,11 @@ async function requestBatchnorm() {
   renderCompanions();
   const model = state.models.get(state.bnModel);
   if (!model) {
-    bnStatus(digitModels().length ? "No served digit model has a BatchNorm layer." : "Waiting for the models…", "idle");
+    const settled = [...state.models.values()].some((m) => m.meta);
+    bnStatus(settled ? "No served model has a batch-statistics graph." : "Waiting for the models…", "idle");
     return;
   }
+  if (!isDigitModel(model.meta)) return; // its batch is a random one, sent by its own button
   const request = ++bnRequests;
   const input = state.input;
   const rows = [state.pixels, ...state.companions.map((c) => c.pixels)];
@@ -729,6 +842,8 @@ function renderOutcome(box, side, labels) {
 function renderBatchnorm(answer, input) {
   const result = $("#bn-result");
   result.hidden = false;
+  $("#bn-compare").hidden = false;
+  $("#bn-outputs").hidden = true;
   renderOutcome($("#bn-running"), answer.running, answer.labels);
   renderOutcome($("#bn-batch"), answer.batch, answer.labels);
   const badge = $("#bn-changed");
@@ -749,6 +864,15 @@ function renderBatchnorm(answer, input) {
     line.className = flip ? "flip-line flip" : "flip-line";
     li.dataset.changed = String(flip);
   });
+  renderLayers(answer);
+  result.dataset.batchSize = String(answer.batch_size);
+  result.dataset.input = String(input);
+  result.dataset.companions = String(state.companions.length);
+  result.dataset.model = answer.model_name;
+}
+
+// Per layer: the batch's statistics against the running ones; and the note for a batch of one.
+function renderLayers(answer) {
   const note = $("#bn-note");
   note.hidden = !answer.note;
   note.textContent = answer.note || "";
@@ -775,10 +899,104 @@ function renderBatchnorm(answer, input) {
   const counted = answer.layers.some((layer) => layer.values_per_channel !== undefined);
   for (const cell of document.querySelectorAll("#bn-layers .values")) cell.hidden = !counted;
   $("#bn-distance").textContent = answer.distance ? `Distance: ${answer.distance}.` : "";
-  result.dataset.batchSize = String(answer.batch_size);
-  result.dataset.input = String(input);
-  result.dataset.companions = String(state.companions.length);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A seeded random batch, for a model with a batch-statistics graph that does not take digits
+
+// mulberry32: a small seeded generator of uniform numbers in [0, 1).
+function seeded(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), a | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function standardNormal(uniform) {
+  return Math.sqrt(-2 * Math.log(1 - uniform())) * Math.cos(2 * Math.PI * uniform()); // Box-Muller
+}
+
+// Every declared input, its -1 dimension set to `rows`: integers in [0, 10), true for BOOL, standard normal floats.
+function randomBatch(meta, rows, seed) {
+  const uniform = seeded(seed);
+  return {
+    inputs: meta.inputs.map((t) => {
+      const shape = t.shape.map((d) => (d === -1 ? rows : d));
+      const count = shape.reduce((a, b) => a * b, 1);
+      const value =
+        t.datatype === "BOOL" ? () => true : INTEGER_TYPE.test(t.datatype) ? () => Math.floor(uniform() * 10) : () => standardNormal(uniform);
+      return { name: t.name, datatype: t.datatype, shape, data: Array.from({ length: count }, value) };
+    }),
+  };
+}
+
+function renderRandomControls(meta) {
+  const batched = meta.max_batch_size > 0;
+  const rows = $("#bn-rows");
+  rows.hidden = !batched;
+  $('label[for="bn-rows"]').hidden = !batched;
+  if (batched) {
+    rows.max = String(meta.max_batch_size);
+    rows.value = String(Math.min(RANDOM_ROWS, meta.max_batch_size));
+  }
+  $("#bn-shapes").textContent = batched
+    ? `Inputs: ${tensorsText(meta.inputs)}; -1 is the rows, up to ${meta.max_batch_size}.`
+    : `Inputs: ${tensorsText(meta.inputs)}; no batch dimension: the statistics are those of this one fixed-size batch.`;
+}
+
+async function sendRandomBatch() {
+  const model = state.models.get(state.bnModel);
+  if (!model?.meta || isDigitModel(model.meta)) return;
+  const meta = model.meta;
+  const batched = meta.max_batch_size > 0;
+  const rows = batched ? Math.min(meta.max_batch_size, Math.max(1, parseInt($("#bn-rows").value, 10) || 1)) : 1;
+  const seed = Math.max(0, parseInt($("#bn-seed").value, 10) || 0);
+  if (batched) $("#bn-rows").value = String(rows);
+  $("#bn-seed").value = String(seed);
+  const request = ++bnRequests;
+  bnStatus(`Running a random batch (seed ${seed}) through ${model.name}…`, "busy");
+  const result = await api(`/v2/models/${encodeURIComponent(model.name)}/batchnorm`, randomBatch(meta, rows, seed));
+  if (request !== bnRequests) return; // a newer batch is on its way
+  if (!result.ok) {
+    bnStatus(errorText(result), "error");
+    $("#bn-result").hidden = true;
+    return;
+  }
+  const answer = result.data;
+  renderRandomResult(answer, seed);
+  const changed = answer.changed.filter(Boolean).length;
+  bnStatus(
+    `${model.name}, a random batch of ${answer.batch_size} rows (seed ${seed}): ${changed} of ${answer.batch_size} ` +
+      `rows changed the index of their largest ${answer.output} value.`,
+    "done",
+  );
+}
+
+function renderRandomResult(answer, seed) {
+  const result = $("#bn-result");
+  result.hidden = false;
+  $("#bn-compare").hidden = true;
+  let largest = 0;
+  answer.running.logits.forEach((row, i) => row.forEach((v, j) => (largest = Math.max(largest, Math.abs(v - answer.batch.logits[i][j])))));
+  const summary = $("#bn-outputs");
+  summary.hidden = false;
+  summary.textContent =
+    `Output ${answer.output}, ${answer.batch_size} rows of ${answer.running.logits[0]?.length ?? 0}: the batch's own ` +
+    `statistics move it by up to ${largest.toPrecision(3)} from what the running statistics give.`;
+  renderLayers(answer);
+  result.dataset.batchSize = String(answer.batch_size);
+  result.dataset.model = answer.model_name;
+  result.dataset.seed = String(seed);
+}
+
+$("#bn-send").addEventListener("click", () => sendRandomBatch());
+$("#bn-reseed").addEventListener("click", () => {
+  $("#bn-seed").value = String((parseInt($("#bn-seed").value, 10) || 0) + 1);
+  sendRandomBatch();
+});
 
 // The experiments' plots (make experiments), one line each, where they have been drawn.
 async function loadPlots() {

@@ -49,7 +49,7 @@ from export.intake import (
     synthetic_samples,
     target_version,
 )
-from export.onnx_export import export_onnx
+from export.onnx_export import export_onnx, fold_constants
 from export.onnx_import import fold_onnx_batchnorms
 from export.verify import Feeds, VerificationError, flatten_outputs, verify_export
 from repository import BATCH_STATS_FILE, BN_STATS_FILE, BatchNormStats, ModelConfig, ModelVersion, TensorSpec
@@ -180,7 +180,7 @@ def _fold_and_export(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The served graph and what the report says of the fold: through torch.fx where it traces, else
     at the ONNX level on the unfolded export."""
-    unfolded = _export(model, example, input_names, output_names, optimize=False)
+    unfolded = fold_constants(_export(model, example, input_names, output_names, optimize=False))
     try:
         folded = fold_batchnorms(model, example)
     except FoldError:
@@ -196,7 +196,7 @@ def _fold_and_export(
             "ops": {"unfolded": op_histogram(unfolded), "served": op_histogram(at_onnx.model)},
         }
     served = _export(folded.model, example, input_names, output_names, optimize=True)
-    ops_folded = _export(folded.model, example, input_names, output_names, optimize=False)
+    ops_folded = fold_constants(_export(folded.model, example, input_names, output_names, optimize=False))
     return served, {
         "fold_path": "torch.fx",
         "folds": [vars(f) for f in folded.folds],
@@ -205,8 +205,8 @@ def _fold_and_export(
             "unfolded": op_histogram(unfolded),
             "folded": op_histogram(ops_folded),
             "served": op_histogram(served),
-            "note": "unfolded and folded: exporter optimizer off, so its own BatchNorm folding hides nothing; "
-            "served: the graph written as model.onnx (exporter optimizer on)",
+            "note": "unfolded and folded: exporter optimizer off, so its own BatchNorm folding hides nothing, "
+            "then constants folded; served: the graph written as model.onnx (exporter optimizer on)",
         },
     }
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from export.graphs import INPUT_NAME, OPSET, OUTPUT_NAME, op_histogram
 
-__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "op_histogram"]
+__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "fold_constants", "op_histogram"]
 
 
 @contextlib.contextmanager
@@ -91,3 +91,22 @@ def export_onnx(
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every value computed from constants alone replaced by a constant (onnxscript's own
+    constant folding, without its rewrite rules, so every BatchNormalization node stays).
+
+    An export with ``optimize=False`` computes, for example, a bias-free Conv's zero bias from Shape,
+    Expand and CastLike nodes; onnxruntime does not fold those, and then cannot fuse the Conv with its
+    BatchNorm either. Folded this way, the graph is the model as it is, as an exporter would write it.
+    """
+    import onnx_ir
+    import onnxscript.optimizer
+
+    ir_model = onnx_ir.from_proto(model)
+    onnxscript.optimizer.fold_constants(ir_model)
+    onnxscript.optimizer.remove_unused_nodes(ir_model)
+    folded = onnx_ir.to_proto(ir_model)
+    onnx.checker.check_model(folded, full_check=True)
+    return folded

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from export.batch_stats import batchnorm_layers, export_batch_stats, running_statistics, verify_batch_stats
 from export.fold import FoldError, fold_batchnorms
+from export.graphs import batch_stats_artifacts
 from export.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx, op_histogram
 from export.precise import precise_statistics, with_precise_statistics
 from export.verify import Verification, VerificationError, verify_export
@@ -50,9 +51,6 @@ from models.norms import ChannelLayerNorm, SwitchableNorm2d
 from models.train import checkpoint_matches, evaluate, init_untrained, load_checkpoint, train_model
 from models.zoo import DEFAULT_MODELS
 from repository import (
-    BATCH_STATS_FILE,
-    BN_STATS_FILE,
-    BatchNormStats,
     ModelConfig,
     ModelVersion,
     RepositoryError,
@@ -224,20 +222,7 @@ def _batch_stats_files(
         return {}, None
     graph, layer_names = export_batch_stats(model, example)
     verification.checks.extend(verify_batch_stats(graph, model, layer_names, x, y))
-    stats = BatchNormStats.model_validate(
-        {"logits_output": OUTPUT_NAME, "layers": running_statistics(model, layer_names, example)}
-    )
-    files = {BATCH_STATS_FILE: graph.SerializeToString(), BN_STATS_FILE: stats.model_dump_json(indent=1).encode()}
-    described = {
-        "file": BATCH_STATS_FILE,
-        "statistics_file": BN_STATS_FILE,
-        "layers": layer_names,
-        "outputs": [o.name for o in graph.graph.output],
-        "ops": op_histogram(graph),
-        "note": "normalizes with the statistics of the batch it is given, as PyTorch train() mode does; "
-        "served by the batchnorm endpoint only, never by infer",
-    }
-    return files, described
+    return batch_stats_artifacts(graph, OUTPUT_NAME, running_statistics(model, layer_names, example))
 
 
 def export_checkpoint(

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from export.graphs import op_histogram
+from export.graphs import TRAIN_MODE_NOTE, batch_stats_artifacts, not_comparable, op_histogram
 from export.intake import (
     InputSpec,
     UserModelError,
@@ -51,9 +51,6 @@ from export.onnx_import import (
 )
 from export.verify import Check, Feeds, VerificationError, cpu_session, rows, take, verify_graph
 from repository import (
-    BATCH_STATS_FILE,
-    BN_STATS_FILE,
-    BatchNormStats,
     ModelConfig,
     ModelVersion,
     TensorSpec,
@@ -85,11 +82,7 @@ def _batch_stats_files(
     the report says of them, and their check; or, where they cannot be built, the reason in the report."""
     if "BatchNormalization" not in op_histogram(original):
         return {}, None, []
-    if len(first_output.shape) != 2:
-        reason = (
-            f"its first output {first_output.name!r} has shape {first_output.shape}; "
-            "the comparison needs (rows, values)"
-        )
+    if reason := not_comparable(first_output):
         return {}, {"unavailable": reason}, []
     batch = take(feeds, slice(0, 64)) if batched else take(feeds, 0)
     try:
@@ -103,17 +96,8 @@ def _batch_stats_files(
     del graph.graph.output[:]
     graph.graph.output.extend(outputs)
     check = Check("batch_stats_graph", bool(result["passed"]), str(result["detail"]), result.get("figures", {}))
-    stats = BatchNormStats.model_validate({"logits_output": first_output.name, "layers": layers})
-    files = {BATCH_STATS_FILE: graph.SerializeToString(), BN_STATS_FILE: stats.model_dump_json(indent=1).encode()}
-    described = {
-        "file": BATCH_STATS_FILE,
-        "statistics_file": BN_STATS_FILE,
-        "layers": [layer["name"] for layer in layers],
-        "outputs": [o.name for o in graph.graph.output],
-        "ops": op_histogram(graph),
-        "note": "built from the BatchNormalization nodes' own statistics: normalizes with the statistics of the "
-        "batch it is given, as PyTorch train() mode does; served by the batchnorm endpoint only, never by infer",
-    }
+    note = f"built from the BatchNormalization nodes' own statistics: {TRAIN_MODE_NOTE}"
+    files, described = batch_stats_artifacts(graph, first_output.name, layers, note)
     return files, described, [check]
 
 

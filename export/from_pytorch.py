@@ -39,7 +39,7 @@ from torch import nn
 from export.batch_stats import batchnorm_layers, export_batch_stats, running_statistics, verify_batch_stats
 from export.build import EXPORT_FORMAT, library_versions, norm_layer_counts
 from export.fold import FoldError, fold_batchnorms
-from export.graphs import OPSET, op_histogram
+from export.graphs import OPSET, batch_stats_artifacts, not_comparable, op_histogram
 from export.intake import (
     InputSpec,
     UserModelError,
@@ -52,7 +52,7 @@ from export.intake import (
 from export.onnx_export import export_onnx, fold_constants
 from export.onnx_import import fold_onnx_batchnorms
 from export.verify import Feeds, VerificationError, flatten_outputs, verify_export
-from repository import BATCH_STATS_FILE, BN_STATS_FILE, BatchNormStats, ModelConfig, ModelVersion, TensorSpec
+from repository import ModelConfig, ModelVersion, TensorSpec
 from repository import write_version as write_repository_version
 
 __all__ = ["export_module", "load_callable", "export_pytorch"]
@@ -223,27 +223,12 @@ def _batch_stats(
     of them, and their checks (which join the verification)."""
     if not batchnorm_layers(model):
         return {}, None, []
-    if len(first_output.shape) != 2:
-        reason = (
-            f"its first output {first_output.name!r} has shape {first_output.shape}; "
-            "the comparison needs (rows, values)"
-        )
+    if reason := not_comparable(first_output):
         return {}, {"unavailable": reason}, []
     graph, layer_names = export_batch_stats(model, example, input_names, first_output.name)
     checks = verify_batch_stats(graph, model, layer_names, feeds, labels)
-    stats = BatchNormStats.model_validate(
-        {"logits_output": first_output.name, "layers": running_statistics(model, layer_names, example)}
-    )
-    files = {BATCH_STATS_FILE: graph.SerializeToString(), BN_STATS_FILE: stats.model_dump_json(indent=1).encode()}
-    described = {
-        "file": BATCH_STATS_FILE,
-        "statistics_file": BN_STATS_FILE,
-        "layers": layer_names,
-        "outputs": [o.name for o in graph.graph.output],
-        "ops": op_histogram(graph),
-        "note": "normalizes with the statistics of the batch it is given, as PyTorch train() mode does; "
-        "served by the batchnorm endpoint only, never by infer",
-    }
+    layers = running_statistics(model, layer_names, example)
+    files, described = batch_stats_artifacts(graph, first_output.name, layers)
     return files, described, checks
 
 

@@ -46,6 +46,7 @@ from export.intake import (
     check_labels,
     describe_specs,
     load_samples,
+    read_labels,
     synthetic_samples,
     target_version,
 )
@@ -348,11 +349,25 @@ def _pytorch_accuracy(model: nn.Module, feeds: Feeds, specs: list[InputSpec], la
     return float((scores.argmax(1).numpy() == labels).mean())
 
 
-def export_pytorch(target: str, name: str, inputs: list[str], repository: Path, **options: Any) -> dict[str, Any]:
-    """``normserve export``: load ``MODULE:CALLABLE``, read ``--samples`` if given, export; returns the report."""
+def export_pytorch(
+    target: str,
+    name: str,
+    inputs: list[str],
+    repository: Path,
+    *,
+    samples_file: Path | None = None,
+    labels_file: Path | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``normserve export``: parse the specs, read ``--samples`` and ``--labels`` if given, load
+    ``MODULE:CALLABLE`` and export it (``options`` as ``export_module`` takes them); returns the report."""
     specs = [InputSpec.parse(text) for text in inputs]
-    samples_file: Path | None = options.pop("samples_file", None)
     samples = load_samples(samples_file, specs) if samples_file else None
+    labels = read_labels(labels_file)
+    progress(f"loading {target}")
     model = load_callable(target)
-    _, report = export_module(model, name, specs, repository, samples=samples, source=target, **options)
+    _, report = export_module(
+        model, name, specs, repository, samples=samples, labels=labels, source=target, progress=progress, **options
+    )
     return report

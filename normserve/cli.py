@@ -113,18 +113,12 @@ def _export(args: argparse.Namespace, repository: Path) -> dict[str, Any]:
         samples_file=args.samples,
         output_names=args.output,
         max_batch_size=args.max_batch_size,
-        labels=_labels(args.labels),
+        labels_file=args.labels,
         description=args.description,
         version=args.version,
         force=args.force,
         progress=_step(6),
     )
-
-
-def _labels(path: Path | None) -> list[str]:
-    from export.intake import read_labels
-
-    return read_labels(path)
 
 
 def _import(args: argparse.Namespace, repository: Path) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
     normserve import model.onnx --name my-model [--samples samples.npz] [--max-batch-size 32]
 
-1. Load the file with its external data (``export.onnx_import.load_onnx``): the served ``model.onnx`` is
+1. Load the file with its external data (``export.onnx_graph.load_onnx``): the served ``model.onnx`` is
    self-contained. A file onnxruntime cannot load is refused with onnxruntime's own message.
 2. Complete the config from the graph (``graph_specs``): names, datatypes, dims. A first axis that is
    symbolic or -1 on every input and output is the batch axis; otherwise the model has none and is
@@ -41,14 +41,9 @@ from export.intake import (
     synthetic_samples,
     target_version,
 )
-from export.onnx_import import (
-    OnnxImportError,
-    batch_stats_graph,
-    check_batch_stats_graph,
-    fold_onnx_batchnorms,
-    graph_specs,
-    load_onnx,
-)
+from export.onnx_batch_stats import batch_stats_graph, check_batch_stats_graph
+from export.onnx_fold import fold_onnx_batchnorms
+from export.onnx_graph import OnnxImportError, graph_specs, load_onnx
 from export.verify import Check, Feeds, VerificationError, cpu_session, rows, take, verify_graph
 from repository import (
     ModelConfig,

@@ -10,7 +10,7 @@ that says what was wrong, and writing nothing, when it fails:
 
 1. Load the module and run ``forward`` once on two rows of the declared inputs.
 2. Fold every BatchNorm (``export.fold``, traced with torch.fx). A module fx cannot trace (data-dependent
-   control flow) is exported unfolded and folded at the ONNX level instead (``export.onnx_import``);
+   control flow) is exported unfolded and folded at the ONNX level instead (``export.onnx_fold``);
    the report says which path was taken and why.
 3. Export ONNX with a dynamic batch axis on every input and output.
 4. Verify (``export.verify``) against the unfolded module in eval mode, on the given samples or on
@@ -51,7 +51,7 @@ from export.intake import (
     target_version,
 )
 from export.onnx_export import export_onnx, fold_constants
-from export.onnx_import import fold_onnx_batchnorms
+from export.onnx_fold import fold_onnx_batchnorms
 from export.verify import Feeds, VerificationError, flatten_outputs, verify_export
 from repository import ModelConfig, ModelVersion, TensorSpec
 from repository import write_version as write_repository_version

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         serve()
         return 0
     from export.intake import UserModelError
-    from export.onnx_import import OnnxImportError
+    from export.onnx_graph import OnnxImportError
     from export.verify import VerificationError
     from repository import RepositoryError
 

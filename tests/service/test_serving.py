@@ -288,9 +288,11 @@ async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> N
         assert metric("normserve_batch_size_sum", **labels) == sum(sizes)
         assert metric("normserve_compute_duration_seconds_count", **labels) == executions
         assert metric("normserve_queue_duration_seconds_count", **labels) == len(sizes)
-        # Every answered request's latency (the 400 is not one), the queue's 50 ms wait included.
-        assert metric("normserve_request_duration_seconds_count", **labels) == len(sizes)
-        assert metric("normserve_request_duration_seconds_sum", **labels) >= 0.05
+        # Every answered request's latency (the 400 is not one), its time in the queue included. Not ">= 50 ms":
+        # the event loop's timers count from its clock as read at the start of a loop pass, so on a loaded
+        # machine a pass held up that long can let the delay's timer fire at once (seen once in CI).
+        queued = metric("normserve_queue_duration_seconds_sum", **labels)
+        assert metric("normserve_request_duration_seconds_sum", **labels) >= queued > 0
         assert metric("normserve_pending_requests", **labels) == 0
         assert metric("normserve_queue_limit", **labels) == 512
         assert metric("normserve_model_ready", **labels) == 1

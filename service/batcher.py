@@ -161,6 +161,15 @@ class Batcher:
         now = time.monotonic()
         wait = self.expected_latency_s(rows)
         left = deadline - now
+        if left * DEADLINE_SHARE < (alone := rows * self._row_s):
+            # Not "overloaded, retry": with nothing queued it would not be met either, and a client that
+            # retries on 503 would retry forever.
+            raise DeadlineExceeded(
+                f"the request's deadline leaves {max(0.0, left) * 1000:.3g} ms, and model {self.name} takes about "
+                f"{alone * 1000:.3g} ms to run its {rows} row(s) with nothing queued ahead ({DEADLINE_SHARE:.0%} "
+                "of the deadline at most, the rest kept for the answer's way back); it was not run: a retry "
+                "would fail the same way, set a longer timeout"
+            )
         if left * DEADLINE_SHARE < wait:
             raise Overloaded(
                 f"model {self.name} would answer this request in about {wait * 1000:.0f} ms ({self._queued_rows} "

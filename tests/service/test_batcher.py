@@ -143,6 +143,20 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_before_it_is_qu
     await batcher.stop()
 
 
+async def test_a_deadline_no_batch_could_meet_is_answered_504_without_retry_after() -> None:
+    model = FakeModel(cost_s=0.04)  # 10 ms a row
+    batcher = make_batcher(model, max_batch_size=4)
+    batcher.start()
+    with pytest.raises(DeadlineExceeded) as impossible:  # 4 rows take 40 ms even with nothing queued
+        await batcher.submit(rows(1, 4), 4, time.monotonic() + 0.02)
+    assert impossible.value.status == 504 and "Retry-After" not in impossible.value.headers
+    assert "a retry would fail the same way, set a longer timeout" in impossible.value.message
+    assert model.batches == []  # not run
+    (out,) = await batcher.submit(rows(1, 1), 1, time.monotonic() + 0.5)  # one row fits its 500 ms
+    np.testing.assert_array_equal(out, [[2.0]])
+    await batcher.stop()
+
+
 async def test_a_request_the_queue_would_refuse_after_its_body_is_read_is_refused_from_its_head() -> None:
     model = FakeModel(cost_s=0.04)  # 10 ms a row
     batcher = make_batcher(model, max_batch_size=4, max_queue_delay_s=1.0)

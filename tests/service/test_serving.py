@@ -156,6 +156,10 @@ async def test_a_request_past_its_deadline_gets_504_and_is_not_run(serve: ServeF
             assert late.status_code == 504
             assert "deadline" in late.json()["error"] and "not run" in late.json()["error"]
             assert server.metric("normserve_inference_count_total", model="affine", version="1") == 0
+            # 1 µs: no batch could meet it, so "overloaded, retry later" would have the client retry forever.
+            impossible = await client.post(url, json=infer_json("x", x, parameters={"timeout": 1}))
+            assert impossible.status_code == 504 and "retry-after" not in impossible.headers
+            assert "set a longer timeout" in impossible.json()["error"]
             on_time = await client.post(url, json=infer_json("x", x, parameters={"timeout": 5_000_000}))
             np.testing.assert_allclose(logits(on_time), affine_expected(x)[0], rtol=1e-6)
 

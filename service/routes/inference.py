@@ -183,10 +183,43 @@ def body_limit(settings: Settings, headers: RequestHeaders) -> BodyLimit:
     )
 
 
+def check_json_header(settings: Settings, headers: RequestHeaders, encoding: str) -> None:
+    """The JSON part of a request with binary tensors is held to NORMSERVE_MAX_JSON_BYTES too, from its head.
+
+    Its length is in Inference-Header-Content-Length before any of the body is read. Without this check a
+    request claiming its whole body as its "header" would have a body-sized JSON document parsed on the
+    event loop, which the JSON limit exists to prevent.
+    """
+    value = headers.header_length
+    if value is None:
+        return
+    if not (value.isascii() and value.isdigit() and int(value) > 0):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length is {value[:40]!r}; expected the length in bytes of the JSON header "
+            "at the start of the body"
+        )
+    size = int(value)
+    if size > settings.max_json_bytes:
+        raise PayloadTooLarge(
+            f"the JSON header is {size} bytes (Inference-Header-Content-Length); this server parses at most "
+            f"{settings.max_json_bytes} bytes of JSON (NORMSERVE_MAX_JSON_BYTES): send the tensors' values as the "
+            "binary data after the header, not in it"
+        )
+    declared = headers.content_length
+    if encoding == "identity" and declared is not None and declared.isascii() and declared.isdigit():
+        if size > int(declared):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is {size}, more than the body's Content-Length of {declared}; "
+                "expected the length of the JSON header at the start of the body"
+            )
+
+
 async def read_request_body(state: ServiceState, headers: RequestHeaders, receive: Receive) -> bytes:
     """The body of an inference request, read within the size limit and inflated if it is compressed;
-    415 for a content type or encoding this server does not read."""
+    415 for a content type or encoding this server does not read, 413 or 400 from the head for a JSON
+    header over NORMSERVE_MAX_JSON_BYTES or past the body."""
     encoding = _check_content_type(headers)
+    check_json_header(state.settings, headers, encoding)
     limit = body_limit(state.settings, headers)
     body = await read_body(receive, headers.content_length, limit)
     if encoding != "identity":

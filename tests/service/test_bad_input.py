@@ -216,3 +216,45 @@ def test_413_arrives_before_the_body_is_sent(small_server: RunningServer) -> Non
     assert status == 413, body
     assert f"the body is {10**9} bytes" in body["error"] and f"at most {LIMIT}" in body["error"]
     assert_still_serves(small_server)
+
+
+# The JSON header of a binary request: held to max_json_bytes, from the head (the body is not read).
+
+JSON_LIMIT = 1024
+
+
+@pytest.fixture
+def json_limited_server(serve: ServeFactory) -> Iterator[RunningServer]:
+    with serve(max_json_bytes=JSON_LIMIT) as running:  # the body limit stays at its 64 MiB default
+        yield running
+
+
+def test_a_json_header_over_the_json_limit_is_refused_413_before_the_body_is_sent(
+    json_limited_server: RunningServer,
+) -> None:
+    """Claiming the whole body as the "header" does not get a body-sized JSON document parsed."""
+    size = 10**7
+    head = (
+        f"POST /v2/models/affine/infer HTTP/1.1\r\nHost: {json_limited_server.host}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
+        f"Inference-Header-Content-Length: {size}\r\n\r\n"
+    )
+    host, port = json_limited_server.host.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"inputs": [')  # and nothing more: the rest never comes
+        status, body = read_response(sock)  # a server waiting for the body times this out
+    assert status == 413, body
+    assert f"the JSON header is {size} bytes" in body["error"] and "NORMSERVE_MAX_JSON_BYTES" in body["error"]
+    assert failures(json_limited_server, "affine", "too_large") == 1
+    assert_still_serves(json_limited_server)
+
+
+def test_a_json_header_longer_than_the_body_is_refused_400(json_limited_server: RunningServer) -> None:
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    response = httpx.post(
+        f"{json_limited_server.url}/v2/models/affine/infer",
+        content=header.encode(),
+        headers={"Inference-Header-Content-Length": str(len(header) + 10)},
+    )
+    assert_error(response, 400, [f"Inference-Header-Content-Length is {len(header) + 10}", "Content-Length"])
+    assert_still_serves(json_limited_server)

@@ -24,6 +24,7 @@ from service import __version__
 from service.access import Access, endpoint_group
 from service.config import Settings
 from service.errors import ServeError, render
+from service.logs import CLIENT_TEXT_CHARS, client_text, left_out
 from service.metrics import Metrics
 from service.openapi import described
 from service.registry import Registry
@@ -90,15 +91,18 @@ class NormserveApp(FastAPI):
             try:
                 self.access.check(scope["method"], scope["path"], scope["headers"])
             except ServeError as e:
-                if endpoint_group(scope["path"]) == "model_control":
+                if endpoint_group(scope["path"]) == "model_control" and (
+                    (suppressed := self.state.normserve.refusal_log.allow()) is not None
+                ):
                     client = "{}:{}".format(*scope["client"]) if scope.get("client") else "unknown client"
                     log.warning(
-                        "model control: %s %s from %s refused: %d %s",
-                        scope["method"],
-                        scope["path"],
+                        "model control: %s %s from %s refused: %d %s%s",
+                        client_text(scope["method"], 20),
+                        client_text(scope["path"]),
                         client,
                         e.status,
-                        e.message,
+                        client_text(e.message, 2 * CLIENT_TEXT_CHARS),
+                        left_out(suppressed),
                     )
                 await send_response(send, *asgi_error(e))
                 return

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from service.config import Settings
+from service.logs import Throttle
 from service.metrics import Metrics
 from service.registry import Registry
 
@@ -22,6 +23,9 @@ class ServiceState:
     shutting_down: bool = False
     draining: bool = False  # a signal came: still serving, with Connection: close, until the listener closes
     load_error: str = ""
+    # The lines a client can make the server write at will (refused and failed control requests): a
+    # burst, then a count of what was left out.
+    refusal_log: Throttle = field(default_factory=Throttle)
 
     def not_ready_reasons(self) -> list[str]:
         if self.shutting_down:

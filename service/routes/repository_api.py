@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.errors import NotReady, ServeError
+from service.logs import CLIENT_TEXT_CHARS, client_text, left_out
 from service.state import service_state
 
 __all__ = ["router"]
@@ -17,6 +18,22 @@ log = logging.getLogger(__name__)
 
 def _client(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
+
+
+def _refused(request: Request, action: str, model_name: str, error: ServeError) -> None:
+    """One line for a failed control request, its client's values escaped and cut, throttled: a client can
+    send these at will."""
+    suppressed = service_state(request).refusal_log.allow()
+    if suppressed is not None:
+        log.warning(
+            "model control: %s '%s' from %s failed: %d %s%s",
+            action,
+            client_text(model_name),
+            _client(request),
+            error.status,
+            client_text(error.message, 2 * CLIENT_TEXT_CHARS),
+            left_out(suppressed),
+        )
 
 
 router = APIRouter(tags=["model repository"])
@@ -52,10 +69,15 @@ async def load(request: Request, model_name: str) -> dict[str, Any]:
                 + ("; the versions loaded before keep serving" if kept else "")
             )
     except ServeError as e:
-        log.warning("model control: load %r from %s failed: %d %s", model_name, _client(request), e.status, e.message)
+        _refused(request, "load", model_name, e)
         raise
     versions = {v.version: {"state": v.readiness, "reason": v.reason} for v in entry.versions.values()}
-    log.info("model control: load %r from %s: loaded versions %s", model_name, _client(request), sorted(versions))
+    log.info(
+        "model control: load '%s' from %s: loaded versions %s",
+        client_text(model_name),
+        _client(request),
+        sorted(versions),
+    )
     return {"name": model_name, "versions": versions}
 
 
@@ -64,7 +86,7 @@ async def unload(request: Request, model_name: str) -> dict[str, Any]:
     try:
         await service_state(request).registry.unload(model_name)
     except ServeError as e:
-        log.warning("model control: unload %r from %s failed: %d %s", model_name, _client(request), e.status, e.message)
+        _refused(request, "unload", model_name, e)
         raise
-    log.info("model control: unload %r from %s: unloaded", model_name, _client(request))
+    log.info("model control: unload '%s' from %s: unloaded", client_text(model_name), _client(request))
     return {"name": model_name, "state": "UNAVAILABLE", "reason": "unloaded"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import httpx
 import numpy as np
@@ -129,3 +130,33 @@ def test_errors_name_the_model_asked_for_and_no_server_path(serve: ServeFactory,
             assert "affine" in answer and "sha256" in answer
             assert str(repository) not in answer and str(repository.resolve()) not in answer, answer
             assert "affine/1/model.onnx" in answer  # the file, relative to the repository
+
+
+def test_refused_control_requests_cannot_forge_or_flood_the_log(serve: ServeFactory, caplog) -> None:
+    """A model name with a newline (%0a) cannot start a fake line, and 1,000 refusals with 50 KB names
+    write a burst of short lines and a count, not 50 MB."""
+    caplog.set_level(logging.INFO)
+    forged = "affine%0a2026-12-05 00:00:00,000 INFO    service.routes.repository_api [-] model control: unload"
+    with serve() as server:  # control off: every load and unload is refused with 403
+        with httpx.Client(base_url=server.url) as client:
+            assert client.post(f"/v2/repository/models/{forged}/unload").status_code == 403
+            for i in range(1000):
+                assert client.post(f"/v2/repository/models/{'n' * 50_000}{i}/load").status_code == 403
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model control")]
+    assert "\n" not in lines[0] and "affine\\n2026" in lines[0] and "refused: 403" in lines[0]
+    assert all("\n" not in line and len(line) < 1000 for line in lines), max(map(len, lines))
+    assert 2 <= len(lines) <= 40, len(lines)  # a burst, not one line a request
+    assert re.search(r"\.\.\. \(500\d\d characters\)", lines[1]), lines[1]  # the path, cut to its first characters
+
+
+def test_the_refusal_log_writes_a_burst_then_counts_what_it_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import logs
+
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    throttle = logs.Throttle(burst=3, window_s=10.0)
+    assert [throttle.allow() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 10.0
+    assert throttle.allow() == 2 and logs.left_out(2) == " (2 more like it not logged)"
+    assert logs.client_text("a\nb\x1b[31m\u2028") == "a\\nb\\x1b[31m\\u2028"
+    assert logs.client_text("x" * 300, 10) == "xxxxxxxxxx... (300 characters)"

@@ -65,6 +65,16 @@ class Access:
         if method == "POST" and _CONTROL.fullmatch(path):
             self._check_control(headers)
 
+    def may_read(self, group: EndpointGroup, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a request with ``headers`` may read what ``group`` guards (always, without a key)."""
+        if self.key is None or group not in self.protects:
+            return True
+        try:
+            self._check_key(self.key, "", headers)
+        except Unauthorized:
+            return False
+        return True
+
     def _check_key(self, key: bytes, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         sent = _header(headers, self.key_header)
         authorization = _header(headers, b"authorization")

@@ -29,8 +29,13 @@ async def live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready", summary="Is every loaded model warm (and on the GPU, if required)")
 async def ready(request: Request) -> JSONResponse:
+    """Always open, for probes: the status and ``ready``. The models, their providers and the reasons (which
+    may quote a CUDA error) only to a client that may read metadata, where the API key guards it."""
     state = service_state(request)
     reasons = state.not_ready_reasons()
+    status = 503 if reasons else 200
+    if not request.app.access.may_read("metadata", request.scope["headers"]):
+        return JSONResponse({"ready": not reasons}, status_code=status)
     models = [
         {"name": entry.name, "version": v.version, "state": v.readiness, "reason": v.reason} | _provider(v.served)
         for entry in state.registry.models.values()
@@ -39,7 +44,7 @@ async def ready(request: Request) -> JSONResponse:
     body: dict[str, Any] = {"ready": not reasons, "models": models}
     if reasons:
         body["error"] = "not ready: " + "; ".join(reasons)
-    return JSONResponse(body, status_code=503 if reasons else 200)
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/v2", summary="Server metadata")

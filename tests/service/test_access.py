@@ -87,11 +87,16 @@ def test_the_api_key_guards_its_groups_and_never_health(serve: ServeFactory) -> 
         assert httpx.post(f"{server.url}/v2/repository/index").status_code == 401
         for path in ("/v2/health/live", "/v2/health/ready"):
             assert httpx.get(f"{server.url}{path}").status_code == 200, path
+        # Readiness is open to probes, but what it says of the models (providers, CUDA errors) is metadata.
+        assert httpx.get(f"{server.url}/v2/health/ready").json() == {"ready": True}
+        detailed = httpx.get(f"{server.url}/v2/health/ready", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert detailed["ready"] is True and {m["name"] for m in detailed["models"]} >= {"affine"}
     with serve(api_key=KEY, api_key_protects=["inference", "model_control"], api_key_header="X-Token") as server:
         assert infer(server.url).status_code == 401
         assert infer(server.url, **{"X-Token": KEY}).status_code == 200
         assert httpx.get(f"{server.url}/metrics").status_code == 200
         assert httpx.get(f"{server.url}/v2/models/affine").status_code == 200
+        assert "models" in httpx.get(f"{server.url}/v2/health/ready").json()  # metadata is open here: so are they
 
 
 def test_settings_refuse_a_short_key_and_groups_they_do_not_know() -> None:

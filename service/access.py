@@ -50,6 +50,16 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None
     return next((value for key, value in headers if key.lower() == name), None)
 
 
+def _hostname(host: bytes | None) -> str | None:
+    """The name in a Host header, without its port, lower case: ``[::1]:8000`` -> ``::1``."""
+    if host is None:
+        return None
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
 class Access:
     """The checks of one server's settings; ``check`` raises the ServeError a request gets, if any."""
 
@@ -58,6 +68,7 @@ class Access:
         self.protects = settings.api_key_protects
         self.key_header = settings.api_key_header.encode()
         self.control = settings.model_control
+        self.control_hosts = settings.control_hosts
 
     def check(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         if self.key is not None and endpoint_group(path) in self.protects:  # no key: nothing to sort on the hot path
@@ -95,6 +106,13 @@ class Access:
             )
         origin = _header(headers, b"origin")
         host = _header(headers, b"host")
+        if self.control_hosts is not None and _hostname(host) not in self.control_hosts:
+            named = "no Host header" if host is None else f"Host {host.decode('latin-1')[:100]!r}"
+            raise Forbidden(
+                f"a model control request with {named} is refused: this server answers model control for "
+                f"{', '.join(sorted(self.control_hosts))} only (NORMSERVE_ALLOWED_HOSTS adds names; a web page "
+                "that resolves its own name to this server sends that name)"
+            )
         if origin is not None and (host is None or urlsplit(origin.decode("latin-1")).netloc.encode() != host):
             raise Forbidden(
                 f"a model control request from another origin ({origin.decode('latin-1')}) is refused; "

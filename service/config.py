@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="Triton's model control modes. none: load and unload answer 403, the index stays readable; "
         "explicit: POST /v2/repository/models/{m}/load and /unload change what is served",
     )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="the Host names a model control request may name, besides localhost, 127.0.0.1, ::1 and "
+        "NORMSERVE_HOST (when it is not a wildcard); '*' for any. Another Host gets 403: a web page that resolves "
+        "its own name to this server (DNS rebinding) sends a matching Host and Origin",
+    )
     api_key: SecretStr | None = Field(
         default=None,
         description="when set, the endpoint groups in api_key_protects need it, as 'Authorization: Bearer <key>' "
@@ -141,6 +147,16 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = False
+
+    @property
+    def control_hosts(self) -> frozenset[str] | None:
+        """The host names model control answers for (lower case, no port); None when any is allowed."""
+        if "*" in self.allowed_hosts:
+            return None
+        names = {"localhost", "127.0.0.1", "::1", *(h.lower().strip("[]") for h in self.allowed_hosts)}
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.add(self.host.lower().strip("[]"))
+        return frozenset(names)
 
     @field_validator("api_key")
     @classmethod

@@ -165,3 +165,24 @@ def test_the_refusal_log_writes_a_burst_then_counts_what_it_left_out(monkeypatch
     assert throttle.allow() == 2 and logs.left_out(2) == " (2 more like it not logged)"
     assert logs.client_text("a\nb\x1b[31m\u2028") == "a\\nb\\x1b[31m\\u2028"
     assert logs.client_text("x" * 300, 10) == "xxxxxxxxxx... (300 characters)"
+
+
+def test_model_control_answers_only_for_the_allowed_host_names(serve: ServeFactory) -> None:
+    """DNS rebinding: a page on rebind.example, its name resolved to this server, sends a Host and an Origin
+    that match each other. The Host is not one this server answers model control for."""
+    with serve(model_control="explicit") as server:
+        port = server.url.rsplit(":", 1)[1]
+        unload = f"{server.url}/v2/repository/models/affine/unload"
+        rebound = {"Host": f"rebind.example:{port}", "Origin": f"http://rebind.example:{port}"}
+        refused = httpx.post(unload, json={}, headers=rebound)
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        assert "Host 'rebind.example:" in error and "NORMSERVE_ALLOWED_HOSTS" in error
+        assert infer(server.url).status_code == 200  # nothing was unloaded
+        by_name = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+        assert httpx.post(f"{server.url}/v2/repository/index", headers=rebound).status_code == 200  # reading is open
+        assert httpx.post(unload, json={}, headers=by_name).status_code == 200
+    with serve(model_control="explicit", allowed_hosts=["models.internal"]) as server:
+        port = server.url.rsplit(":", 1)[1]
+        named = {"Host": f"models.internal:{port}", "Origin": f"http://models.internal:{port}"}
+        assert httpx.post(f"{server.url}/v2/repository/models/affine/unload", json={}, headers=named).status_code == 200

@@ -191,6 +191,9 @@ def create_app(settings: Settings) -> NormserveApp:
         lifespan=lifespan,
         docs_url=None,  # both served by _api_docs from packaged files, not a CDN
         redoc_url=None,
+        # No redirect from a path with a trailing slash: Starlette would build its Location from the Host
+        # header, which a client sets; such a path gets a plain 404.
+        redirect_slashes=False,
     )
     app.state.normserve = state
     app.inference = InferenceEndpoint(state)

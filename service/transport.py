@@ -187,6 +187,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if isinstance(exc.__context__, _Refusal):
                 self._refuse(exc.__context__)
                 return
+            if self._skipping:  # refused from its head already: one response to a request, then the end
+                self.transport.close()
+                return
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
             return
@@ -236,9 +239,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refusal(431, "too_many_headers", message)
         if len(self.url) + self._header_bytes > limits.max_head_bytes:
             raise self._head_too_large(len(self.url) + self._header_bytes)
+        if name.lower() == b"transfer-encoding" and [c.strip().lower() for c in value.split(b",")] != [b"chunked"]:
+            # RFC 9112 6.1: a coding the server does not know gets 501; reading the body as if it were only
+            # chunked would hand the application bytes that are still gzip, say.
+            raise _Refusal(
+                501,
+                "transfer_coding",
+                f"Transfer-Encoding {value.decode('latin-1')[:100]!r} is not supported; send the body as it is "
+                "or chunked (a compressed body goes with Content-Encoding: gzip)",
+            )
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):  # a request line with none is 0.9
+            raise _Refusal(505, "http_version", f"HTTP version {version} is not supported; send HTTP/1.1")
         self._cancel_deadline()
         self._phase = _BODY
         self._heads += 1

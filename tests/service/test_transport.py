@@ -289,3 +289,53 @@ def test_past_the_connection_cap_new_connections_get_503_and_open_ones_are_serve
         assert httpx.get(f"{capped.url}/v2/health/ready").status_code == 200
         notices = [line for line in capped.log.read_text().splitlines() if "NORMSERVE_MAX_CONNECTIONS=64" in line]
     assert len(notices) == 1, f"expected one rate-limited notice for 20 refusals, got {notices}"
+
+
+def exchange(service: Service, data: bytes) -> bytes:
+    """Send ``data`` on a new connection and read everything the server says until it closes (or 5 s)."""
+    with service.connect() as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def test_a_request_line_without_an_http_version_is_refused(service: Service) -> None:
+    answer = exchange(service, b"GET /v2/health/ready\r\n\r\n")
+    assert status_of(answer) == 505 and b"HTTP version 0.9 is not supported" in answer, answer[:200]
+
+
+def test_a_transfer_coding_other_than_chunked_gets_501(service: Service) -> None:
+    body = b'5\r\n{"in\r\n0\r\n\r\n'
+    request = head("/v2/models/affine/infer", "POST") + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + body
+    answer = exchange(service, request)
+    assert status_of(answer) == 501 and b"'gzip, chunked' is not supported" in answer, answer[:200]
+    assert httpx.get(f"{service.url}/v2/health/ready").status_code == 200
+
+
+def test_a_path_with_a_trailing_slash_is_not_redirected_to_the_host_the_client_named(service: Service) -> None:
+    answer = httpx.get(f"{service.url}/v2/models/affine/", headers={"Host": "evil.example"})
+    assert answer.status_code == 404 and "location" not in answer.headers
+
+
+def test_a_request_refused_from_its_head_gets_one_response_even_if_its_body_is_broken(
+    built_repository: Path, tmp_path: Path
+) -> None:
+    """Refused with 503 from its head (the queue is full), then a chunked body the parser refuses: the client
+    hears the 503 alone, then the end of the connection, not a second (400) response."""
+    settings = {"NORMSERVE_QUEUE_LIMIT": "1", "NORMSERVE_MAX_QUEUE_DELAY_MS": "3000"}
+    with running(built_repository, tmp_path, **settings) as server:
+        waiting = server.connect()  # its one-row request sits out the 3 s delay: the queue is full
+        body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+        request = head("/v2/models/affine/infer", "POST") + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        waiting.sendall(request)
+        time.sleep(0.5)
+        broken = head("/v2/models/affine/infer", "POST") + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"
+        answer = exchange(server, broken)
+        assert answer.count(b"HTTP/1.1 ") == 1 and status_of(answer) == 503, answer[:300]
+        assert status_of(waiting.recv(65536)) == 200  # the accepted request is answered
+        waiting.close()

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         description="open connections past this are answered 503 with Retry-After and closed; the soft "
         "open-file limit is raised to the hard one at start-up, and the cap lowered to fit it",
     )
+    max_connections_per_client: int = Field(
+        default=0,
+        ge=0,
+        description="open connections one client address may hold; past it, its new ones are answered 503 with "
+        "Retry-After and closed, and other clients are served. 0: half of max_connections. Behind a load "
+        "balancer or proxy every connection comes from its few addresses: raise it to max_connections there",
+    )
     drain_s: float = Field(
         default=5.0,
         ge=0,

@@ -19,6 +19,9 @@ bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``Limited
   Retry-After and closed, and the connections already open are served as before. uvicorn's
   ``limit_concurrency`` is not used because at its limit it refuses every request, on the connections
   already open too, and logs a line for each one.
+- **A share of that cap per client address** (NORMSERVE_MAX_CONNECTIONS_PER_CLIENT, half of the cap by
+  default): one source opening thousands of silent sockets is refused past its share, and the others
+  still connect.
 
 Every connection closed on a client is counted in ``normserve_connections_closed_total{reason}`` and
 logged as a warning at most once per reason every ``NOTICE_EVERY_S`` seconds, with the count since the
@@ -31,6 +34,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -68,15 +72,19 @@ class ConnectionLimits:
     head_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    max_connections_per_client: int  # one client address's share of max_connections
 
     @classmethod
     def from_settings(cls, settings: Settings, max_connections: int | None = None) -> ConnectionLimits:
+        cap = max_connections or settings.max_connections
+        per_client = settings.max_connections_per_client or max(1, cap // 2)
         return cls(
             max_head_bytes=settings.max_header_bytes,
             max_header_count=settings.max_header_count,
             head_timeout_s=settings.header_timeout_s,
             body_timeout_s=settings.body_timeout_s,
-            max_connections=max_connections or settings.max_connections,
+            max_connections=cap,
+            max_connections_per_client=min(per_client, cap),
         )
 
 
@@ -93,6 +101,7 @@ class ConnectionGuard:
     early: Callable[[str], ServeError | None] | None
     _last_notice: dict[str, float] = field(default_factory=dict)
     _unnoticed: dict[str, int] = field(default_factory=dict)
+    clients: Counter[str] = field(default_factory=Counter)  # open connections by client address
 
     def closed(self, reason: str, message: str) -> None:
         """One connection closed on its client; a warning at most once per reason every NOTICE_EVERY_S."""
@@ -142,6 +151,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._lingering = False
         self._skipping = False  # the body of a request answered early: read and dropped
+        self._client = "unknown"  # the client's address, once connected
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
@@ -150,13 +160,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # Connections
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        limit = self.guard.limits.max_connections
-        if len(self.connections) > limit:
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        self.guard.clients[self._client] += 1
+        limits = self.guard.limits
+        if len(self.connections) > limits.max_connections:
             message = (
                 f"{len(self.connections) - 1} connections are open, the most this server takes "
-                f"(NORMSERVE_MAX_CONNECTIONS={limit}); retry shortly or on another replica"
+                f"(NORMSERVE_MAX_CONNECTIONS={limits.max_connections}); retry shortly or on another replica"
             )
             self._refuse(_Refusal(503, "connection_cap", message), (("retry-after", "1"),))
+            return
+        if (held := self.guard.clients[self._client]) > limits.max_connections_per_client:
+            # One address may not take every connection: the others keep theirs.
+            message = (
+                f"this client ({self._client}) has {held - 1} connections open, the most one client may hold "
+                f"(NORMSERVE_MAX_CONNECTIONS_PER_CLIENT={limits.max_connections_per_client} of "
+                f"{limits.max_connections}); reuse them, or retry shortly"
+            )
+            self._refuse(_Refusal(503, "client_connection_cap", message), (("retry-after", "1"),))
             return
         # uvicorn arms its keep-alive timeout only after a response: a new connection gets the head's
         # timeout to start its first request, and is closed, unanswered, if it sends nothing.
@@ -165,6 +187,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        if (left := self.guard.clients[self._client] - 1) > 0:
+            self.guard.clients[self._client] = left
+        else:
+            self.guard.clients.pop(self._client, None)
         super().connection_lost(exc)
 
     def timeout_keep_alive_handler(self) -> None:
@@ -326,6 +352,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """
         self._cancel_deadline()
         self._unset_keepalive_if_required()
+        # Done with, though it lingers a moment: it no longer counts against NORMSERVE_MAX_CONNECTIONS, or
+        # a client refused past its share would still fill the cap for everyone while its sockets linger.
+        self.connections.discard(self)
         cycle = self.cycle
         if not self._skipping and (cycle is None or cycle.response_complete or not cycle.response_started):
             self.transport.write(_closing_response(refusal.status, refusal.message, headers))

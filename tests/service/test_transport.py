@@ -274,7 +274,8 @@ def test_too_many_header_fields_get_431_and_a_normal_head_still_passes(service: 
 def test_past_the_connection_cap_new_connections_get_503_and_open_ones_are_served(
     built_repository: Path, tmp_path: Path
 ) -> None:
-    with running(built_repository, tmp_path, NORMSERVE_MAX_CONNECTIONS="64", NORMSERVE_KEEP_ALIVE_S="5") as capped:
+    settings = {"NORMSERVE_MAX_CONNECTIONS": "64", "NORMSERVE_MAX_CONNECTIONS_PER_CLIENT": "64"}  # one client here
+    with running(built_repository, tmp_path, NORMSERVE_KEEP_ALIVE_S="5", **settings) as capped:
         with httpx.Client(base_url=capped.url, timeout=10) as served:
             assert served.get("/v2/health/ready").status_code == 200  # one of the 64, before the others
             held = [capped.connect() for _ in range(63)]
@@ -339,3 +340,33 @@ def test_a_request_refused_from_its_head_gets_one_response_even_if_its_body_is_b
         assert answer.count(b"HTTP/1.1 ") == 1 and status_of(answer) == 503, answer[:300]
         assert status_of(waiting.recv(65536)) == 200  # the accepted request is answered
         waiting.close()
+
+
+def test_one_client_cannot_take_every_connection(built_repository: Path, tmp_path: Path) -> None:
+    """40 silent sockets from 127.0.0.1 take its share (half of the 40), not the whole cap: a client on
+    127.0.0.2 still connects and is served, and so is 127.0.0.1 again once its sockets close."""
+    settings = {"NORMSERVE_MAX_CONNECTIONS": "40", "NORMSERVE_HEADER_TIMEOUT_S": "30"}  # the taken ones stay
+    with running(built_repository, tmp_path, **settings) as capped:
+        host, port = capped.address
+        held = [capped.connect() for _ in range(40)]
+        answered: dict[socket.socket, bytes] = {}
+        deadline = time.monotonic() + 10
+        while len(answered) < 20 and time.monotonic() < deadline:  # the refused ones hear a 503 at once
+            readable, _, _ = select.select([s for s in held if s not in answered], [], [], 0.5)
+            for sock in readable:
+                answered[sock] = sock.recv(65536)
+        time.sleep(0.3)  # and no more come
+        late, _, _ = select.select([s for s in held if s not in answered], [], [], 0)
+        assert len(answered) == 20 and not late, (len(answered), len(late))
+        for answer in answered.values():
+            assert status_of(answer) == 503 and b"NORMSERVE_MAX_CONNECTIONS_PER_CLIENT=20 of 40" in answer, answer
+        other = socket.create_connection((host, port), timeout=5, source_address=("127.0.0.2", 0))
+        with other:
+            other.sendall(head() + b"\r\n")
+            assert status_of(other.recv(65536)) == 200
+        for sock in held:
+            sock.close()
+        time.sleep(0.5)
+        assert httpx.get(f"{capped.url}/v2/health/ready").status_code == 200
+    notices = [line for line in capped.log.read_text().splitlines() if "NORMSERVE_MAX_CONNECTIONS_PER_CLIENT" in line]
+    assert notices and "this client (127.0.0.1) has 20 connections open" in notices[0], notices

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ENDPOINT_GROUPS", "BatchingSettings", "EndpointGroup", "ModelOverride", "Settings"]
@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         "longest one may set: a request that would wait longer is refused with 503 before its body is read",
     )
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_bodies_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1024,
+        description="request bodies held at once, from the first byte received to the answer: past it a new "
+        "body gets 503 with Retry-After from its head (Content-Length) or as it passes the mark (chunked); at "
+        "least max_body_bytes",
+    )
     max_json_bytes: int = Field(
         default=2 * 2**20,
         ge=1024,
@@ -164,6 +171,15 @@ class Settings(BaseSettings):
         if self.host not in ("0.0.0.0", "::", ""):
             names.add(self.host.lower().strip("[]"))
         return frozenset(names)
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_bodies(self) -> Settings:
+        if self.max_bodies_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_bodies_bytes ({self.max_bodies_bytes}) is less than max_body_bytes ({self.max_body_bytes}): "
+                "a body of the largest size could never be received"
+            )
+        return self
 
     @field_validator("api_key")
     @classmethod

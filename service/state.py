@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from service.bodies import BodyBudget
 from service.config import Settings
 from service.logs import Throttle
 from service.metrics import Metrics
@@ -26,6 +27,10 @@ class ServiceState:
     # The lines a client can make the server write at will (refused and failed control requests): a
     # burst, then a count of what was left out.
     refusal_log: Throttle = field(default_factory=Throttle)
+    bodies: BodyBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bodies = BodyBudget(self.settings.max_bodies_bytes)
 
     def not_ready_reasons(self) -> list[str]:
         if self.shutting_down:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from service.batcher import Feeds, Outputs
 from service.batchnorm import compare, no_batch_stats_reason
+from service.bodies import Reservation
 from service.errors import InvalidInput, ServeError
 from service.logs import request_id
 from service.openapi import schema_ref
@@ -74,8 +75,9 @@ async def batchnorm(
     started = time.perf_counter()
     request_id.set(headers.request_id or f"bn{next(_ids)}")
     graph: BatchStatsGraph | None = None
+    reservation = Reservation(state.bodies)
     try:
-        body = await read_request_body(state, headers, request.receive)
+        body = await read_request_body(state, headers, request.receive, reservation)
         served = state.registry.get(model_name, model_version)
         graph = batch_stats_graph(served)
         parsed = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
@@ -95,6 +97,8 @@ async def batchnorm(
     except Exception:
         count_failure(state, graph.metrics if graph else None, model_name, "internal", state.metrics.batchnorm)
         raise
+    finally:
+        reservation.release()
     graph.metrics.succeeded(started)
     return response
 

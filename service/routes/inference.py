@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.bodies import Reservation
 from service.config import Settings
 from service.errors import (
     ClientDisconnected,
@@ -113,9 +114,12 @@ class BodyLimit:
     advice: str = _TOO_LARGE_ADVICE
 
 
-async def read_body(receive: Receive, declared: str | None, limit: BodyLimit) -> bytes:
+async def read_body(
+    receive: Receive, declared: str | None, limit: BodyLimit, reservation: Reservation | None = None
+) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed the limit:
-    from its Content-Length before reading any of it, or while it streams in."""
+    from its Content-Length before reading any of it, or while it streams in. With a ``reservation``,
+    its bytes are taken from the server's body budget first (503 past it)."""
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
@@ -124,6 +128,8 @@ async def read_body(receive: Receive, declared: str | None, limit: BodyLimit) ->
                 f"the body is {declared} bytes; this server accepts at most {limit.bytes} ({limit.setting}): "
                 f"{limit.advice}"
             )
+        if reservation is not None:
+            reservation.take(int(declared), whole=True)
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -138,6 +144,8 @@ async def read_body(receive: Receive, declared: str | None, limit: BodyLimit) ->
             raise PayloadTooLarge(
                 f"the body passed {limit.bytes} bytes, the most this server accepts ({limit.setting}): {limit.advice}"
             )
+        if reservation is not None and size > reservation.size:
+            reservation.take(size - reservation.size)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -214,16 +222,19 @@ def check_json_header(settings: Settings, headers: RequestHeaders, encoding: str
             )
 
 
-async def read_request_body(state: ServiceState, headers: RequestHeaders, receive: Receive) -> bytes:
+async def read_request_body(
+    state: ServiceState, headers: RequestHeaders, receive: Receive, reservation: Reservation
+) -> bytes:
     """The body of an inference request, read within the size limit and inflated if it is compressed;
     415 for a content type or encoding this server does not read, 413 or 400 from the head for a JSON
     header over NORMSERVE_MAX_JSON_BYTES or past the body."""
     encoding = _check_content_type(headers)
     check_json_header(state.settings, headers, encoding)
     limit = body_limit(state.settings, headers)
-    body = await read_body(receive, headers.content_length, limit)
+    body = await read_body(receive, headers.content_length, limit, reservation)
     if encoding != "identity":
         body = _decompress(body, encoding, limit)
+        reservation.take(max(0, len(body) - reservation.size))
     return body
 
 
@@ -247,11 +258,12 @@ async def infer(
     started = time.perf_counter()
     request_id.set(headers.request_id or f"r{next(_ids)}")
     served: ServedVersion | None = None
+    reservation = Reservation(state.bodies)
     try:
         # Refused before the body is read or parsed: an unknown model, or a full queue under overload.
         served = state.registry.get(model_name, model_version)
         served.batcher.admit(state.settings.request_timeout_ms / 1000)
-        body = await read_request_body(state, headers, receive)
+        body = await read_request_body(state, headers, receive, reservation)
         # Looked up again, and no await from here to submit: a reload cannot retire the version between
         # lookup and queueing.
         served = state.registry.get(model_name, model_version)
@@ -272,6 +284,8 @@ async def infer(
     except Exception:
         count_failure(state, served.metrics if served else None, model_name, "internal")
         raise
+    finally:
+        reservation.release()
     served.metrics.succeeded(started)
     return response
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -258,3 +259,37 @@ def test_a_json_header_longer_than_the_body_is_refused_400(json_limited_server: 
     )
     assert_error(response, 400, [f"Inference-Header-Content-Length is {len(header) + 10}", "Content-Length"])
     assert_still_serves(json_limited_server)
+
+
+# Bodies held at once: bounded by max_bodies_bytes; past it, 503 with Retry-After from the head.
+
+MB = 2**20
+
+
+def test_bodies_held_at_once_are_bounded_and_given_back(serve: ServeFactory) -> None:
+    with serve(max_body_bytes=MB, max_bodies_bytes=2 * MB) as server:
+        host, port = server.host.split(":")
+        slow = []
+        for _ in range(2):  # two clients sending 1 MB bodies slowly: they hold the whole budget
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(
+                f"POST /v2/models/affine/infer HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {MB}\r\n\r\n".encode()
+                + b'{"inputs": '
+            )
+            slow.append(sock)
+        budget = server.app.state.normserve.bodies
+        deadline = time.monotonic() + 10
+        while budget.held < 2 * MB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert budget.held == 2 * MB
+        third = httpx.post(f"{server.url}/v2/models/affine/infer", content=b" " * (MB // 2))
+        assert_error(third, 503, ["holds 2097152 bytes of request bodies", "NORMSERVE_MAX_BODIES_BYTES"])
+        assert third.headers["retry-after"] == "1"
+        for sock in slow:  # they give up: what they held is given back
+            sock.close()
+        while budget.held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert budget.held == 0
+        assert_still_serves(server)
+        assert budget.held == 0

@@ -95,8 +95,10 @@ class Batcher:
         metrics: ModelMetrics,
         cores: int = 1,
         max_requests: int | None = None,
+        limit_setting: str = "NORMSERVE_QUEUE_LIMIT",
     ) -> None:
         self.name = name
+        self.limit_setting = limit_setting  # named when the queue refuses
         self.max_requests = max_requests
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -214,7 +216,7 @@ class Batcher:
             return NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
         if self._queued >= self.queue_limit:
             return Overloaded(
-                f"model {self.name} has {self._queued} requests queued, its limit (NORMSERVE_QUEUE_LIMIT); retry later"
+                f"model {self.name} has {self._queued} requests queued, its limit ({self.limit_setting}); retry later"
             )
         if longest_wait_s is not None and (wait := self.expected_latency_s(self.max_batch_size)) > (
             longest_wait_s * DEADLINE_SHARE

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="the deadline of a request that sets none (Triton's 'timeout' parameter, in µs), and the "
         "longest one may set: a request that would wait longer is refused with 503 before its body is read",
     )
+    batchnorm_queue_limit: int = Field(
+        default=8,
+        ge=1,
+        description="requests the batchnorm endpoint queues per model version, for each of its two graphs, before "
+        "it answers 503 (from the head); its own queues, so that a flood of it never takes infer's",
+    )
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="larger request bodies get 413")
     max_bodies_bytes: int = Field(
         default=256 * 2**20,

@@ -59,12 +59,15 @@ class Readiness(enum.StrEnum):
 
 @dataclass
 class BatchStatsGraph:
-    """A BatchNorm model version's batch-statistics graph: never batched with other requests."""
+    """A BatchNorm model version's batch-statistics graph: never batched with other requests. The batchnorm
+    endpoint runs its batch through this graph and, for the running-statistics answer, through the served
+    graph on a queue of its own (``running``): it never takes a place in infer's queue."""
 
     runtime: Runtime
     batcher: Batcher  # max_requests=1: each request is one batch
     stats: BatchNormStats
     metrics: ModelMetrics
+    running: Batcher  # the served graph, for the endpoint alone; max_requests=1
 
 
 @dataclass
@@ -80,7 +83,7 @@ class ServedVersion:
 
     @property
     def batchers(self) -> list[Batcher]:
-        return [self.batcher] + ([self.batch_stats.batcher] if self.batch_stats else [])
+        return [self.batcher] + ([self.batch_stats.batcher, self.batch_stats.running] if self.batch_stats else [])
 
     @property
     def config(self) -> ModelConfig:
@@ -432,18 +435,29 @@ class Registry:
         if self.metrics.batchnorm is None:
             raise RuntimeError("the registry's metrics have no batchnorm families")
         metrics = self.metrics.batchnorm.model(config.name, loaded.number)
-        batcher = Batcher(
-            f"{config.name} version {loaded.number} (batch statistics)",
-            runtime.run,
-            runtime.estimate,
-            _batcher_shape(config, batching)[0],
-            0.0,  # nothing may join a batch, so there is nothing to wait for
-            batching.queue_limit,
-            metrics,
-            self.cores,
-            max_requests=1,
-        )
-        return BatchStatsGraph(runtime, batcher, stats, metrics)
+        rows = _batcher_shape(config, batching)[0]
+        limit = self.settings.batchnorm_queue_limit
+
+        def one_at_a_time(what: str, graph: Runtime, counted_in: ModelMetrics) -> Batcher:
+            # Nothing may join a batch, so there is nothing to wait for.
+            name = f"{config.name} version {loaded.number} ({what})"
+            return Batcher(
+                name,
+                graph.run,
+                graph.estimate,
+                rows,
+                0.0,
+                limit,
+                counted_in,
+                self.cores,
+                max_requests=1,
+                limit_setting="NORMSERVE_BATCHNORM_QUEUE_LIMIT",
+            )
+
+        # The running-statistics half runs on the served graph, so its rows count with infer's.
+        running_metrics = self.metrics.model(config.name, loaded.number)
+        running = one_at_a_time("running statistics, batchnorm endpoint", served, running_metrics)
+        return BatchStatsGraph(runtime, one_at_a_time("batch statistics", runtime, metrics), stats, metrics, running)
 
 
 def _valid_name(name: str) -> bool:

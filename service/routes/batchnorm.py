@@ -46,13 +46,12 @@ def batch_stats_graph(served: ServedVersion) -> BatchStatsGraph:
     raise InvalidInput(no_batch_stats_reason(served.version))
 
 
-async def _run_both(
-    served: ServedVersion, graph: BatchStatsGraph, feeds: Feeds, rows: int, deadline: float
-) -> tuple[Outputs, Outputs]:
-    """Run the batch through both graphs. Both are queued before the first await (a reload cannot retire
-    one in between, as infer's lookup-to-queue path has no await either); if one half fails, the other
-    is taken out of its queue, so that an answered error leaves no work behind."""
-    running = served.batcher.enqueue(feeds, rows, deadline)
+async def _run_both(graph: BatchStatsGraph, feeds: Feeds, rows: int, deadline: float) -> tuple[Outputs, Outputs]:
+    """Run the batch through both graphs, each on a queue of the endpoint's own. Both are queued before the
+    first await (a reload cannot retire one in between, as infer's lookup-to-queue path has no await
+    either); if one half fails, the other is taken out of its queue, so that an answered error leaves no
+    work behind."""
+    running = graph.running.enqueue(feeds, rows, deadline)
     try:
         batch = graph.batcher.enqueue(feeds, rows, deadline)
     except ServeError:
@@ -77,12 +76,17 @@ async def batchnorm(
     graph: BatchStatsGraph | None = None
     reservation = Reservation(state.bodies)
     try:
+        # Refused from its head, before the body is read: an unknown model, one without the graph, or a full
+        # queue of the endpoint's own (never infer's: a flood of this endpoint leaves inference alone).
+        graph = batch_stats_graph(state.registry.get(model_name, model_version))
+        for batcher in (graph.running, graph.batcher):
+            batcher.admit(state.settings.request_timeout_ms / 1000)
         body = await read_request_body(state, headers, request.receive, reservation)
-        served = state.registry.get(model_name, model_version)
+        served = state.registry.get(model_name, model_version)  # again: a reload may have come meanwhile
         graph = batch_stats_graph(served)
         parsed = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
         deadline = parsed.deadline(state.settings.request_timeout_ms / 1000)
-        running, batch = await _run_both(served, graph, parsed.feeds, parsed.rows, deadline)
+        running, batch = await _run_both(graph, parsed.feeds, parsed.rows, deadline)
         logits = running[served.runtime.output_names.index(graph.stats.logits_output)]
         answer = compare(
             logits, dict(zip(graph.runtime.output_names, batch, strict=True)), graph.stats, served.config.labels

@@ -291,15 +291,16 @@ def test_bad_requests_get_the_errors_infer_gives(
 
 
 def test_an_unsupported_content_type_is_415_and_counted(server: RunningServer) -> None:
+    # The model and its version are known from the head, before the body is looked at.
     before = server.metric(
-        "normserve_batchnorm_request_failure_total", model=CNN, version="", reason="unsupported_media_type"
+        "normserve_batchnorm_request_failure_total", model=CNN, version="1", reason="unsupported_media_type"
     )
     response = httpx.post(
         f"{server.url}/v2/models/{CNN}/batchnorm", content=b"x", headers={"Content-Type": "text/plain"}
     )
     assert response.status_code == 415 and "application/json" in response.json()["error"]
     after = server.metric(
-        "normserve_batchnorm_request_failure_total", model=CNN, version="", reason="unsupported_media_type"
+        "normserve_batchnorm_request_failure_total", model=CNN, version="1", reason="unsupported_media_type"
     )
     assert after == before + 1
 
@@ -308,8 +309,8 @@ async def test_concurrent_requests_are_never_batched_together(serve: ServeFactor
     rng = np.random.default_rng(1)
     x = load_splits().x_test
     batches = [x[rng.choice(len(x), size=int(n), replace=False)] for n in rng.integers(1, 9, size=24)]
-    # A queue delay makes the served graph batch the concurrent requests; the batch-statistics graph must not.
-    with serve(max_queue_delay_ms=20) as server:
+    # A queue delay would make infer's queue batch concurrent requests; neither of the endpoint's queues may.
+    with serve(max_queue_delay_ms=20, batchnorm_queue_limit=len(batches)) as server:
         url = f"{server.url}/v2/models/{CNN}/batchnorm"
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
             alone = [(await client.post(url, json=infer_json("input", b))).json() for b in batches]
@@ -318,7 +319,9 @@ async def test_concurrent_requests_are_never_batched_together(serve: ServeFactor
             served_executions = server.metric("normserve_execution_count_total", **labels)
             together = await asyncio.gather(*(client.post(url, json=infer_json("input", b)) for b in batches))
         assert server.metric("normserve_batchnorm_execution_count_total", **labels) - executions == len(batches)
-        assert server.metric("normserve_execution_count_total", **labels) - served_executions < len(batches)
+        # The running-statistics half runs on the served graph, one request at a time on the endpoint's own
+        # queue: its rows count with infer's, but it never waits in (or fills) infer's queue.
+        assert server.metric("normserve_execution_count_total", **labels) - served_executions == len(batches)
         assert server.metric("normserve_batchnorm_request_success_total", **labels) == 2 * len(batches)
     for solo, response in zip(alone, together, strict=True):
         assert response.status_code == 200, response.text
@@ -361,7 +364,7 @@ async def test_a_reload_under_batchnorm_traffic_loses_nothing_and_unload_clears_
 ) -> None:
     x = load_splits().x_test
     labels = {"model": CNN, "version": "1"}
-    with serve(model_control="explicit") as server:
+    with serve(model_control="explicit", batchnorm_queue_limit=64) as server:
         url = f"{server.url}/v2/models/{CNN}/batchnorm"
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32), timeout=30) as client:
             requests = [client.post(url, json=infer_json("input", x[i : i + 4])) for i in range(0, 96, 4)]
@@ -377,3 +380,23 @@ async def test_a_reload_under_batchnorm_traffic_loses_nothing_and_unload_clears_
             assert server.metric(f"{family}_model_ready", **labels) == 0
             assert server.metric(f"{family}_model_provider", **labels, provider="CPUExecutionProvider") == 0
         assert httpx.post(url, json=infer_json("input", x[:2])).status_code == 404
+
+
+async def test_a_batchnorm_flood_leaves_infer_its_queue(serve: ServeFactory) -> None:
+    """60 batchnorm requests at once against queues of 2: they are refused from their heads past that, and
+    the infer requests sent among them, within infer's own queue limit, are all answered."""
+    x = load_splits().x_test[:8]
+    with serve(queue_limit=4, batchnorm_queue_limit=2, max_queue_delay_ms=50) as server:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=80), timeout=30) as client:
+            flood = [
+                client.post(f"{server.url}/v2/models/{CNN}/batchnorm", json=infer_json("input", x)) for _ in range(60)
+            ]
+            infers = [
+                client.post(f"{server.url}/v2/models/{CNN}/infer", json=infer_json("input", x[:1])) for _ in range(3)
+            ]
+            answers = await asyncio.gather(*flood[:30], *infers, *flood[30:])
+    bn = answers[:30] + answers[33:]
+    assert {a.status_code for a in answers[30:33]} == {200}, [a.text for a in answers[30:33]]
+    assert {a.status_code for a in bn} <= {200, 503} and any(a.status_code == 503 for a in bn)
+    refused = next(a for a in bn if a.status_code == 503)
+    assert "NORMSERVE_BATCHNORM_QUEUE_LIMIT" in refused.json()["error"] and refused.headers["retry-after"] == "1"

@@ -19,6 +19,8 @@ bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``Limited
   Retry-After and closed, and the connections already open are served as before. uvicorn's
   ``limit_concurrency`` is not used because at its limit it refuses every request, on the connections
   already open too, and logs a line for each one.
+- **Pipelining that never reads its answers**: past ``PIPELINE_PAUSE`` requests waiting on one connection,
+  it is read no further until they are answered, and past ``PIPELINE_CLOSE`` it is closed.
 - **A share of that cap per client address** (NORMSERVE_MAX_CONNECTIONS_PER_CLIENT, half of the cap by
   default): one source opening thousands of silent sockets is refused past its share, and the others
   still connect.
@@ -132,6 +134,12 @@ def _closing_response(status: int, message: str, headers: tuple[tuple[str, str],
     return _response(status, orjson.dumps({"error": message}), headers, close=True)
 
 
+# Pipelined requests waiting on one connection: at PIPELINE_PAUSE the connection is read no further until
+# they are answered (one read may bring a few hundred small requests at once); past PIPELINE_CLOSE, all from
+# reads already made, it is closed. A client that sends without reading its answers holds at most that.
+PIPELINE_PAUSE = 8
+PIPELINE_CLOSE = 1024
+
 # Where a connection is in its current request, for the deadlines.
 _IDLE, _HEAD, _BODY = "idle", "head", "body"
 
@@ -241,6 +249,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+        self._hold_back()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # resumes reading, and starts the next pipelined request
+        self._hold_back()
+
+    def _hold_back(self) -> None:
+        """Read no further from a client whose pipelined requests pile up, and close one that piled up too
+        many from the reads already made (uvicorn runs one at a time, but reads on while they wait, and a
+        client that never reads its answers would have the server hold every request and answer)."""
+        if self.transport.is_closing():
+            return
+        waiting = len(self.pipeline)
+        if waiting > PIPELINE_CLOSE:
+            message = (
+                f"{waiting} pipelined requests waited on one connection, past the {PIPELINE_CLOSE} it may have; "
+                "read the answers before sending more"
+            )
+            self._refuse(_Refusal(503, "pipeline", message), (("retry-after", "1"),))
+        elif waiting >= PIPELINE_PAUSE:
+            self.flow.pause_reading()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -370,3 +370,40 @@ def test_one_client_cannot_take_every_connection(built_repository: Path, tmp_pat
         assert httpx.get(f"{capped.url}/v2/health/ready").status_code == 200
     notices = [line for line in capped.log.read_text().splitlines() if "NORMSERVE_MAX_CONNECTIONS_PER_CLIENT" in line]
     assert notices and "this client (127.0.0.1) has 20 connections open" in notices[0], notices
+
+
+def test_a_client_that_pipelines_and_never_reads_cannot_grow_the_server(built_repository: Path, tmp_path: Path) -> None:
+    """Requests pipelined on one connection whose answers are never read: the server reads no further once
+    a few wait, and closes the connection once a read brings too many; its memory stays put and other
+    clients are answered throughout."""
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+    request = head("/v2/models/affine/infer", "POST") + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with running(built_repository, tmp_path) as server:
+        before = server.rss_mb()
+        attacker = socket.socket()
+        attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+        attacker.connect(server.address)
+        attacker.setblocking(False)
+        stream, sent, closed = memoryview(request * 200), 0, False
+        health: list[float] = []
+        until = time.monotonic() + 5
+        last_check = 0.0
+        while time.monotonic() < until and not closed:
+            try:
+                sent += (n := attacker.send(stream))
+                stream = stream[n:] or memoryview(request * 200)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:  # closed by the server
+                closed = True
+            if time.monotonic() - last_check > 0.25:
+                last_check = time.monotonic()
+                started = time.perf_counter()
+                assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+                health.append(time.perf_counter() - started)
+        grown = server.rss_mb() - before
+        attacker.close()
+    log = server.log.read_text()
+    assert grown < 100, f"the server's RSS grew {grown:.0f} MB while {sent / 1e6:.1f} MB were pipelined to it"
+    assert "pipelined requests waited on one connection" in log or not closed, log[-2000:]
+    assert health and max(health) < 5, health  # answered throughout (the figure is the benchmark's, not this)

@@ -95,24 +95,21 @@ def nested_batchnorms(model: onnx.ModelProto) -> list[OnnxUnfoldable]:
     """The BatchNormalization nodes in subgraphs and local functions, which the passes leave alone."""
     found: list[OnnxUnfoldable] = []
 
-    def walk(nodes: Any, where: str) -> None:
-        for node in nodes:
-            for attr_name, g in node_subgraphs(node):
-                place = f"{where}the {attr_name} subgraph of {node.op_type} {node.name!r}"
-                for i, inner in enumerate(g.node):
-                    if is_batchnorm(inner):
-                        reason = f"it is inside {place}; only the main graph's BatchNormalization nodes are rewritten"
-                        found.append(OnnxUnfoldable(inner.name or f"{inner.op_type}_{i}", reason, LEFT_IN_PLACE))
-                walk(g.node, f"{place}, in ")
-
-    walk(model.graph.node, "")
-    for fn in model.functions:
-        place = f"the local function {fn.domain}:{fn.name}"
-        for i, inner in enumerate(fn.node):
+    def listed(nodes: Any, place: str) -> None:
+        for i, inner in enumerate(nodes):
             if is_batchnorm(inner):
                 reason = f"it is inside {place}; only the main graph's BatchNormalization nodes are rewritten"
                 found.append(OnnxUnfoldable(inner.name or f"{inner.op_type}_{i}", reason, LEFT_IN_PLACE))
-        walk(fn.node, f"{place}, in ")
+        walk(nodes, f"{place}, in ")
+
+    def walk(nodes: Any, where: str) -> None:
+        for node in nodes:
+            for attr_name, g in node_subgraphs(node):
+                listed(g.node, f"{where}the {attr_name} subgraph of {node.op_type} {node.name!r}")
+
+    walk(model.graph.node, "")
+    for fn in model.functions:
+        listed(fn.node, f"the local function {fn.domain}:{fn.name}")
     return found
 
 

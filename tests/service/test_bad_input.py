@@ -204,16 +204,21 @@ def read_response(sock: socket.socket) -> tuple[int, Any]:
     return int(lines[0].split()[1]), json.loads(body)
 
 
+def head_and_a_little(server: RunningServer, head: str) -> tuple[int, Any]:
+    """Send a request's head and the first bytes of its body, never the rest; the answer that comes anyway."""
+    host, port = server.host.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + b'{"inputs": [')  # and nothing more: the rest never comes
+        return read_response(sock)  # a server waiting for the body times this out
+
+
 def test_413_arrives_before_the_body_is_sent(small_server: RunningServer) -> None:
     """A client declaring 1 GB gets its 413 at once: the server never waits for (or buffers) the body."""
     head = (
         f"POST /v2/models/affine/infer HTTP/1.1\r\nHost: {small_server.host}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {10**9}\r\n\r\n"
     )
-    host, port = small_server.host.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode() + b'{"inputs": [')  # and nothing more: the rest never comes
-        status, body = read_response(sock)  # a server waiting for the body times this out
+    status, body = head_and_a_little(small_server, head)
     assert status == 413, body
     assert f"the body is {10**9} bytes" in body["error"] and f"at most {LIMIT}" in body["error"]
     assert_still_serves(small_server)
@@ -240,10 +245,7 @@ def test_a_json_header_over_the_json_limit_is_refused_413_before_the_body_is_sen
         f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
         f"Inference-Header-Content-Length: {size}\r\n\r\n"
     )
-    host, port = json_limited_server.host.split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head.encode() + b'{"inputs": [')  # and nothing more: the rest never comes
-        status, body = read_response(sock)  # a server waiting for the body times this out
+    status, body = head_and_a_little(json_limited_server, head)
     assert status == 413, body
     assert f"the JSON header is {size} bytes" in body["error"] and "NORMSERVE_MAX_JSON_BYTES" in body["error"]
     assert failures(json_limited_server, "affine", "too_large") == 1

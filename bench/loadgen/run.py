@@ -36,6 +36,9 @@ class RunConfig:
     connections: int = 64  # open loop: the connection pool due requests go out on
     poisson: bool = False
     server_pid: int | None = None  # sample this process's CPU time in every window
+    # Open loop: at the level's end, drop the due requests still waiting for a free connection instead of
+    # sending them (past capacity over a fixed pool, the client's own queue outgrows what a drain can send).
+    drop_backlog: bool = False
     progress: bool = True
 
 
@@ -49,12 +52,14 @@ class LevelResult:
     stable: bool
     max_backlog: int = 0
     server_rss_mb: float | None = None
+    unsent: int = 0  # due requests dropped at the end, never sent (``RunConfig.drop_backlog``)
 
     def summary(self) -> dict[str, Any]:
         result = {"mode": self.mode, "level": self.level, "stable": self.stable}
         result |= summarize(self.reported, self.drained)
         if self.mode == "rate":
             result["max_backlog"] = self.max_backlog
+            result["unsent"] = self.unsent
         if self.server_rss_mb is not None:
             result["server_rss_mb"] = self.server_rss_mb
         return result
@@ -133,6 +138,7 @@ async def run_level(target: Target, requests: list[bytes], mode: str, level: flo
             elif is_stable(windows, config.stability) or len(windows) >= config.max_windows:
                 break
         load.stop()
+        unsent = load.drop_backlog() if config.drop_backlog else 0
         if not await load.drain(config.timeout_s):
             left = load.outstanding
             load.window.fail("unanswered", f"no answer {config.timeout_s:g} s after the level ended", count=left)
@@ -148,7 +154,7 @@ async def run_level(target: Target, requests: list[bytes], mode: str, level: flo
 
         rss = round(psutil.Process(config.server_pid).memory_info().rss / 2**20, 1)
     return LevelResult(
-        mode, level, windows, reported, drained, is_stable(windows, config.stability), load.max_backlog, rss
+        mode, level, windows, reported, drained, is_stable(windows, config.stability), load.max_backlog, rss, unsent
     )
 
 

@@ -37,6 +37,9 @@ class Window:
     error_samples: dict[str, str] = field(default_factory=dict)
     server_cpu_s: float | None = None  # CPU the server used in the window, when its pid is known
     refusals: HdrHistogram = field(default_factory=new_histogram)  # 503s: from the send to the answer
+    # 2xx from the send (open loop: without the wait for a free connection, with the time in the server's
+    # and the kernel's hands)
+    sent: HdrHistogram = field(default_factory=new_histogram)
     retry_after: int = 0  # 503s that came with Retry-After
     # Successful answers in the window to requests sent (or due) before the measurement began: work the
     # server did in the window, so they count for throughput, not for latency. Without them the first
@@ -44,17 +47,19 @@ class Window:
     # windows would be charged 8 % less throughput than it delivered.
     carried: int = 0
 
-    def record(self, status: int, latency_s: float, body: bytes = b"") -> None:
-        """One answer: its latency if it succeeded, else its status (and the first body seen for it)."""
+    def record(self, status: int, latency_s: float, body: bytes = b"", response_s: float | None = None) -> None:
+        """One answer: its latency if it succeeded (and, given ``response_s``, its time from the send), else
+        its status (and the first body seen for it)."""
         if 200 <= status < 300:
-            self.histogram.record_value(min(max(int(latency_s * 1e6), LOWEST_US), HIGHEST_US))
+            self.histogram.record_value(_us(latency_s))
+            self.sent.record_value(_us(latency_s if response_s is None else response_s))
             self.ok += 1
         else:
             self.fail(str(status), body.decode("utf-8", "replace"))
 
     def refused(self, response_s: float, retry_after: bool) -> None:
         """A 503 (already counted by ``record``): how fast it came from the send, and whether it said when to retry."""
-        self.refusals.record_value(min(max(int(response_s * 1e6), LOWEST_US), HIGHEST_US))
+        self.refusals.record_value(_us(response_s))
         self.retry_after += retry_after
 
     def fail(self, reason: str, detail: str = "", count: int = 1) -> None:
@@ -87,6 +92,10 @@ class Window:
         }
 
 
+def _us(seconds: float) -> int:
+    return min(max(int(seconds * 1e6), LOWEST_US), HIGHEST_US)
+
+
 def is_stable(windows: list[Window], tolerance: float = 0.10, count: int = 3) -> bool:
     """Triton perf_analyzer's rule: the last ``count`` windows' throughput and median latency each lie
     within ``tolerance`` of their mean over those windows."""
@@ -105,13 +114,14 @@ def is_stable(windows: list[Window], tolerance: float = 0.10, count: int = 3) ->
 def summarize(windows: list[Window], drained: Window | None = None) -> dict[str, Any]:
     """Throughput over ``windows``; latency and errors over them and over ``drained``, the answers that
     came after the last window closed (requests sent in time, still charged for their wait)."""
-    histogram, refusals = new_histogram(), new_histogram()
+    histogram, refusals, sent = new_histogram(), new_histogram(), new_histogram()
     errors: Counter[str] = Counter()
     samples: dict[str, str] = {}
     retry_after = 0
     for w in [*windows, *([drained] if drained else [])]:
         histogram.add(w.histogram)
         refusals.add(w.refusals)
+        sent.add(w.sent)
         retry_after += w.retry_after
         errors.update(w.errors)
         for reason, text in w.error_samples.items():
@@ -130,6 +140,9 @@ def summarize(windows: list[Window], drained: Window | None = None) -> dict[str,
             **{f"p{p:g}": float(histogram.get_value_at_percentile(p)) / 1000 if count else None for p in PERCENTILES},
             "max": float(histogram.get_max_value()) / 1000 if count else None,
             "mean": round(histogram.get_mean_value() / 1000, 4) if count else None,
+        },
+        "from_send_ms": {
+            f"p{p:g}": float(sent.get_value_at_percentile(p)) / 1000 if count else None for p in (50.0, 99.0)
         },
         "errors": dict(sorted(errors.items())),
         "error_samples": samples,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import bench.suite
 from bench.suite.plan import FULL, ROOT, SMOKE
-from bench.suite.scenarios import Suite, run_suite
-from bench.suite.writing import write_report
+from bench.suite.scenarios import OVERLOAD_SIZES, Suite, overload, run_suite
+from bench.suite.writing import overload_markdown, write_report
 
 __all__ = ["main"]
 
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator-cores", type=_cores, default=[1], help="cores for the load generator (default 1)")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="the document to write")
     p.add_argument("--smoke", action="store_true", help="seconds-long windows: checks the suite runs, measures nothing")
+    p.add_argument(
+        "--only",
+        choices=["overload"],
+        help="run one part alone: print its tables and T7, write its results to --json, leave --doc as it is",
+    )
+    p.add_argument("--json", type=Path, help="with --only: where to write the part's results")
     args = p.parse_args(argv)
 
     available = sorted(os.sched_getaffinity(0))
@@ -61,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         {"command": " ".join(["python -m bench.suite", *(argv if argv is not None else sys.argv[1:])])},
     )
     started = time.perf_counter()
+    if args.only == "overload":
+        results = suite.results | {"overload": [overload(suite, *size) for size in OVERLOAD_SIZES]}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(overload_markdown(results))
+        return 0
     results = run_suite(suite)
     results["suite_seconds"] = round(time.perf_counter() - started, 1)
     write_report(results, args.doc, smoke=args.smoke)

@@ -208,6 +208,24 @@ async def test_open_loop_charges_a_slow_server_for_the_wait_from_each_due_time(c
 
 
 @pytest.mark.anyio
+async def test_past_capacity_over_few_connections_the_wait_for_a_connection_is_told_apart_and_the_backlog_dropped() -> (
+    None
+):
+    """Offered 200 req/s for 0.5 s over 2 connections to a server that does 50 req/s: about 25 are
+    answered, each within 2 services (40 ms) of its send but far later from its due time, and the 75 or so
+    still waiting for a connection at the end are dropped and counted, not sent (which would take 1.5 s)."""
+    summary, shared = await _measure(
+        0.020, lambda _: (200, b"{}"), "rate", 200.0, duration_s=0.5, connections=2, drop_backlog=True
+    )
+    assert summary["errors"] == {}
+    assert summary["unsent"] >= 50
+    assert summary["ok"] + summary["answered_after_end"] + summary["unsent"] == pytest.approx(100, abs=3)
+    assert shared["seen"] <= 40  # what was dropped never reached the server
+    assert summary["from_send_ms"]["p99"] <= 80  # one service, and the other connection's
+    assert summary["latency_ms"]["p50"] >= 100  # from the due time: the wait for a connection counts
+
+
+@pytest.mark.anyio
 async def test_closed_loop_measures_from_the_send_and_hides_the_queue() -> None:
     """The same slow server, one closed-loop client: each request waits only for its own service."""
     summary, _ = await _measure(0.020, lambda _: (200, b"{}"), "concurrency", 1, requests=15)

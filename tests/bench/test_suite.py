@@ -65,15 +65,20 @@ def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) ->
     assert len(levels) == 2 + 2 + 2 + 2 + 2 + 1 + 2 + 2 + 2
     for level in levels:
         assert level["ok"] > 0 and level["errors"] == {}, level
-    overload = results["overload"]
-    assert overload["closed"][0]["ok"] > 0 and overload["closed"][0]["errors"] == {}
-    for level in overload["open"]:  # past capacity: every answer a 200, or a 503 that says when to retry
-        assert level["ok"] > 0 and set(level["errors"]) <= {"503"}, level
-        assert level.get("refused", {"with_retry_after": 1.0})["with_retry_after"] == 1.0
-        assert level["server_rss_mb"] > 0
-        # The server's own count of its 200s, beside the generator's, and how busy the generator was.
-        assert level["server_throughput"] > 0 and level["server_goodput_ratio"] > 0
-        assert 0 < level["generator_cpu"] <= 1.5
+    sizes = results["overload"]
+    assert [(o["encoding"], o["rows"]) for o in sizes] == [("json", 1), ("binary", 16)]  # tiny-cnn-bn takes 16 rows
+    for overload in sizes:
+        assert overload["closed"][0]["ok"] > 0 and overload["closed"][0]["errors"] == {}
+        for level in overload["open"]:  # past capacity: every answer a 200, or a 503 that says when to retry
+            assert level["ok"] + level["carried"] > 0 and set(level["errors"]) <= {"503"}, level
+            assert level.get("refused", {"with_retry_after": 1.0})["with_retry_after"] == 1.0
+            assert level["server_rss_mb"] > 0
+            # The server's own count of its 200s, beside the generator's, and how busy the generator was.
+            assert level["server_throughput"] > 0 and level["server_goodput_ratio"] > 0
+            assert 0 < level["generator_cpu"] <= 1.5
+            # How many of them the server answered within the deadline, by its own histogram, and how many
+            # due requests were never sent for want of a free connection.
+            assert 0 < level["server_in_deadline"] <= 1 and level["unsent"] >= 0
     assert results["memory"]["requests"] == 300
     assert results["memory"]["rss_ready_mb"] > 0
     for row in results["tiny_json"]["closed"]:  # normserve's CPU is split into onnxruntime and the rest

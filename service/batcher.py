@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import BatchFailed, DeadlineExceeded, NotReady, Overloaded, ServeError
+from service.intake import Intake
 from service.metrics import ModelMetrics
 
 __all__ = ["LOOP_BLOCK_BUDGET_S", "OVERLAP_BUDGET_S", "Batcher"]
@@ -46,6 +48,8 @@ LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on 
 # is kept for the estimate's error and the answer's way back to the client, so that what is accepted
 # arrives within its deadline at the tail too. A queue that deep still keeps the model busy.
 DEADLINE_SHARE = 0.9
+INTAKE_MIN = 4  # requests a model takes in at once at least, however many rows they carry
+_ROWS_WEIGHT = 0.05  # the weight of the newest request in the moving average of rows per request
 
 
 Feeds = dict[str, np.ndarray]
@@ -82,6 +86,9 @@ class Batcher:
         metrics: this model version's metric children.
         cores: the cores the server may use (``service.machine.available_cores``).
         max_requests: requests per batch at most; 1 runs each request as its own batch, unmixed.
+        intake_batches: how many full batches' worth of requests may be in flight before the model's
+            connections are held back (``intake``, ``service.intake``); 0: never held; None: 1 on one core,
+            where nothing overlaps, 2 on more, where one batch computes while the next is read and parsed.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class Batcher:
         cores: int = 1,
         max_requests: int | None = None,
         limit_setting: str = "NORMSERVE_QUEUE_LIMIT",
+        intake_batches: float | None = 0.0,
     ) -> None:
         self.name = name
         self.limit_setting = limit_setting  # named when the queue refuses
@@ -122,6 +130,20 @@ class Batcher:
         self._row_s = estimate(max_batch_size) / max_batch_size
         self._last_take = 0.0
         self._last_rows = 0  # rows of the last batch taken while others waited behind it (0: none did)
+        self._mean_rows = 1.0  # rows per request, a moving average
+        self.intake_batches = intake_batches if intake_batches is not None else (1.0 if cores == 1 else 2.0)
+        self.intake = Intake(self.intake_limit())
+        if self.intake.limit > 0:  # read at scrape time: nothing on the hot path
+            metrics.held_connections.set_function(lambda: len(self.intake.held))
+
+    def intake_limit(self) -> int:
+        """Requests in flight (read and not yet answered) before the model's connections are held back:
+        ``intake_batches`` full batches at the rows its requests have carried (within the queue limit); 0
+        when holding is off."""
+        if self.intake_batches <= 0:
+            return 0
+        wanted = math.ceil(self.intake_batches * self.max_batch_size / self._mean_rows)
+        return min(max(INTAKE_MIN, wanted), self.queue_limit)
 
     @property
     def pending(self) -> int:
@@ -134,6 +156,7 @@ class Batcher:
     async def stop(self) -> None:
         """Refuse new requests, run every request already accepted, then stop."""
         self._closing = True
+        self.intake.close()
         if self._wake is not None:
             self._wake.set()
         if self._full is not None:
@@ -183,6 +206,9 @@ class Batcher:
         request = _Request(feeds, rows, loop.create_future(), now, deadline)
         request.timer = loop.call_at(loop.time() + (deadline - request.enqueued), self._expire, request)
         self._queue.append(request)
+        if rows != self._mean_rows:
+            self._mean_rows += _ROWS_WEIGHT * (rows - self._mean_rows)
+            self.intake.limit = self.intake_limit()
         self._arrivals += 1
         self._queued += 1
         self._queued_rows += rows

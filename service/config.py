@@ -38,6 +38,7 @@ class BatchingSettings(BaseModel):
     max_batch_size: int  # 0: the model has no batch dimension, and each request runs alone
     max_queue_delay_s: float
     queue_limit: int
+    intake_batches: float | None = 0.0  # None: the batcher's default for its cores
 
 
 class Settings(BaseSettings):
@@ -64,6 +65,14 @@ class Settings(BaseSettings):
     )
     models: dict[str, ModelOverride] = Field(default_factory=dict, description="per-model batching overrides")
     queue_limit: int = Field(default=512, ge=1, description="queued requests per model before 503 + Retry-After")
+    intake_batches: float | None = Field(
+        default=None,
+        ge=0,
+        description="a model's requests in flight, in full batches' worth of rows, before the keep-alive connections "
+        "it answers are read no further until it answers more: the kernel holds the excess, at no cost to the "
+        "server (service/intake.py). Unset: 1 on one core (nothing overlaps), 2 on more (one batch computes while "
+        "the next is parsed). 0: every connection is read, and past the queue limit refused with 503",
+    )
     request_timeout_ms: float = Field(
         default=30_000,
         gt=0,
@@ -205,7 +214,12 @@ class Settings(BaseSettings):
         A model of max_batch_size 0 has no batch dimension: it keeps 0 and no queue delay, whatever the
         settings say (no request can join another's batch, so none should wait for one)."""
         if model_max_batch_size == 0:
-            return BatchingSettings(max_batch_size=0, max_queue_delay_s=0.0, queue_limit=self.queue_limit)
+            return BatchingSettings(
+                max_batch_size=0,
+                max_queue_delay_s=0.0,
+                queue_limit=self.queue_limit,
+                intake_batches=self.intake_batches,
+            )
         override = self.models.get(model, ModelOverride())
         wanted = override.max_batch_size or self.max_batch_size or model_max_batch_size
         delay_ms = override.max_queue_delay_ms if override.max_queue_delay_ms is not None else self.max_queue_delay_ms
@@ -213,4 +227,5 @@ class Settings(BaseSettings):
             max_batch_size=min(wanted, model_max_batch_size),
             max_queue_delay_s=delay_ms / 1000,
             queue_limit=self.queue_limit,
+            intake_batches=self.intake_batches,
         )

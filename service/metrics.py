@@ -66,6 +66,13 @@ class Metrics:
             registry=r,
         )
         self.pending = Gauge(f"{p}_pending_requests", "Requests queued, not yet running", model, registry=r)
+        self.held_connections = Gauge(
+            f"{p}_held_connections",
+            "Keep-alive connections read no further until the model version answers more (service/intake.py): "
+            "what their clients send waits in the kernel",
+            model,
+            registry=r,
+        )
         self.provider = Gauge(
             f"{p}_model_provider",
             "1 for the execution provider each model version really runs on",
@@ -121,6 +128,7 @@ class ModelMetrics:
         self.queue_seconds = metrics.queue_seconds.labels(name, version)
         self.compute_seconds = metrics.compute_seconds.labels(name, version)
         self.pending = metrics.pending.labels(name, version)
+        self.held_connections = metrics.held_connections.labels(name, version)
         self._failures: dict[str, Counter] = {}
 
     def executed(self, rows: int, seconds: float) -> None:

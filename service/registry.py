@@ -14,6 +14,7 @@ had accepted: no request is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -329,6 +330,8 @@ class Registry:
                     for gauge in (metrics.model_ready, metrics.queue_limit):
                         gauge.remove(entry.name, held.version)
                     metrics.provider.remove(entry.name, held.version, provider)
+                    with contextlib.suppress(KeyError):  # only a version whose connections could be held has one
+                        metrics.held_connections.remove(entry.name, held.version)
 
     def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
         """Each graph a version serves, with the metric families it reports in."""
@@ -396,6 +399,7 @@ class Registry:
             metrics,
             self.cores,
             max_requests=max_requests,
+            intake_batches=batching.intake_batches,
         )
         return VersionEntry(
             version, Readiness.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)

@@ -24,6 +24,10 @@ bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``Limited
 - **A share of that cap per client address** (NORMSERVE_MAX_CONNECTIONS_PER_CLIENT, half of the cap by
   default): one source opening thousands of silent sockets is refused past its share, and the others
   still connect.
+- **What is read past a model's capacity**: a keep-alive connection answered while its model has its
+  fill of requests in flight is read no further until the model answers more (``service.intake``,
+  NORMSERVE_INTAKE_BATCHES): its client's next request waits in the kernel, at no cost to the server, so
+  that past capacity the core serves instead of refusing.
 
 Every connection closed on a client is counted in ``normserve_connections_closed_total{reason}`` and
 logged as a warning at most once per reason every ``NOTICE_EVERY_S`` seconds, with the count since the
@@ -33,6 +37,7 @@ last notice: a flood of bad clients does not become a flood of log lines.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import resource
 import time
@@ -50,6 +55,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.app import NormserveApp
 from service.config import Settings
 from service.errors import ServeError, render
+from service.intake import Expectation, Intake, waiting_bytes
 
 __all__ = ["ConnectionGuard", "ConnectionLimits", "LimitedHttpToolsProtocol", "raise_file_limit", "server_config"]
 
@@ -94,13 +100,16 @@ class ConnectionLimits:
 class ConnectionGuard:
     """The limits every connection of one server is held to, and the record of what they closed.
 
-    ``early`` is asked, for each POST whose head has arrived, whether the server refuses it now (an
-    inference request to a full queue): the ServeError to answer, or None to serve it as usual.
+    ``admission`` is asked, for each POST whose head has arrived, for its model's intake (None: not an
+    inference request) and whether the server refuses it now (a full queue): the ServeError to answer from
+    the head, or None to serve it as usual. ``refuse_early`` is False where inference needs an API key,
+    whose check a refusal from the head would skip.
     """
 
     limits: ConnectionLimits
     count: Callable[[str], None]  # normserve_connections_closed_total{reason}
-    early: Callable[[str], ServeError | None] | None
+    admission: Callable[[str], tuple[Intake | None, ServeError | None]] | None
+    refuse_early: bool = True
     _last_notice: dict[str, float] = field(default_factory=dict)
     _unnoticed: dict[str, int] = field(default_factory=dict)
     clients: Counter[str] = field(default_factory=Counter)  # open connections by client address
@@ -140,6 +149,7 @@ def _closing_response(status: int, message: str, headers: tuple[tuple[str, str],
 PIPELINE_PAUSE = 8
 PIPELINE_CLOSE = 1024
 
+
 # Where a connection is in its current request, for the deadlines.
 _IDLE, _HEAD, _BODY = "idle", "head", "body"
 
@@ -160,6 +170,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._lingering = False
         self._skipping = False  # the body of a request answered early: read and dropped
         self._client = "unknown"  # the client's address, once connected
+        # The intakes of the requests read and not yet answered, oldest first (None: not an inference request).
+        self._intakes: collections.deque[Intake | None] = collections.deque()
+        self._held_on: Intake | None = None  # held back for this intake: not read until it releases us
+        self._expectation: Expectation | None = None  # the slot an intake that released us keeps for our next request
+        self._fd = -1  # the socket's, to ask the kernel what it holds unread
+        self._skipped_for: Intake | None = None  # the intake of the request answered early whose body is skipped
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
@@ -170,6 +186,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self._client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
         self.guard.clients[self._client] += 1
         limits = self.guard.limits
         if len(self.connections) > limits.max_connections:
@@ -195,6 +213,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        while self._intakes:  # what was read and will not be answered now frees its model's slots
+            if (intake := self._intakes.popleft()) is not None:
+                intake.answered()
+        if self._expectation is not None:
+            self._expectation.met()
         if (left := self.guard.clients[self._client] - 1) > 0:
             self.guard.clients[self._client] = left
         else:
@@ -252,6 +275,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._hold_back()
 
     def on_response_complete(self) -> None:
+        intake = self._intakes.popleft() if self._intakes else None
+        if intake is not None:
+            intake.answered()  # which may release the connection held longest for it
+            if self._hold_for(intake):
+                # uvicorn's own, less what a held connection skips: reading on, and the keep-alive timeout
+                self.server_state.total_requests += 1
+                return
         super().on_response_complete()  # resumes reading, and starts the next pipelined request
         self._hold_back()
 
@@ -312,7 +342,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._heads += 1
         self._head_bytes = 0
-        if self.guard.early is not None and self._answered_early(self.guard.early):
+        intake, refusal = self._admission()
+        if intake is not None:
+            intake.arrived()
+        self._intakes.append(intake)
+        if self._expectation is not None:  # after ``arrived``: the slot moves from expected to in flight
+            expectation, self._expectation = self._expectation, None
+            expectation.met(arrived=expectation.intake is intake)  # or is freed: the client asked another model
+        if refusal is not None and self.guard.refuse_early and self._answered_early(refusal, intake):
             return
         super().on_headers_complete()
 
@@ -325,6 +362,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _IDLE
         if self._skipping:
             self._skipping = False
+            if self._skipped_for is not None:
+                intake, self._skipped_for = self._skipped_for, None
+                self._hold_for(intake)
             return
         super().on_message_complete()
 
@@ -332,26 +372,85 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _answered(self) -> bool:
         return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
 
-    def _answered_early(self, early: Callable[[str], ServeError | None]) -> bool:
-        """Refuse a request from its head alone, with no ASGI request cycle, where ``early`` says to: a
-        refusal under overload then costs the parse of a head and one write. Its body is read and
-        dropped, and the connection serves the next request. Only a plain keep-alive HTTP/1.1 POST with
-        nothing else in flight on its connection is answered so; any other goes the usual way."""
-        if self.parser.get_method() != b"POST" or self.expect_100_continue or not self._answered():
+    def _admission(self) -> tuple[Intake | None, ServeError | None]:
+        """The intake and the refusal from its head of a POST (``ConnectionGuard.admission``)."""
+        if self.guard.admission is None or self.parser.get_method() != b"POST":
+            return None, None
+        path = httptools.parse_url(self.url).path
+        if b"%" in path:  # uvicorn decodes it: the app routes what that gives, and answers it the usual way
+            return None, None
+        return self.guard.admission(path.decode("ascii"))
+
+    def _answered_early(self, refusal: ServeError, intake: Intake | None) -> bool:
+        """Answer ``refusal`` from the request's head alone, with no ASGI request cycle: under overload it
+        then costs the parse of a head and one write. Its body is read and dropped, and the connection
+        serves the next request. Only a plain keep-alive HTTP/1.1 POST with nothing else in flight on its
+        connection is answered so; any other goes the usual way."""
+        if self.expect_100_continue or not self._answered():
             return False
         if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
-            return False
-        path = httptools.parse_url(self.url).path
-        if b"%" in path:
-            return False
-        refusal = early(path.decode("ascii"))
-        if refusal is None:
             return False
         status, headers, body = render(refusal)
         self.transport.write(_response(status, body, headers.items(), close=False))
         self.server_state.total_requests += 1
-        self._skipping = True
+        self._intakes.pop()  # this request's: answered
+        if intake is not None:
+            intake.answered()
+        self._skipping, self._skipped_for = True, intake
         return True
+
+    # Holding back
+    def _hold_for(self, intake: Intake) -> bool:
+        """Read this connection no further while ``intake`` (of the request just answered) has its fill of
+        requests in flight: what its client sends next waits in the kernel until the intake releases it.
+        Only an idle keep-alive connection is held: nothing of its next request read, nothing waiting.
+        Whether it was held."""
+        if not intake.full or self.transport.is_closing() or self._phase is not _IDLE or self._intakes:
+            return False
+        if self.pipeline or self._lingering or self._held_on is not None:
+            return False
+        self.flow.pause_reading()
+        if self.timeout_keep_alive_task is not None:  # waiting on the server is not idling
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self._held_on = intake
+        intake.hold(self)
+        return True
+
+    def waiting(self) -> bool:
+        """Whether the client has sent what the server has not read (``service.intake.Holdable``)."""
+        if self._fd < 0 or self.transport.is_closing():
+            return False
+        try:
+            return waiting_bytes(self._fd) > 0
+        except OSError:
+            return False
+
+    def released(self, expectation: Expectation | None) -> None:
+        """Read again (``service.intake.Holdable``), with ``expectation``, the slot kept for our next request
+        (None: the intake was retired)."""
+        self._held_on = None
+        if self.transport.is_closing():
+            if expectation is not None:
+                expectation.met()
+            return
+        self._expectation = expectation
+        if expectation is None:
+            self._idle()
+        self.flow.resume_reading()
+
+    def lapsed(self, expectation: Expectation) -> None:
+        """Nothing came within EXPECT_S of being released (``service.intake.Holdable``): idle."""
+        if self._expectation is expectation:
+            self._expectation = None
+            if self._phase is _IDLE and not self._intakes and not self.transport.is_closing():
+                self._idle()
+
+    def _idle(self) -> None:
+        """Start the keep-alive timeout of an idle connection."""
+        if self.timeout_keep_alive_task is None:
+            handler = self.timeout_keep_alive_handler
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
 
     # Refusing
     def _head_too_large(self, size: int) -> _Refusal:
@@ -441,8 +540,9 @@ def server_config(app: NormserveApp, settings: Settings, **overrides: Any) -> uv
     limits = ConnectionLimits.from_settings(settings, min(room, settings.max_connections))
     # Refusals from the head alone skip the API key check: only where inference needs no key.
     keyed = settings.api_key is not None and "inference" in settings.api_key_protects
-    early = None if keyed else app.inference.refusal
-    guard = ConnectionGuard(limits, app.state.normserve.metrics.connection_closed, early)
+    guard = ConnectionGuard(
+        limits, app.state.normserve.metrics.connection_closed, app.inference.admission, refuse_early=not keyed
+    )
     protocol = LimitedHttpToolsProtocol.with_guard(guard)
     options: dict[str, Any] = {
         "host": settings.host,

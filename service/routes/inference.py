@@ -31,6 +31,7 @@ from service.errors import (
     UnsupportedMediaType,
     render,
 )
+from service.intake import Intake
 from service.logs import request_id
 from service.metrics import Metrics, ModelMetrics
 from service.openapi import schema_ref
@@ -325,23 +326,24 @@ class InferenceEndpoint:
         found = self.PATH.fullmatch(scope["path"])
         return (found[1], found[2]) if found else None
 
-    def refusal(self, path: str) -> ServeError | None:
-        """The 503 an inference request to ``path`` gets from its head alone, before its body is read:
-        its model's queue is full, or would keep any request past ``DEADLINE_SHARE`` of the longest deadline.
-        None: the request goes the usual way, which also answers every other error (an unknown model, a
-        stopping server)."""
+    def admission(self, path: str) -> tuple[Intake | None, ServeError | None]:
+        """For an inference request to ``path``, from its head alone, before its body is read: its model's
+        intake (``service.intake``: its requests in flight, and the connections held back for it), and the 503
+        it gets now if its model's queue is full or would keep any request past ``DEADLINE_SHARE`` of the
+        longest deadline. (None, None) for any other path, an unknown model or a draining server: the request
+        goes the usual way, which also answers every other error."""
         found = self.PATH.fullmatch(path)
         if found is None or self.state.draining:
-            return None
+            return None, None
         try:
             served = self.state.registry.get(found[1], found[2])
         except ServeError:
-            return None
+            return None, None
         refused = served.batcher.refusal(self.state.settings.request_timeout_ms / 1000)
         if not isinstance(refused, Overloaded):
-            return None
+            return served.batcher.intake, None
         served.metrics.failure(refused.reason)
-        return refused
+        return served.batcher.intake, refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
         try:

@@ -79,7 +79,7 @@ async def test_refusals_from_the_head_leave_nothing_for_the_cyclic_garbage_colle
         path = "/v2/models/affine/infer"
 
         def refuse() -> int:  # as the HTTP protocol does: the answer is held in a local of the caller's frame
-            refused = app.inference.refusal(path)
+            refused = app.inference.admission(path)[1]
             return refused.status if refused is not None else 0
 
         assert refuse() == 503  # no request could meet a 1 µs deadline

@@ -407,3 +407,107 @@ def test_a_client_that_pipelines_and_never_reads_cannot_grow_the_server(built_re
     assert grown < 100, f"the server's RSS grew {grown:.0f} MB while {sent / 1e6:.1f} MB were pipelined to it"
     assert "pipelined requests waited on one connection" in log or not closed, log[-2000:]
     assert health and max(health) < 5, health  # answered throughout (the figure is the benchmark's, not this)
+
+
+@dataclass
+class Answer:
+    client: int
+    status: int
+    retry_after: bool
+
+
+def closed_loop(address: tuple[str, int], request: bytes, clients: int, seconds: float) -> list[Answer]:
+    """``clients`` keep-alive connections, each sending ``request`` again as soon as its answer is in."""
+    selector = selectors.DefaultSelector()
+    buffers: dict[socket.socket, bytes] = {}
+    for client in range(clients):
+        sock = socket.create_connection(address, timeout=5)
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ, client)
+        buffers[sock] = b""
+    started = time.monotonic()
+    answers: list[Answer] = []
+    try:
+        for sock in buffers:
+            sock.sendall(request)
+        while time.monotonic() - started < seconds:
+            for key, _ in selector.select(timeout=0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed a connection under load"
+                buffers[sock] += chunk
+                while (end := buffers[sock].find(b"\r\n\r\n")) >= 0:
+                    lines = buffers[sock][:end].lower().split(b"\r\n")
+                    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+                    if len(buffers[sock]) < end + 4 + length:
+                        break
+                    status = status_of(buffers[sock][:end])
+                    buffers[sock] = buffers[sock][end + 4 + length :]
+                    retry_after = any(line.startswith(b"retry-after:") for line in lines)
+                    answers.append(Answer(key.data, status, retry_after))
+                    sock.sendall(request)
+    finally:
+        selector.close()
+        for sock in buffers:
+            sock.close()
+    return answers
+
+
+def test_past_a_models_fill_its_connections_wait_unread_in_the_kernel_instead_of_being_refused(
+    built_repository: Path, tmp_path: Path
+) -> None:
+    """64 clients on their own keep-alive connections, each sending its next request the moment its answer
+    comes, to a model that takes 8 requests in at once (NORMSERVE_INTAKE_BATCHES=1 of 8 rows) and queues at
+    most 32. The first wave comes on new connections, whose requests are read as they come: what passes the
+    queue limit is refused with 503 and Retry-After. From then on a connection answered while the model has
+    its fill is read no further until the model answers more, so what its client sends waits in the kernel:
+    nothing more is refused, every request is answered, and the queue stays well below its limit. (Before,
+    every connection was read as it sent, the queue stayed at its limit, and 32 of each 64 requests were
+    refused for as long as the load lasted.)"""
+    body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+    request = head("/v2/models/affine/infer", "POST") + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    settings = {"NORMSERVE_INTAKE_BATCHES": "1", "NORMSERVE_QUEUE_LIMIT": "32"}
+    samples: list[tuple[float, float]] = []  # held connections, queued requests
+    with running(built_repository, tmp_path, **settings) as server:
+        stop = threading.Event()
+
+        def sample() -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                while not stop.is_set():
+                    text = client.get("/metrics").text
+                    values = [
+                        float(line.rsplit(" ", 1)[1])
+                        for family in ("normserve_held_connections", "normserve_pending_requests")
+                        for line in text.splitlines()
+                        if line.startswith(family + '{model="affine"')
+                    ]
+                    samples.append((values[0], values[1]))
+                    time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        answers = closed_loop(server.address, request, clients=64, seconds=3.0)
+        stop.set()
+        sampler.join(timeout=10)
+        time.sleep(0.5)  # the clients closed: nothing may stay held
+        after = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert 'normserve_held_connections{model="affine",version="1"} 0.0' in after
+        served = httpx.post(f"{server.url}/v2/models/affine/infer", content=body, timeout=10)
+        assert served.status_code == 200
+    refused = [a for a in answers if a.status == 503]
+    assert all(a.retry_after for a in refused), "a 503 without Retry-After"
+    assert {a.status for a in answers} <= {200, 503}
+    seen: set[int] = set()
+    settled = []  # each client's answers past its first
+    for answer in answers:
+        if answer.client in seen:
+            settled.append(answer)
+        seen.add(answer.client)
+    assert len(settled) >= 100, f"only {len(settled)} answers past the first wave"
+    late = [a for a in settled if a.status != 200]
+    assert not late, f"{len(late)} of {len(settled)} requests refused past the first wave"
+    held = max(h for h, _ in samples)
+    queued = max(q for _, q in samples)
+    assert held >= 32, f"at most {held:.0f} of 64 connections were held (8 requests in flight, 56 waiting)"
+    assert queued <= 24, f"{queued:.0f} requests were queued at once, near the limit of 32"

@@ -21,15 +21,14 @@ END = "<!-- bench:end -->"
 
 
 def _overload_rows(o: dict[str, Any]) -> list[list[Any]]:
-    closed = o["closed"][0]
     rows = [
         [
-            "closed loop, capacity",
+            f"closed loop, capacity ({when})",
             f"{closed['level']:g} conns",
-            f"{o['capacity']:,.0f}",
-            "100%",
-            f"{o.get('server_capacity', 0):,.0f}",
-            "100%",
+            f"{closed['throughput']:,.0f}",
+            f"{100 * closed['throughput'] / o['capacity']:.0f}%" if o["capacity"] else "-",
+            f"{closed.get('server_throughput', 0):,.0f}",
+            f"{100 * closed.get('server_throughput', 0) / o['server_capacity']:.0f}%" if o["server_capacity"] else "-",
             f"{100 * closed.get('generator_cpu', 0):.0f}%",
             "-",
             "-",
@@ -42,6 +41,7 @@ def _overload_rows(o: dict[str, Any]) -> list[list[Any]]:
             "-",
             f"{closed.get('server_rss_mb', 0):.0f}",
         ]
+        for closed, when in zip(o["closed"], ("before", "after"), strict=False)
     ]
     for row in o["open"]:
         refused = row.get("refused")
@@ -100,7 +100,9 @@ def _overload_section(r: dict[str, Any], image: str) -> list[str]:
         "### Overload: goodput past capacity",
         "",
         f"{first['model']}, `NORMSERVE_REQUEST_TIMEOUT_MS={first['deadline_ms']}`, at two request sizes. Capacity "
-        "is closed loop; then open loop at multiples of it over "
+        "is closed loop, measured before the open-loop levels and again after them (a shared machine's speed "
+        "drifts over a minute: the mean of the two is the capacity the levels are judged against); then open "
+        "loop at multiples of it over "
         f"{first['connections']:,} connections. Goodput is 200s per second, counted twice: by the generator (the "
         "answers that arrived in its measured windows) and by the server (`normserve_request_success_total`, over "
         "the whole level, warm-up and drain included). T7 is judged on the server's count. The generator is one "
@@ -114,7 +116,7 @@ def _overload_section(r: dict[str, Any], image: str) -> list[str]:
     for o in sizes:
         out += [
             f"**{o['rows']} row(s) a request, {o['encoding']}** (capacity closed loop at "
-            f"{o['closed'][0]['level']:g} connections):",
+            f"{o['closed'][0]['level']:g} connections: {o['capacity']:,.0f} req/s, the mean of before and after):",
             "",
             _table(OVERLOAD_HEADER, _overload_rows(o)),
             "",

@@ -38,6 +38,15 @@ class Connection:
         self.idle += 1
 
 
+def a_held_behind_b(a: Connection, b: Connection) -> Intake:
+    """An intake of one slot whose request is in flight, with ``a`` and then ``b`` held behind it."""
+    intake = Intake(limit=1)
+    intake.arrived()
+    intake.hold(a)
+    intake.hold(b)
+    return intake
+
+
 def answered_and_held(intake: Intake, connection: Connection) -> None:
     """What the transport does when a request of ``connection`` is answered: count it out, hold the
     connection if the model has its fill."""
@@ -73,11 +82,8 @@ async def test_a_released_connection_that_sends_nothing_gives_its_slot_back_and_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(intake_module, "EXPECT_S", 0.02)
-    intake = Intake(limit=1)
     a, b = Connection("a"), Connection("b", sent=True)
-    intake.arrived()
-    intake.hold(a)
-    intake.hold(b)
+    intake = a_held_behind_b(a, b)
     intake.answered()  # room for one: a is read again
     assert len(a.released_with) == 1 and not b.released_with and intake.expected == 1
     await asyncio.sleep(0.1)  # a's client sends nothing
@@ -90,11 +96,8 @@ async def test_a_slot_whose_request_waits_unread_is_kept_however_long_the_server
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(intake_module, "EXPECT_S", 0.02)
-    intake = Intake(limit=1)
     a, b = Connection("a", sent=True), Connection("b", sent=True)
-    intake.arrived()
-    intake.hold(a)
-    intake.hold(b)
+    intake = a_held_behind_b(a, b)
     intake.answered()
     await asyncio.sleep(0.1)  # a's request is in the kernel: the loop is behind, the client is not idle
     assert a.idle == 0 and intake.expected == 1 and not b.released_with
@@ -102,11 +105,8 @@ async def test_a_slot_whose_request_waits_unread_is_kept_however_long_the_server
 
 @pytest.mark.anyio
 async def test_a_connection_closed_before_its_request_arrived_gives_its_slot_to_the_next() -> None:
-    intake = Intake(limit=1)
     a, b = Connection("a"), Connection("b")
-    intake.arrived()
-    intake.hold(a)
-    intake.hold(b)
+    intake = a_held_behind_b(a, b)
     intake.answered()
     expectation = a.released_with[0]
     assert expectation is not None and not b.released_with

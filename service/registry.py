@@ -330,7 +330,7 @@ class Registry:
                     for gauge in (metrics.model_ready, metrics.queue_limit):
                         gauge.remove(entry.name, held.version)
                     metrics.provider.remove(entry.name, held.version, provider)
-                    with contextlib.suppress(KeyError):  # only a version whose connections could be held has one
+                    with contextlib.suppress(KeyError):  # a version whose metrics were never bound has none
                         metrics.held_connections.remove(entry.name, held.version)
 
     def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:

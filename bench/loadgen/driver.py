@@ -273,7 +273,7 @@ class Load:
             if status == 503:
                 self.window.refused(response_s, retry_after)
         elif 200 <= status < 300 and self.measure_from:
-            self.window.carried += 1
+            self.window.carry(response_s)
         self._next_for(connection)
 
     def failed(self, connection: Connection, reason: str) -> None:

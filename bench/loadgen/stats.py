@@ -38,7 +38,7 @@ class Window:
     server_cpu_s: float | None = None  # CPU the server used in the window, when its pid is known
     refusals: HdrHistogram = field(default_factory=new_histogram)  # 503s: from the send to the answer
     # 2xx from the send (open loop: without the wait for a free connection, with the time in the server's
-    # and the kernel's hands)
+    # and the kernel's hands), those carried over from the warm-up included
     sent: HdrHistogram = field(default_factory=new_histogram)
     retry_after: int = 0  # 503s that came with Retry-After
     # Successful answers in the window to requests sent (or due) before the measurement began: work the
@@ -56,6 +56,12 @@ class Window:
             self.ok += 1
         else:
             self.fail(str(status), body.decode("utf-8", "replace"))
+
+    def carry(self, response_s: float) -> None:
+        """A success to a request sent or due before the measurement began: it counts for throughput, and its
+        time from the send (the server's and the kernel's part, which is the same whenever it was due)."""
+        self.carried += 1
+        self.sent.record_value(_us(response_s))
 
     def refused(self, response_s: float, retry_after: bool) -> None:
         """A 503 (already counted by ``record``): how fast it came from the send, and whether it said when to retry."""
@@ -142,7 +148,8 @@ def summarize(windows: list[Window], drained: Window | None = None) -> dict[str,
             "mean": round(histogram.get_mean_value() / 1000, 4) if count else None,
         },
         "from_send_ms": {
-            f"p{p:g}": float(sent.get_value_at_percentile(p)) / 1000 if count else None for p in (50.0, 99.0)
+            f"p{p:g}": float(sent.get_value_at_percentile(p)) / 1000 if sent.get_total_count() else None
+            for p in (50.0, 99.0)
         },
         "errors": dict(sorted(errors.items())),
         "error_samples": samples,

@@ -463,7 +463,7 @@ def test_past_a_models_fill_its_connections_wait_unread_in_the_kernel_instead_of
     queue limit is refused with 503 and Retry-After. From then on a connection answered while the model has
     its fill is read no further until the model answers more, so what its client sends waits in the kernel:
     nothing more is refused, every request is answered, and the queue stays well below its limit. (Before,
-    every connection was read as it sent, the queue stayed at its limit, and 32 of each 64 requests were
+    every connection was read as it sent, the queue stayed at its limit, and two requests in three were
     refused for as long as the load lasted.)"""
     body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
     request = head("/v2/models/affine/infer", "POST") + b"Content-Length: %d\r\n\r\n" % len(body) + body

@@ -32,6 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from export.graphs import Unfoldable
 from models.norms import bn_channel_dim
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "Fold",
     "FoldError",
     "FoldResult",
-    "Unfoldable",
     "batchnorm_affine",
     "fold_batchnorms",
     "fuse_bn_into_next",
@@ -80,13 +80,6 @@ class Fold:
     norm: str  # qualified name of the BatchNorm
     kind: str  # for example "Conv2d+BatchNorm2d", or "BatchNorm1d+Linear" for a fold forward
     forward: bool = False  # folded into the layer after the BatchNorm, not the one before
-
-
-@dataclass(frozen=True)
-class Unfoldable:
-    norm: str
-    reason: str
-    replaced_by: str = "BatchNormAffine (Mul, Add)"
 
 
 @dataclass
@@ -275,7 +268,7 @@ def fold_batchnorms(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor
             result.folds.append(Fold(after[0], name, f"{type(bn).__name__}+{type(layer).__name__}", forward=True))
         else:
             _set_submodule(model, name, BatchNormAffine.from_batchnorm(bn))
-            result.unfoldable.append(Unfoldable(name, f"{reason}; {after[1]}"))
+            result.unfoldable.append(Unfoldable(name, f"{reason}; {after[1]}", "BatchNormAffine (Mul, Add)"))
     leftover = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
     if leftover:
         raise FoldError(f"BatchNorm layers not reached by the trace (called outside forward's dataflow?): {leftover}")

@@ -5,6 +5,7 @@ import path and the serving install have no torch)."""
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -16,6 +17,7 @@ __all__ = [
     "OPSET",
     "OUTPUT_NAME",
     "TRAIN_MODE_NOTE",
+    "Unfoldable",
     "batch_stats_artifacts",
     "not_comparable",
     "op_histogram",
@@ -24,6 +26,18 @@ __all__ = [
 OPSET = 21  # GroupNorm exports as one GroupNormalization node from opset 21
 INPUT_NAME = "input"  # the default models' one input
 OUTPUT_NAME = "logits"  # and their one output
+
+
+@dataclass(frozen=True)
+class Unfoldable:
+    """A BatchNorm left unfolded, by the PyTorch pass or the ONNX one: its name, why, and what computes it
+    in the served graph (the report's ``unfoldable``)."""
+
+    norm: str
+    reason: str
+    replaced_by: str
+
+
 TRAIN_MODE_NOTE = (
     "normalizes with the statistics of the batch it is given, as PyTorch train() mode does; "
     "served by the batchnorm endpoint only, never by infer"

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from export.graphs import Unfoldable
 from export.onnx_graph import (
     DEFAULT_DOMAINS,
     STAT_ROLES,
@@ -60,7 +61,6 @@ __all__ = [
     "LEFT_IN_PLACE",
     "OnnxFold",
     "OnnxFoldResult",
-    "OnnxUnfoldable",
     "along_channels",
     "fold_onnx_batchnorms",
     "nested_batchnorms",
@@ -77,29 +77,22 @@ class OnnxFold:
     kind: str  # for example "Conv+BatchNormalization", "MatMul+Add+BatchNormalization"
 
 
-@dataclass(frozen=True)
-class OnnxUnfoldable:
-    norm: str
-    reason: str
-    replaced_by: str = "Mul, Add (per-channel affine)"
-
-
 @dataclass
 class OnnxFoldResult:
     model: onnx.ModelProto
     folds: list[OnnxFold] = field(default_factory=list)
-    unfoldable: list[OnnxUnfoldable] = field(default_factory=list)
+    unfoldable: list[Unfoldable] = field(default_factory=list)
 
 
-def nested_batchnorms(model: onnx.ModelProto) -> list[OnnxUnfoldable]:
+def nested_batchnorms(model: onnx.ModelProto) -> list[Unfoldable]:
     """The BatchNormalization nodes in subgraphs and local functions, which the passes leave alone."""
-    found: list[OnnxUnfoldable] = []
+    found: list[Unfoldable] = []
 
     def listed(nodes: Any, place: str) -> None:
         for i, inner in enumerate(nodes):
             if is_batchnorm(inner):
                 reason = f"it is inside {place}; only the main graph's BatchNormalization nodes are rewritten"
-                found.append(OnnxUnfoldable(inner.name or f"{inner.op_type}_{i}", reason, LEFT_IN_PLACE))
+                found.append(Unfoldable(inner.name or f"{inner.op_type}_{i}", reason, LEFT_IN_PLACE))
         walk(nodes, f"{place}, in ")
 
     def walk(nodes: Any, where: str) -> None:
@@ -350,7 +343,7 @@ def fold_onnx_batchnorms(model: onnx.ModelProto) -> OnnxFoldResult:
             result.folds.append(OnnxFold(target.layer.name, bn.name, f"{target.kind}+BatchNormalization"))
         else:
             _to_affine(bn, g)
-            result.unfoldable.append(OnnxUnfoldable(bn.name, target))
+            result.unfoldable.append(Unfoldable(bn.name, target, "Mul, Add (per-channel affine)"))
     result.model = g.finish()
     result.unfoldable += nested_batchnorms(result.model)
     return result

@@ -415,6 +415,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_task = None
         self._held_on = intake
         intake.hold(self)
+        # Forget the request just answered, which uvicorn keeps until the next one's head: a held connection
+        # waits a while, and a thousand of them each keeping their last request alive (its scope, headers,
+        # body and ASGI cycle) cost the garbage collector's young generations five times the time, and
+        # every request about 4 % more CPU at three times the capacity.
+        self.cycle = self.scope = None  # type: ignore[assignment]  # as uvicorn's own before a first request
+        self.headers = []
         return True
 
     def waiting(self) -> bool:

@@ -76,6 +76,15 @@ class Access:
         if method == "POST" and _CONTROL.fullmatch(path):
             self._check_control(headers)
 
+    def check_call(self, group: EndpointGroup | None, what: str, headers: list[tuple[bytes, bytes]]) -> None:
+        """``check`` for a call that has no HTTP path (a gRPC method named ``what``, its metadata as
+        ``headers``): the key where ``group`` needs it, and model control's mode for its load and unload. The
+        Host and Origin checks are for browsers, which cannot make gRPC calls."""
+        if self.key is not None and group in self.protects:
+            self._check_key(self.key, what, headers)
+        if what in ("RepositoryModelLoad", "RepositoryModelUnload"):
+            self._check_mode()
+
     def may_read(self, group: EndpointGroup, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether a request with ``headers`` may read what ``group`` guards (always, without a key)."""
         if self.key is None or group not in self.protects:
@@ -98,12 +107,7 @@ class Access:
             raise Unauthorized(f"the API key sent is not this server's; send the key it was started with, as {how}")
 
     def _check_control(self, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.control != "explicit":
-            raise Forbidden(
-                "model control is off (NORMSERVE_MODEL_CONTROL=none): the served models are those the server "
-                "started with; start it with NORMSERVE_MODEL_CONTROL=explicit to load and unload models at run time "
-                "(POST /v2/repository/index still lists them)"
-            )
+        self._check_mode()
         origin = _header(headers, b"origin")
         host = _header(headers, b"host")
         if self.control_hosts is not None and _hostname(host) not in self.control_hosts:
@@ -123,4 +127,12 @@ class Access:
             raise UnsupportedMediaType(
                 f"a model control request's body must be application/json (or absent), "
                 f"got {content_type.decode('latin-1')!r}"
+            )
+
+    def _check_mode(self) -> None:
+        if self.control != "explicit":
+            raise Forbidden(
+                "model control is off (NORMSERVE_MODEL_CONTROL=none): the served models are those the server "
+                "started with; start it with NORMSERVE_MODEL_CONTROL=explicit to load and unload models at run time "
+                "(POST /v2/repository/index still lists them)"
             )

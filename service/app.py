@@ -24,6 +24,7 @@ from service import __version__
 from service.access import Access, endpoint_group
 from service.config import Settings
 from service.errors import ServeError, render
+from service.grpc_service import GrpcServer
 from service.logs import CLIENT_TEXT_CHARS, client_text, left_out
 from service.metrics import Metrics
 from service.openapi import described
@@ -149,6 +150,7 @@ def create_app(settings: Settings) -> NormserveApp:
     once and turns ready when every model that loaded is warm."""
     metrics = Metrics()
     state = ServiceState(settings, metrics, Registry(settings, metrics))
+    access = Access(settings)
 
     async def load() -> None:
         try:
@@ -168,12 +170,19 @@ def create_app(settings: Settings) -> NormserveApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # gRPC listens beside HTTP, on the same loop, before the models load: live at once, as HTTP.
+        grpc_server = GrpcServer(state, access) if settings.grpc_port else None
+        if grpc_server is not None:
+            await grpc_server.start()
+        app.state.grpc = grpc_server
         # Load in the background: the server listens at once, live but not ready until every model is warm.
         loading = asyncio.create_task(load(), name="load models")
         try:
             yield
         finally:
             state.shutting_down = True
+            if grpc_server is not None:  # its calls in flight finish first, as HTTP's have by now
+                await grpc_server.stop(settings.shutdown_timeout_s)
             if not loading.done():
                 loading.cancel()
             try:
@@ -197,7 +206,7 @@ def create_app(settings: Settings) -> NormserveApp:
     )
     app.state.normserve = state
     app.inference = InferenceEndpoint(state)
-    app.access = Access(settings)
+    app.access = access
     for router in ROUTERS:
         app.include_router(router)
     app.openapi = functools.partial(described, app)  # type: ignore[method-assign]

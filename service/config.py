@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     repository: Path = Field(default=Path("model_repository"), description="the model repository's root folder")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="the KServe v2 gRPC service's port, on the same host (Triton's default); 0 turns gRPC off",
+    )
+    grpc_max_message_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="the largest gRPC message received or sent; unset: NORMSERVE_MAX_BODY_BYTES, as over HTTP "
+        "(grpcio's own default is 4 MiB)",
+    )
 
     provider: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="auto: CUDA when it really loads, else CPU; cuda: CUDA, reported if it falls back"

@@ -44,8 +44,11 @@ __all__ = [
     "InferenceRequestSchema",
     "InferenceResponseSchema",
     "RequestedOutput",
+    "bytes_tensor",
+    "check_infer_document",
     "encode_infer_response",
     "parse_infer_request",
+    "top_classes",
 ]
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -202,6 +205,13 @@ def parse_infer_request(
         InvalidInput: naming what was wrong and what was expected.
     """
     doc, binary = _split_body(body, header_length)
+    return check_infer_document(doc, binary, config, max_batch_size)
+
+
+def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_batch_size: int) -> InferRequest:
+    """Check one inference request, as a JSON document (``doc``) and the binary tensors after it, against the
+    model: what ``parse_infer_request`` does once the body is parsed, and what the gRPC service does with a
+    request it has put in that form (``service.grpc_service``), so both protocols check alike and say alike."""
     if not isinstance(doc, dict):
         raise InvalidInput(f"the request is a JSON {type(doc).__name__}; expected an object with 'inputs'")
     request_id = doc.get("id")
@@ -321,7 +331,7 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     return float(timeout) / 1e6
 
 
-def _top_classes(array: np.ndarray, k: int, labels: Sequence[str]) -> list[str]:
+def top_classes(array: np.ndarray, k: int, labels: Sequence[str]) -> list[str]:
     """Triton's classification strings, row by row, best first: "<score>:<index>[:<label>]"."""
     best = np.argsort(-array, axis=1, kind="stable")[:, :k]
     named = len(labels) == array.shape[1]
@@ -332,7 +342,7 @@ def _top_classes(array: np.ndarray, k: int, labels: Sequence[str]) -> list[str]:
     ]
 
 
-def _bytes_tensor(strings: list[str]) -> bytes:
+def bytes_tensor(strings: list[str]) -> bytes:
     """The binary form of a BYTES tensor: each element as a 4-byte little-endian length, then its bytes."""
     encoded = [s.encode() for s in strings]
     return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
@@ -357,11 +367,11 @@ def encode_infer_response(
             "shape": list(array.shape),
         }
         if requested.classification:
-            classes = _top_classes(array, requested.classification, labels)
+            classes = top_classes(array, requested.classification, labels)
             tensor["datatype"] = "BYTES"
             tensor["shape"] = [array.shape[0], requested.classification]
             if requested.binary:
-                blob = _bytes_tensor(classes)
+                blob = bytes_tensor(classes)
                 tensor["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
             else:

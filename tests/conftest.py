@@ -19,6 +19,11 @@ from models.cnn import CNNConfig
 from models.vit import ViTConfig
 from models.zoo import ModelSpec, TrainConfig
 
+# Every server a test starts (in process or as ``python -m service``) serves HTTP only, on a free port, unless
+# the test asks for gRPC on a free port of its own: the default, 8001, would be taken by the first of the
+# servers that run at once under xdist.
+os.environ.setdefault("NORMSERVE_GRPC_PORT", "0")
+
 
 def tiny_cnn_spec(norm: str = "bn", steps_epochs: int = 1) -> ModelSpec:
     return ModelSpec(

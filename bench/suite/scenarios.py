@@ -49,6 +49,7 @@ class Suite:
             "NORMSERVE_PORT": str(port),
             "NORMSERVE_INTRA_OP_THREADS": str(self.threads),
             "NORMSERVE_LOG_LEVEL": "warning",
+            "NORMSERVE_GRPC_PORT": "0",  # HTTP is measured here; 8001 may be another server's
         }
         return Server(
             "normserve", [*self.taskset, sys.executable, "-m", "service"], settings | env, port, "/v2/health/ready"

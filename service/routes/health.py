@@ -14,7 +14,7 @@ from service.errors import NotReady
 from service.registry import ModelEntry, ServedVersion
 from service.state import service_state
 
-__all__ = ["EXTENSIONS", "router"]
+__all__ = ["EXTENSIONS", "config_document", "metadata_document", "provider_fields", "router"]
 
 router = APIRouter(tags=["health and metadata"])
 
@@ -37,7 +37,7 @@ async def ready(request: Request) -> JSONResponse:
     if not request.app.access.may_read("metadata", request.scope["headers"]):
         return JSONResponse({"ready": not reasons}, status_code=status)
     models = [
-        {"name": entry.name, "version": v.version, "state": v.readiness, "reason": v.reason} | _provider(v.served)
+        {"name": entry.name, "version": v.version, "state": v.readiness, "reason": v.reason} | provider_fields(v.served)
         for entry in state.registry.models.values()
         for v in entry.versions.values()
     ]
@@ -52,7 +52,7 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "normserve", "version": __version__, "extensions": EXTENSIONS}
 
 
-def _provider(served: ServedVersion | None) -> dict[str, Any]:
+def provider_fields(served: ServedVersion | None) -> dict[str, Any]:
     if served is None:
         return {}
     status = served.runtime.provider
@@ -67,7 +67,9 @@ def _config_and_version(entry: ModelEntry, version: str | None) -> tuple[ModelCo
     return entry.config, served
 
 
-def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+def metadata_document(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+    """Model (version) metadata, KServe v2's fields then normserve's own: over HTTP as it is, over gRPC
+    the protocol's fields."""
     config, served = _config_and_version(entry, version)
     return {
         "name": config.name,
@@ -81,7 +83,7 @@ def _metadata(entry: ModelEntry, version: str | None) -> dict[str, Any]:
         "labels": config.labels,
         "norm_layers": config.norm_layers,
         "max_batch_size": served.batching.max_batch_size if served else config.max_batch_size,
-        **_provider(served),
+        **provider_fields(served),
         **_batch_statistics(served),
     }
 
@@ -97,24 +99,24 @@ def _batch_statistics(served: ServedVersion | None) -> dict[str, Any]:
 
 @router.get("/v2/models/{model_name}", summary="Model metadata")
 async def model_metadata(request: Request, model_name: str) -> dict[str, Any]:
-    return _metadata(service_state(request).registry.entry(model_name), None)
+    return metadata_document(service_state(request).registry.entry(model_name), None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}", summary="Model version metadata")
 async def model_version_metadata(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return _metadata(service_state(request).registry.entry(model_name), model_version)
+    return metadata_document(service_state(request).registry.entry(model_name), model_version)
 
 
 @router.get("/v2/models/{model_name}/ready", summary="Can the model serve")
 async def model_ready(request: Request, model_name: str) -> dict[str, Any]:
     served = service_state(request).registry.get(model_name)
-    return {"name": model_name, "version": served.version.number, "ready": True, **_provider(served)}
+    return {"name": model_name, "version": served.version.number, "ready": True, **provider_fields(served)}
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", summary="Can the model version serve")
 async def model_version_ready(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
     served = service_state(request).registry.get(model_name, model_version)
-    return {"name": model_name, "version": model_version, "ready": True, **_provider(served)}
+    return {"name": model_name, "version": model_version, "ready": True, **provider_fields(served)}
 
 
 def _triton_tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
@@ -123,9 +125,10 @@ def _triton_tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
     return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": spec.shape[1:] if batched else spec.shape}
 
 
-def _config(request: Request, model_name: str, version: str | None) -> dict[str, Any]:
-    """The model configuration, in Triton's model_config schema with normserve's own fields beside it."""
-    model, served = _config_and_version(service_state(request).registry.entry(model_name), version)
+def config_document(entry: ModelEntry, version: str | None) -> dict[str, Any]:
+    """The model configuration, in Triton's model_config schema with normserve's own fields beside it (which
+    the gRPC service, whose ModelConfig message has no room for them, leaves out)."""
+    model, served = _config_and_version(entry, version)
     config: dict[str, Any] = model.model_dump()
     config |= {
         "backend": "onnxruntime",
@@ -143,9 +146,9 @@ def _config(request: Request, model_name: str, version: str | None) -> dict[str,
 
 @router.get("/v2/models/{model_name}/config", summary="Model configuration, as served")
 async def model_config(request: Request, model_name: str) -> dict[str, Any]:
-    return _config(request, model_name, None)
+    return config_document(service_state(request).registry.entry(model_name), None)
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/config", summary="Model version configuration")
 async def model_version_config(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return _config(request, model_name, model_version)
+    return config_document(service_state(request).registry.entry(model_name), model_version)

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Request
 
 from service.errors import NotReady, ServeError
 from service.logs import CLIENT_TEXT_CHARS, client_text, left_out
-from service.state import service_state
+from service.registry import ModelEntry, Registry
+from service.state import ServiceState, service_state
 
-__all__ = ["router"]
+__all__ = ["index_rows", "load_model", "router", "unload_model"]
 
 log = logging.getLogger(__name__)
 
@@ -20,28 +21,24 @@ def _client(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
 
 
-def _refused(request: Request, action: str, model_name: str, error: ServeError) -> None:
+def _refused(state: ServiceState, client: str, action: str, model_name: str, error: ServeError) -> None:
     """One line for a failed control request, its client's values escaped and cut, throttled: a client can
     send these at will."""
-    suppressed = service_state(request).refusal_log.allow()
+    suppressed = state.refusal_log.allow()
     if suppressed is not None:
         log.warning(
             "model control: %s '%s' from %s failed: %d %s%s",
             action,
             client_text(model_name),
-            _client(request),
+            client,
             error.status,
             client_text(error.message, 2 * CLIENT_TEXT_CHARS),
             left_out(suppressed),
         )
 
 
-router = APIRouter(tags=["model repository"])
-
-
-@router.post("/v2/repository/index", summary="Every model in the repository, with its state")
-async def index(request: Request) -> list[dict[str, Any]]:
-    registry = service_state(request).registry
+def index_rows(registry: Registry) -> list[dict[str, Any]]:
+    """Every model in the repository, each version with its state (HTTP and gRPC alike)."""
     rows: list[dict[str, Any]] = []
     for name in registry.repository_names():
         entry = registry.models.get(name)
@@ -57,9 +54,10 @@ async def index(request: Request) -> list[dict[str, Any]]:
     return rows
 
 
-@router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model, swapping it in when warm")
-async def load(request: Request, model_name: str) -> dict[str, Any]:
-    registry = service_state(request).registry
+async def load_model(state: ServiceState, model_name: str, client: str) -> ModelEntry:
+    """Load or reload ``model_name`` for ``client`` (its address, for the log); NotReady if no version of it
+    loaded. Logged either way."""
+    registry = state.registry
     try:
         entry = await registry.load(model_name)
         if entry.latest_ready() is None:
@@ -69,24 +67,39 @@ async def load(request: Request, model_name: str) -> dict[str, Any]:
                 + ("; the versions loaded before keep serving" if kept else "")
             )
     except ServeError as e:
-        _refused(request, "load", model_name, e)
+        _refused(state, client, "load", model_name, e)
         raise
-    versions = {v.version: {"state": v.readiness, "reason": v.reason} for v in entry.versions.values()}
     log.info(
-        "model control: load '%s' from %s: loaded versions %s",
-        client_text(model_name),
-        _client(request),
-        sorted(versions),
+        "model control: load '%s' from %s: loaded versions %s", client_text(model_name), client, sorted(entry.versions)
     )
+    return entry
+
+
+async def unload_model(state: ServiceState, model_name: str, client: str) -> None:
+    try:
+        await state.registry.unload(model_name)
+    except ServeError as e:
+        _refused(state, client, "unload", model_name, e)
+        raise
+    log.info("model control: unload '%s' from %s: unloaded", client_text(model_name), client)
+
+
+router = APIRouter(tags=["model repository"])
+
+
+@router.post("/v2/repository/index", summary="Every model in the repository, with its state")
+async def index(request: Request) -> list[dict[str, Any]]:
+    return index_rows(service_state(request).registry)
+
+
+@router.post("/v2/repository/models/{model_name}/load", summary="Load or reload a model, swapping it in when warm")
+async def load(request: Request, model_name: str) -> dict[str, Any]:
+    entry = await load_model(service_state(request), model_name, _client(request))
+    versions = {v.version: {"state": v.readiness, "reason": v.reason} for v in entry.versions.values()}
     return {"name": model_name, "versions": versions}
 
 
 @router.post("/v2/repository/models/{model_name}/unload", summary="Stop serving a model, finishing what it accepted")
 async def unload(request: Request, model_name: str) -> dict[str, Any]:
-    try:
-        await service_state(request).registry.unload(model_name)
-    except ServeError as e:
-        _refused(request, "unload", model_name, e)
-        raise
-    log.info("model control: unload '%s' from %s: unloaded", client_text(model_name), _client(request))
+    await unload_model(service_state(request), model_name, _client(request))
     return {"name": model_name, "state": "UNAVAILABLE", "reason": "unloaded"}

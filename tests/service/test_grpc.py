@@ -1,0 +1,309 @@
+"""The KServe v2 gRPC service (service/grpc_service.py) through NVIDIA's own client, tritonclient.grpc, against
+a real server: the same answers as over HTTP, the same rules, and the status codes gRPC clients expect.
+
+The server and the client share one copy of the protos (tritonclient's generated modules), so both run in
+this process. A few requests are built with the generated stub itself, where tritonclient cannot send them
+(typed ``contents``, raw contents that do not match the inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from bench.suite.servers import free_port
+from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json
+
+ROWS = np.array([[1.0, 2.0, 3.0, 4.0], [-0.5, 0.25, 8.0, -3.0], [1e-3, -7.5, 2.5, 100.0]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(module_serve: ServeFactory) -> Iterator[RunningServer]:
+    with module_serve(grpc_port=free_port()) as running:
+        yield running
+
+
+def _target(server: RunningServer) -> str:
+    return f"127.0.0.1:{server.settings.grpc_port}"
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[grpcclient.InferenceServerClient]:
+    triton = grpcclient.InferenceServerClient(_target(server))
+    try:
+        yield triton
+    finally:
+        triton.close()
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(_target(server)) as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def affine_input(x: np.ndarray) -> grpcclient.InferInput:
+    return grpcclient.InferInput("x", list(x.shape), "FP32").set_data_from_numpy(x)
+
+
+def _error(raised: pytest.ExceptionInfo[InferenceServerException]) -> tuple[str, str]:
+    return str(raised.value.status()), str(raised.value.message())
+
+
+# -- health and metadata --
+
+
+def test_live_ready_and_model_readiness(client: grpcclient.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("affine")
+    assert client.is_model_ready("affine", model_version="1")
+    assert client.is_model_ready("tiny-cnn-bn")
+    assert not client.is_model_ready("affine", model_version="2")
+    assert not client.is_model_ready("no-such-model")
+
+
+def test_server_and_model_metadata_match_http(client: grpcclient.InferenceServerClient, server: RunningServer) -> None:
+    metadata = client.get_server_metadata(as_json=True)
+    http = httpx.get(f"{server.url}/v2").json()
+    assert (metadata["name"], metadata["version"], metadata["extensions"]) == (
+        http["name"],
+        http["version"],
+        http["extensions"],
+    )
+    model = client.get_model_metadata("affine", as_json=True)
+    assert model["name"] == "affine" and model["versions"] == ["1"] and model["platform"] == "onnxruntime_onnx"
+    # the JSON mapping of proto3 writes int64 as strings
+    assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "4"]}]
+    assert [(t["name"], t["shape"]) for t in model["outputs"]] == [("y", ["-1", "3"]), ("total", ["-1", "1"])]
+
+
+def test_model_config_is_tritons_message(client: grpcclient.InferenceServerClient) -> None:
+    config = client.get_model_config("tiny-cnn-bn").config
+    assert config.name == "tiny-cnn-bn"
+    assert config.max_batch_size == 16
+    assert config.backend == "onnxruntime" and config.platform == "onnxruntime_onnx"
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("input", 11, [1, 8, 8])]  # TYPE_FP32
+    assert [(t.name, list(t.dims)) for t in config.output] == [("logits", [10])]
+    assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
+    assert client.get_model_config("affine", model_version="1").config.max_batch_size == 8
+
+
+def test_metadata_of_an_unknown_model_is_not_found(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        client.get_model_metadata("no-such-model")
+    status, message = _error(raised)
+    assert status == "StatusCode.NOT_FOUND" and "no-such-model" in message
+
+
+def test_health_serves_for_the_server_and_each_model(server: RunningServer) -> None:
+    with grpc.insecure_channel(_target(server)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "inference.GRPCInferenceService", "affine", "tiny-cnn-bn"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == serving
+        with pytest.raises(grpc.RpcError) as raised:
+            health.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- inference --
+
+
+def test_infer_gives_the_http_answer_bit_for_bit(
+    client: grpcclient.InferenceServerClient, server: RunningServer
+) -> None:
+    result = client.infer("affine", [affine_input(ROWS)], request_id="grpc-1")
+    http = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", ROWS)).json()
+    for output in http["outputs"]:
+        got = result.as_numpy(output["name"])
+        assert got is not None and got.dtype == np.float32 and list(got.shape) == output["shape"]
+        # JSON writes each float32 in its shortest form: read back as float32, the very same numbers
+        np.testing.assert_array_equal(got.ravel(), np.asarray(output["data"], dtype=np.float32))
+    y, total = affine_expected(ROWS)
+    np.testing.assert_allclose(result.as_numpy("y"), y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("total"), total, rtol=1e-6, atol=1e-5)
+    response = result.get_response()
+    assert response.id == "grpc-1" and response.model_name == "affine" and response.model_version == "1"
+
+
+def test_only_the_requested_outputs_come_back_in_their_order(client: grpcclient.InferenceServerClient) -> None:
+    outputs = [grpcclient.InferRequestedOutput("total"), grpcclient.InferRequestedOutput("y")]
+    result = client.infer("affine", [affine_input(ROWS)], outputs=outputs)
+    assert [o.name for o in result.get_response().outputs] == ["total", "y"]
+    np.testing.assert_allclose(result.as_numpy("total"), affine_expected(ROWS)[1], rtol=1e-6, atol=1e-5)
+
+
+def test_a_cnn_batch_and_its_classification(client: grpcclient.InferenceServerClient, server: RunningServer) -> None:
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    inputs = [grpcclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)]
+    logits = client.infer("tiny-cnn-bn", inputs).as_numpy("logits")
+    http = httpx.post(f"{server.url}/v2/models/tiny-cnn-bn/infer", json=infer_json("input", x)).json()
+    assert logits is not None
+    np.testing.assert_array_equal(logits.ravel(), np.asarray(http["outputs"][0]["data"], dtype=np.float32))
+    top = client.infer("tiny-cnn-bn", inputs, outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
+    classes = top.as_numpy("logits")
+    assert classes is not None and classes.shape == (5, 3)
+    for row, scores in zip(classes, logits, strict=True):
+        best = np.argsort(-scores, kind="stable")[:3]
+        assert [int(c.decode().split(":")[1]) for c in row] == best.tolist()
+
+
+def test_typed_contents_give_the_raw_answer(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=list(ROWS.shape))
+    tensor.contents.fp32_contents.extend(ROWS.ravel().tolist())
+    response = stub.ModelInfer(pb.ModelInferRequest(model_name="affine", inputs=[tensor]))
+    assert [o.name for o in response.outputs] == ["y", "total"]
+    y = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(list(response.outputs[0].shape))
+    np.testing.assert_allclose(y, affine_expected(ROWS)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_http_and_grpc_requests_batch_together_each_getting_its_rows(server: RunningServer) -> None:
+    """Requests over both protocols at once, to a model that batches: each caller gets its own rows back."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((1 + i % 3, 4)).astype(np.float32) for i in range(24)]
+
+    def over_grpc(x: np.ndarray) -> np.ndarray:
+        with grpcclient.InferenceServerClient(_target(server)) as triton:
+            out = triton.infer("affine", [affine_input(x)]).as_numpy("y")
+            assert out is not None
+            return out
+
+    def over_http(x: np.ndarray) -> np.ndarray:
+        body = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", x)).json()
+        return np.asarray(body["outputs"][0]["data"], dtype=np.float32).reshape(x.shape[0], 3)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(over_grpc if i % 2 else over_http, x) for i, x in enumerate(batches)]
+        for x, future in zip(batches, futures, strict=True):
+            np.testing.assert_allclose(future.result(), affine_expected(x)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_is_answered(client: grpcclient.InferenceServerClient, algorithm: str) -> None:
+    result = client.infer("affine", [affine_input(ROWS)], compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("y"), affine_expected(ROWS)[0], rtol=1e-6, atol=1e-6)
+
+
+# -- errors: the HTTP message, with gRPC's status code --
+
+
+def test_bad_inputs_get_invalid_argument_with_the_http_message(
+    client: grpcclient.InferenceServerClient, server: RunningServer
+) -> None:
+    wrong_type = ROWS.astype(np.float64)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("affine", [grpcclient.InferInput("x", [3, 4], "FP64").set_data_from_numpy(wrong_type)])
+    http = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", wrong_type, datatype="FP64"))
+    assert http.status_code == 400
+    assert _error(raised) == ("StatusCode.INVALID_ARGUMENT", http.json()["error"])
+
+    too_many = np.zeros((9, 4), dtype=np.float32)  # max_batch_size 8
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("affine", [affine_input(too_many)])
+    http = httpx.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", too_many))
+    assert _error(raised) == ("StatusCode.INVALID_ARGUMENT", http.json()["error"])
+
+
+def test_an_unknown_model_is_not_found(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("no-such-model", [affine_input(ROWS)])
+    status, message = _error(raised)
+    assert status == "StatusCode.NOT_FOUND" and "no-such-model" in message
+
+
+def test_raw_contents_that_do_not_match_the_inputs_are_refused(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[3, 4])
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(pb.ModelInferRequest(model_name="affine", inputs=[tensor], raw_input_contents=[b"", b""]))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 entries for 1 inputs" in str(raised.value.details())
+    short = pb.ModelInferRequest(model_name="affine", inputs=[tensor], raw_input_contents=[ROWS.tobytes()[:8]])
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(short)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 48 bytes" in str(raised.value.details())
+
+
+def test_a_passed_deadline_is_deadline_exceeded(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("affine", [affine_input(ROWS)], client_timeout=1e-6)
+    assert _error(raised)[0] == "StatusCode.DEADLINE_EXCEEDED"
+    assert client.infer("affine", [affine_input(ROWS)], client_timeout=30).as_numpy("y") is not None
+
+
+def test_a_message_over_the_limit_is_resource_exhausted(serve: ServeFactory) -> None:
+    with serve(grpc_port=free_port(), grpc_max_message_bytes=4096) as small:
+        with grpcclient.InferenceServerClient(_target(small)) as triton:
+            big = np.zeros((8, 4), dtype=np.float32)
+            big_input = grpcclient.InferInput("x", [8, 4], "FP32").set_data_from_numpy(big)
+            assert triton.infer("affine", [big_input]).as_numpy("y") is not None  # 128 bytes: within
+            x = np.zeros((8, 1, 8, 8), dtype=np.float32)
+            x_input = grpcclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
+            assert triton.infer("tiny-cnn-bn", [x_input]).as_numpy("logits") is not None  # 2 KB
+            x = np.zeros((16, 1, 8, 8), dtype=np.float32)  # 4 KB of data and the message around it
+            with pytest.raises(InferenceServerException) as raised:
+                triton.infer(
+                    "tiny-cnn-bn", [grpcclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)]
+                )
+            status, message = _error(raised)
+            assert status == "StatusCode.RESOURCE_EXHAUSTED" and "4096" in message
+
+
+# -- access and model control --
+
+
+def test_the_api_key_guards_inference(serve: ServeFactory) -> None:
+    with serve(grpc_port=free_port(), api_key="s3cret-s3cret-s3cret") as keyed:
+        with grpcclient.InferenceServerClient(_target(keyed)) as triton:
+            assert triton.is_server_live()  # health is open
+            with pytest.raises(InferenceServerException) as raised:
+                triton.infer("affine", [affine_input(ROWS)])
+            status, message = _error(raised)
+            assert status == "StatusCode.UNAUTHENTICATED" and "API key" in message
+            with pytest.raises(InferenceServerException) as raised:
+                triton.infer("affine", [affine_input(ROWS)], headers={"authorization": "Bearer wrong"})
+            assert _error(raised)[0] == "StatusCode.UNAUTHENTICATED"
+            for headers in ({"authorization": "Bearer s3cret-s3cret-s3cret"}, {"x-api-key": "s3cret-s3cret-s3cret"}):
+                assert triton.infer("affine", [affine_input(ROWS)], headers=headers).as_numpy("y") is not None
+
+
+def test_model_control_is_closed_by_default(client: grpcclient.InferenceServerClient) -> None:
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {(m["name"], m.get("version"), m["state"]) for m in index} >= {("affine", "1", "READY")}
+    with pytest.raises(InferenceServerException) as raised:
+        client.unload_model("affine")
+    status, message = _error(raised)
+    assert status == "StatusCode.PERMISSION_DENIED" and "NORMSERVE_MODEL_CONTROL=explicit" in message
+    assert client.is_model_ready("affine")
+
+
+def test_unload_then_load_when_model_control_is_on(serve: ServeFactory) -> None:
+    with serve(grpc_port=free_port(), model_control="explicit") as controlled:
+        with grpcclient.InferenceServerClient(_target(controlled)) as triton:
+            triton.unload_model("affine")
+            assert not triton.is_model_ready("affine")
+            with pytest.raises(InferenceServerException) as raised:
+                triton.infer("affine", [affine_input(ROWS)])
+            assert _error(raised)[0] in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+            triton.load_model("affine")
+            assert triton.is_model_ready("affine")
+            np.testing.assert_allclose(
+                triton.infer("affine", [affine_input(ROWS)]).as_numpy("y"),
+                affine_expected(ROWS)[0],
+                rtol=1e-6,
+                atol=1e-6,
+            )
+            with pytest.raises(InferenceServerException) as raised:
+                triton.load_model("no-such-model")
+            assert _error(raised)[0] in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")

@@ -63,7 +63,7 @@ ENV NORMSERVE_REPOSITORY=/models \
     NORMSERVE_HOST=0.0.0.0 \
     NORMSERVE_PORT=8000 \
     NORMSERVE_SHUTDOWN_TIMEOUT_S=30
-EXPOSE 8000
+EXPOSE 8000 8001
 # Stop with SIGTERM and a grace above NORMSERVE_SHUTDOWN_TIMEOUT_S (docker stop -t 40, compose
 # stop_grace_period: 40s, Kubernetes terminationGracePeriodSeconds: 45): accepted requests finish.
 STOPSIGNAL SIGTERM

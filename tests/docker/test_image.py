@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from service.runtime import Runtime
@@ -87,6 +88,7 @@ class Container:
     name: str
     url: str
     port: int
+    grpc_port: int = 0  # 0: gRPC off
 
     def logs(self) -> str:
         result = podman("logs", self.name, check=False)
@@ -96,7 +98,7 @@ class Container:
 def start(image: str, repository: Path, **env: str) -> Container:
     port = free_port()
     name = f"normserve-test-{uuid.uuid4().hex[:8]}"
-    settings = {"NORMSERVE_HOST": "127.0.0.1", "NORMSERVE_PORT": str(port), **env}
+    settings = {"NORMSERVE_HOST": "127.0.0.1", "NORMSERVE_PORT": str(port), "NORMSERVE_GRPC_PORT": "0", **env}
     podman(
         # --read-only-tmpfs=false: no writable /tmp either, as docker --read-only and Kubernetes' readOnlyRootFilesystem
         "run", "--detach", "--name", name, "--network", "host", "--read-only", "--read-only-tmpfs=false",
@@ -104,7 +106,7 @@ def start(image: str, repository: Path, **env: str) -> Container:
         *(a for k, v in settings.items() for a in ("--env", f"{k}={v}")),
         image,
     )  # fmt: skip
-    container = Container(name, f"http://127.0.0.1:{port}", port)
+    container = Container(name, f"http://127.0.0.1:{port}", port, int(settings["NORMSERVE_GRPC_PORT"]))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -122,7 +124,7 @@ def start(image: str, repository: Path, **env: str) -> Container:
 
 @pytest.fixture(scope="module")
 def container(image: str, readable_repository: Path) -> Iterator[Container]:
-    running = start(image, readable_repository)
+    running = start(image, readable_repository, NORMSERVE_GRPC_PORT=str(free_port()))
     try:
         yield running
     finally:
@@ -147,7 +149,7 @@ def test_the_image_installs_exactly_the_locked_versions_and_no_torch(container: 
     assert {name: version for name, version in installed.items() if lock.get(name) != version} == {}
 
 
-def test_tritonclient_gets_the_in_process_answers_with_json_and_binary(
+def test_tritonclient_gets_the_in_process_answers_with_json_binary_and_grpc(
     container: Container, readable_repository: Path
 ) -> None:
     client = httpclient.InferenceServerClient(f"127.0.0.1:{container.port}")
@@ -165,7 +167,11 @@ def test_tritonclient_gets_the_in_process_answers_with_json_and_binary(
         np.testing.assert_allclose(affine.as_numpy("y"), affine_expected(rows)[0], rtol=1e-6)
     finally:
         client.close()
-    assert metric(container.url, "normserve_request_success_total", model=CNN, version="1") >= 2
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{container.grpc_port}") as triton:  # and over gRPC
+        assert triton.is_server_ready() and triton.is_model_ready(CNN)
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
+        np.testing.assert_allclose(triton.infer(CNN, [tensor]).as_numpy("logits"), local, rtol=1e-5, atol=1e-6)
+    assert metric(container.url, "normserve_request_success_total", model=CNN, version="1") >= 3
     assert metric(container.url, "normserve_model_provider", model=CNN, version="1", provider="CPUExecutionProvider")
 
 
@@ -230,6 +236,7 @@ def test_the_compose_file_brings_normserve_and_prometheus_up_in_its_cpu_profile(
         "PROMETHEUS_IMAGE": prometheus_image,
         "NORMSERVE_MODELS_DIR": str(readable_repository),
         "NORMSERVE_PORT": str(port),
+        "NORMSERVE_GRPC_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(prometheus_port),
     }
     project = f"normserve-test-{uuid.uuid4().hex[:8]}"

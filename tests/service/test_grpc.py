@@ -8,7 +8,11 @@ this process. A few requests are built with the generated stub itself, where tri
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -21,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from bench.suite.servers import free_port
-from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json
+from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json, metric, start_service
 
 ROWS = np.array([[1.0, 2.0, 3.0, 4.0], [-0.5, 0.25, 8.0, -3.0], [1e-3, -7.5, 2.5, 100.0]], dtype=np.float32)
 
@@ -307,3 +311,54 @@ def test_unload_then_load_when_model_control_is_on(serve: ServeFactory) -> None:
             with pytest.raises(InferenceServerException) as raised:
                 triton.load_model("no-such-model")
             assert _error(raised)[0] in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+
+
+# -- shutdown --
+
+
+def test_sigterm_turns_health_not_serving_and_loses_no_call_it_accepted(built_repository: Path) -> None:
+    """One-row calls queued when SIGTERM comes (a 1.5 s batch delay holds them), and one sent during the drain:
+    health and readiness turn NOT_SERVING at once, every accepted call gets its own answer, the process
+    exits 0."""
+    port = free_port()
+    process, url = start_service(
+        built_repository, NORMSERVE_GRPC_PORT=str(port), NORMSERVE_MAX_QUEUE_DELAY_MS="1500", NORMSERVE_DRAIN_S="1"
+    )
+    target = f"127.0.0.1:{port}"
+    results: dict[int, np.ndarray | str] = {}
+
+    def call(i: int) -> None:
+        with grpcclient.InferenceServerClient(target) as triton:
+            try:
+                results[i] = triton.infer("affine", [affine_input(ROWS[:1] + i)], client_timeout=30).as_numpy("y")
+            except InferenceServerException as e:
+                results[i] = f"{e.status()}: {e.message()}"
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for thread in callers:
+        thread.start()
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        inference = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        deadline = time.monotonic() + 20
+        while metric(url, "normserve_pending_requests", model="affine", version="1") < 4:  # all four queued
+            assert time.monotonic() < deadline, "the calls were never queued"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="affine")).status == (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert not inference.ServerReady(pb.ServerReadyRequest()).ready
+    late = threading.Thread(target=call, args=(4,))  # during the drain: still served
+    late.start()
+    for thread in [*callers, late]:
+        thread.join(timeout=30)
+    _, log = process.communicate(timeout=40)
+    assert process.returncode == 0, log
+    for i in range(5):
+        got = results.get(i)
+        assert isinstance(got, np.ndarray), f"call {i}: {got}"
+        np.testing.assert_allclose(got, affine_expected(ROWS[:1] + i)[0], rtol=1e-6, atol=1e-5)
+    assert "Traceback" not in log

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         le=65535,
         description="the KServe v2 gRPC service's port, on the same host (Triton's default); 0 turns gRPC off",
     )
+    grpc_max_connection_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="close each gRPC connection after this long (GOAWAY, its calls in flight finish), so that "
+        "clients reconnect and a Kubernetes Service spreads them over new replicas; unset: never",
+    )
     grpc_max_message_bytes: int | None = Field(
         default=None,
         ge=1024,

@@ -349,6 +349,10 @@ class GrpcServer:
         settings = self.state.settings
         limit = settings.grpc_max_message_bytes or settings.max_body_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if settings.grpc_max_connection_age_s is not None:
+            # A connection past its age is sent GOAWAY; its calls in flight get the shutdown timeout to finish.
+            options.append(("grpc.max_connection_age_ms", round(settings.grpc_max_connection_age_s * 1000)))
+            options.append(("grpc.max_connection_age_grace_ms", round(settings.shutdown_timeout_s * 1000)))
         server = grpc.aio.server(options=options)
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state, self.access), server)
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self.state), server)

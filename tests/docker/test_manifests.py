@@ -54,7 +54,10 @@ def test_the_inferenceservice_passes_kserves_own_schema_and_speaks_v2(tmp_path: 
     model = load("inferenceservice.yaml")["spec"]["predictor"]["model"]
     runtime = load("servingruntime.yaml")
     assert model["protocolVersion"] == "v2" and model["runtime"] == runtime["metadata"]["name"]
-    assert runtime["spec"]["protocolVersions"] == ["v2"]
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
+    ports = {p["name"]: p["containerPort"] for p in runtime["spec"]["containers"][0]["ports"]}
+    env = {e["name"]: e["value"] for e in runtime["spec"]["containers"][0]["env"]}
+    assert ports == {"h1c": int(env["NORMSERVE_PORT"]), "h2c": int(env["NORMSERVE_GRPC_PORT"])}
     assert runtime["spec"]["supportedModelFormats"][0]["name"] == model["modelFormat"]["name"]
     wrong = load("inferenceservice.yaml")
     wrong["spec"]["predictor"]["model"]["protocolVersions"] = "v2"  # a typo KServe would refuse
@@ -80,8 +83,15 @@ def test_the_deployments_probe_stop_and_lock_down_as_the_image_expects(name: str
     settings = Settings()  # every value the manifest sets is one the service takes
     assert settings.model_control == "none" and "metrics" not in settings.api_key_protects
     # CPU: a pod not ready after 5 minutes restarts. GPU: a pod on CPU stays, not ready, to be looked at.
-    startup = "/v2/health/live" if name == "deployment-gpu.yaml" else "/v2/health/ready"
-    assert container["startupProbe"]["httpGet"]["path"] == startup
+    # CPU: the startup probe asks gRPC's health service (ready as /v2/health/ready says) on the pod's gRPC port.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.port, "grpc": settings.grpc_port}
+    if name == "deployment-gpu.yaml":
+        assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    else:
+        assert container["startupProbe"]["grpc"] == {"port": settings.grpc_port}
+    # gRPC connections are closed after a while, so that a Service spreads them over new replicas.
+    assert settings.grpc_max_connection_age_s is not None and settings.grpc_max_connection_age_s <= 600
     assert pod["enableServiceLinks"] is False  # the Service normserve would set NORMSERVE_PORT=tcp://...
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"

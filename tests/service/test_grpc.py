@@ -8,6 +8,7 @@ this process. A few requests are built with the generated stub itself, where tri
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -362,3 +364,28 @@ def test_sigterm_turns_health_not_serving_and_loses_no_call_it_accepted(built_re
         assert isinstance(got, np.ndarray), f"call {i}: {got}"
         np.testing.assert_allclose(got, affine_expected(ROWS[:1] + i)[0], rtol=1e-6, atol=1e-5)
     assert "Traceback" not in log
+
+
+def test_connections_past_their_age_are_replaced_and_no_call_fails(serve: ServeFactory) -> None:
+    """NORMSERVE_GRPC_MAX_CONNECTION_AGE_S: the server closes a client's connection once it is that old, the
+    client reconnects (from another local port: a Service could send it to another replica), and the calls
+    made across the change all succeed."""
+    port = free_port()
+    with (
+        serve(grpc_port=port, grpc_max_connection_age_s=0.3),
+        grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as triton,
+    ):
+        local_ports, answers = set(), 0
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            y = triton.infer("affine", [affine_input(ROWS)]).as_numpy("y")
+            np.testing.assert_allclose(y, affine_expected(ROWS)[0], rtol=1e-6, atol=1e-6)
+            answers += 1
+            local_ports |= {
+                c.laddr.port
+                for c in psutil.net_connections("tcp")
+                if c.raddr and c.raddr.port == port and c.pid == os.getpid()
+            }
+            time.sleep(0.02)
+    assert answers > 20
+    assert len(local_ports) >= 3, f"the client kept {local_ports} over 2 s at a 0.3 s maximum age"

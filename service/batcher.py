@@ -377,7 +377,7 @@ class Batcher:
             if request.future.done():  # the caller went away
                 continue
             request.phase = _Phase.RUNNING
-            self._metrics.queue_seconds.observe(now - request.enqueued)
+            self._metrics.queued(now - request.enqueued)
             batch.append(request)
             rows += request.rows
         return batch
@@ -396,6 +396,7 @@ class Batcher:
                 feeds = batch[0].feeds
             else:
                 feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
+            put_together = time.perf_counter()
             if self._estimate(rows) <= self._loop_budget_s:
                 outputs = self._run(feeds)
             else:
@@ -420,17 +421,18 @@ class Batcher:
                 if not request.future.done():
                     request.future.set_exception(error)
             return
-        self._metrics.executed(rows, time.perf_counter() - start)
+        ran = time.perf_counter()
         if self.max_requests == 1:  # whole: a graph whose outputs hold per-batch values (statistics) keeps them
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)
-            return
-        offset = 0
-        for request in batch:
-            end = offset + request.rows
-            if not request.future.done():
-                request.future.set_result([out[offset:end] for out in outputs])
-            offset = end
+        else:
+            offset = 0
+            for request in batch:
+                end = offset + request.rows
+                if not request.future.done():
+                    request.future.set_result([out[offset:end] for out in outputs])
+                offset = end
+        self._metrics.executed(rows, len(batch), put_together - start, ran - put_together, time.perf_counter() - ran)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

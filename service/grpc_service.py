@@ -46,6 +46,7 @@ from service.registry import ServedVersion
 from service.routes.health import EXTENSIONS, config_document, metadata_document
 from service.routes.inference import count_failure
 from service.routes.repository_api import index_rows, load_model, unload_model
+from service.routes.statistics import model_statistics
 from service.state import ServiceState
 
 __all__ = ["CODES", "GrpcServer", "HealthServicer", "InferenceServicer", "grpc_document"]
@@ -261,6 +262,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         doc = config_document(self.state.registry.entry(request.name), request.version or None)
         config = json_format.ParseDict(doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
         return pb.ModelConfigResponse(config=config)
+
+    @_call("metadata")
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        stats = model_statistics(self.state.registry, request.name or None, request.version or None)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @_call("inference")
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:

@@ -10,13 +10,107 @@ its requests runs on the served graph, so its rows and batches also count in ``n
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "ModelMetrics"]
+__all__ = ["Duration", "Metrics", "ModelMetrics", "Statistics"]
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Duration:
+    """A count and the nanoseconds it took, as Triton's statistics extension reports each."""
+
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+    def document(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+class Statistics:
+    """One graph's counts in the shape of Triton's statistics extension (``GET /v2/models/stats``, gRPC
+    ModelStatistics), kept as plain integers beside the Prometheus families, over HTTP and gRPC alike.
+
+    As Triton counts them: ``inference_count`` rows and ``execution_count`` batches; ``success`` and
+    ``fail`` requests with their time in the server; ``queue`` each request's wait; ``compute_input`` (the
+    batch's inputs put together), ``compute_infer`` (onnxruntime) and ``compute_output`` (the outputs handed
+    to each request) once per request, each with its batch's time, so the three counts are equal;
+    ``batch_stats`` per batch size (rows), once per batch. No response cache: its counts stay 0.
+    """
+
+    __slots__ = (
+        "batches",
+        "compute_infer",
+        "compute_input",
+        "compute_output",
+        "executions",
+        "fail",
+        "inferences",
+        "last_inference_ms",
+        "queue",
+        "success",
+    )
+
+    def __init__(self) -> None:
+        self.last_inference_ms = 0
+        self.inferences = 0
+        self.executions = 0
+        self.success, self.fail, self.queue = Duration(), Duration(), Duration()
+        self.compute_input, self.compute_infer, self.compute_output = Duration(), Duration(), Duration()
+        self.batches: dict[int, tuple[Duration, Duration, Duration]] = {}
+
+    def executed(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
+        self.inferences += rows
+        self.executions += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        self.compute_input.add(input_s * requests, requests)
+        self.compute_infer.add(infer_s * requests, requests)
+        self.compute_output.add(output_s * requests, requests)
+        by_size = self.batches.get(rows)
+        if by_size is None:
+            by_size = self.batches[rows] = (Duration(), Duration(), Duration())
+        for duration, seconds in zip(by_size, (input_s, infer_s, output_s), strict=True):
+            duration.add(seconds)
+
+    def document(self, name: str, version: str) -> dict[str, Any]:
+        """The entry of ``model_stats`` for the graph, as Triton writes it."""
+        zero = {"count": 0, "ns": 0}
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inferences,
+            "execution_count": self.executions,
+            "inference_stats": {
+                "success": self.success.document(),
+                "fail": self.fail.document(),
+                "queue": self.queue.document(),
+                "compute_input": self.compute_input.document(),
+                "compute_infer": self.compute_infer.document(),
+                "compute_output": self.compute_output.document(),
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": durations[0].document(),
+                    "compute_infer": durations[1].document(),
+                    "compute_output": durations[2].document(),
+                }
+                for size, durations in sorted(self.batches.items())
+            ],
+        }
 
 
 class Metrics:
@@ -28,6 +122,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "normserve") -> None:
         self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        self._statistics: dict[tuple[str, str], Statistics] = {}
         p = prefix
         what = "Inference" if p == "normserve" else "Batchnorm endpoint"
         model = ["model", "version"]
@@ -103,6 +198,13 @@ class Metrics:
     def model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)
 
+    def statistics(self, name: str, version: str) -> Statistics:
+        """The version's statistics (one per name and version: every ModelMetrics of it shares them)."""
+        found = self._statistics.get((name, version))
+        if found is None:
+            found = self._statistics[(name, version)] = Statistics()
+        return found
+
     def failure(self, name: str, version: str, reason: str) -> None:
         self.request_failure.labels(name, version, reason).inc()
 
@@ -129,21 +231,33 @@ class ModelMetrics:
         self.compute_seconds = metrics.compute_seconds.labels(name, version)
         self.pending = metrics.pending.labels(name, version)
         self.held_connections = metrics.held_connections.labels(name, version)
+        self.statistics = metrics.statistics(name, version)
         self._failures: dict[str, Counter] = {}
 
-    def executed(self, rows: int, seconds: float) -> None:
+    def executed(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """One batch of ``rows`` rows from ``requests`` requests: the seconds it took to put its inputs
+        together, to run, and to hand each request its outputs."""
         self.inferences.inc(rows)
         self.executions.inc()
         self.batch_size.observe(rows)
-        self.compute_seconds.observe(seconds)
+        self.compute_seconds.observe(input_s + infer_s)
+        self.statistics.executed(rows, requests, input_s, infer_s, output_s)
+
+    def queued(self, seconds: float) -> None:
+        """One request taken into a batch after ``seconds`` in the queue."""
+        self.queue_seconds.observe(seconds)
+        self.statistics.queue.add(seconds)
 
     def failure(self, reason: str) -> None:
         child = self._failures.get(reason)
         if child is None:  # a label lookup costs microseconds: under overload, refusals come by the thousand
             child = self._failures[reason] = self._metrics.request_failure.labels(self.name, self.version, reason)
         child.inc()
+        self.statistics.fail.add(0.0)
 
     def succeeded(self, started: float) -> None:
         """One request answered with 200; ``started`` is its ``time.perf_counter()`` on arrival."""
+        seconds = time.perf_counter() - started
         self.success.inc()
-        self.request_seconds.observe(time.perf_counter() - started)
+        self.request_seconds.observe(seconds)
+        self.statistics.success.add(seconds)

@@ -19,7 +19,14 @@ __all__ = ["EXTENSIONS", "config_document", "metadata_document", "provider_field
 router = APIRouter(tags=["health and metadata"])
 
 # Triton's names for the protocol extensions this server implements, then normserve's own.
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "batchnorm"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "batchnorm",
+]
 
 
 @router.get("/v2/health/live", summary="Is the process up")

@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha25
 REPOSITORY ?= model_repository
 ARTIFACTS ?= artifacts
 
-.PHONY: help install debian-tools models serve test test-fast bench experiments image image-gpu lint format lock clean
+PERF_VENV := .perf-venv
+
+.PHONY: help install debian-tools perf-analyzer models serve test test-fast bench experiments image image-gpu lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,8 +31,8 @@ serve: models  ## build the default models if missing, then serve them on port 8
 # Debian's packages that tests drive: chromium for the demo page (Playwright's own browser download needs
 # the network at test time), prometheus and promtool for the monitoring files. Where they cannot be
 # installed, those tests are skipped and say why. (podman is installed by docker/build-image.sh.)
-DEBIAN_TOOLS := /usr/bin/chromium:chromium /usr/bin/promtool:prometheus
-debian-tools:  ## install Debian's chromium and prometheus for the browser and monitoring tests, where apt-get can
+DEBIAN_TOOLS := /usr/bin/chromium:chromium /usr/bin/promtool:prometheus /usr/lib/x86_64-linux-gnu/libb64.so.0d:libb64-0d
+debian-tools:  ## install Debian's chromium, prometheus and libb64 (perf_analyzer's) for their tests, where apt-get can
 	@missing=$$(for t in $(DEBIAN_TOOLS); do [ -x "$${t%%:*}" ] || echo "$${t##*:}"; done); \
 	if [ -z "$$missing" ]; then \
 		true; \
@@ -46,7 +48,16 @@ debian-tools:  ## install Debian's chromium and prometheus for the browser and m
 TEST_WORKERS ?= auto
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-test: lint debian-tools  ## install everything, lint, and run the tests
+# Triton's perf_analyzer: only tritonclient 2.41.0's manylinux wheel ships it (newer ones do not). It needs
+# libcudart.so.12 (from the CUDA runtime wheel, no GPU needed) and Debian's libb64; bench/perf_analyzer.py
+# finds both. A venv of its own: that tritonclient would clash with the one the project pins.
+perf-analyzer: debian-tools  ## Triton's perf_analyzer in .perf-venv, for make bench and its test
+	@test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	@test -x $(PERF_VENV)/bin/perf_analyzer || $(PERF_VENV)/bin/python -m pip install --quiet --no-deps \
+		tritonclient==2.41.0 nvidia-cuda-runtime-cu12==12.9.79 \
+		|| echo "make perf-analyzer: could not install it; its test will be skipped"
+
+test: lint debian-tools perf-analyzer  ## install everything, lint, and run the tests
 	$(PYTEST)
 
 test-fast: $(STAMP)  ## the tests without the slow ones (suite smoke, locust, training CLI, images, browser), for the edit-test loop
@@ -60,7 +71,7 @@ image: models  ## the CPU image normserve:cpu, with the default models (podman; 
 image-gpu: models  ## the GPU image normserve:gpu (about 2.8 GB: CUDA 13 and cuDNN 9 wheels)
 	PYTHON=$(BIN)/python docker/build-image.sh gpu normserve:gpu $(REPOSITORY)
 
-bench: models  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
+bench: models perf-analyzer  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
 	$(BIN)/python -m bench.suite
 
 experiments: models  ## measure every normalization claim (about 15 minutes; cached): writes docs/batchnorm.md
@@ -83,4 +94,4 @@ lock:  ## re-resolve the pins in requirements.lock from pyproject.toml, in a scr
 	rm -rf .lock-venv
 
 clean:  ## remove the venv, the built models and caches
-	rm -rf $(VENV) $(ARTIFACTS) $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PERF_VENV) $(ARTIFACTS) $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,41 @@
+"""Triton's perf_analyzer, unchanged, against a real server over HTTP and gRPC: it runs, and the requests it
+counts agree with the server's own statistics (the extension it reads its server-side figures from)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from bench.perf_analyzer import binary, run
+from bench.suite.servers import free_port
+from tests.service.conftest import ServeFactory
+
+pytestmark = pytest.mark.skipif(
+    binary() is None, reason="no perf_analyzer: `make perf-analyzer` installs it (tritonclient 2.41.0's wheel)"
+)
+
+
+def _successes(url: str) -> int:
+    stats = httpx.get(f"{url}/v2/models/affine/stats").json()["model_stats"]
+    return int(stats[0]["inference_stats"]["success"]["count"])
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_runs_and_its_counts_agree_with_the_servers_statistics(
+    serve: ServeFactory, protocol: str
+) -> None:
+    port = free_port()
+    with serve(grpc_port=port) as server:
+        url = server.host if protocol == "http" else f"127.0.0.1:{port}"
+        before = _successes(server.url)
+        (row,) = run(url, protocol, "affine", [2], interval_ms=500, timeout_s=120)
+        sent = _successes(server.url) - before
+    assert row["Inferences/Second"] > 0 and row["p50 latency"] > 0
+    # Over its measurement windows, what it sent and what the server's statistics say it answered agree
+    # (a request in flight at a window's edge may fall on either side).
+    assert row["client_requests"] > 0
+    assert abs(row["client_requests"] - row["server_successes"]) <= max(4, 0.02 * row["client_requests"])
+    # and the server answered at least those (perf_analyzer also sends before and between its windows)
+    assert sent >= row["client_requests"]
+    # its server-side breakdown comes from the statistics extension: compute infer cannot be zero
+    assert row["Server Compute Infer"] > 0

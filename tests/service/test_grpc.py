@@ -21,12 +21,15 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from bench.suite.servers import free_port
+from repository import ModelConfig, TensorSpec, write_version
 from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json, metric, start_service
 
 ROWS = np.array([[1.0, 2.0, 3.0, 4.0], [-0.5, 0.25, 8.0, -3.0], [1e-3, -7.5, 2.5, 100.0]], dtype=np.float32)
@@ -59,6 +62,18 @@ def stub(server: RunningServer) -> Iterator[service_pb2_grpc.GRPCInferenceServic
 
 def affine_input(x: np.ndarray) -> grpcclient.InferInput:
     return grpcclient.InferInput("x", list(x.shape), "FP32").set_data_from_numpy(x)
+
+
+def httpclient_answer(url: str, model: str, ids: np.ndarray) -> np.ndarray:
+    """The INT64 answer over HTTP, as binary data, through tritonclient.http."""
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    try:
+        tensor = httpclient.InferInput("ids", list(ids.shape), "INT64").set_data_from_numpy(ids, binary_data=True)
+        answer = client.infer(model, [tensor]).as_numpy("next")
+    finally:
+        client.close()
+    assert answer is not None
+    return answer
 
 
 def _error(raised: pytest.ExceptionInfo[InferenceServerException]) -> tuple[str, str]:
@@ -389,3 +404,63 @@ def test_connections_past_their_age_are_replaced_and_no_call_fails(serve: ServeF
             time.sleep(0.02)
     assert answers > 20
     assert len(local_ports) >= 3, f"the client kept {local_ports} over 2 s at a 0.3 s maximum age"
+
+
+# -- other datatypes and sizes --
+
+
+def _repository_with_int64_and_large_inputs(root: Path) -> None:
+    """A model of INT64 tensors (ids + 1), and one whose rows are 4 MiB of FP32 (their sums, per line)."""
+    one = numpy_helper.from_array(np.array(1, dtype=np.int64), "one")
+    counter = helper.make_graph(
+        [helper.make_node("Add", ["ids", "one"], ["next"])],
+        "counter",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("next", TensorProto.INT64, ["N", 3])],
+        [one],
+    )
+    axes = numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
+    big = helper.make_graph(
+        [helper.make_node("ReduceSum", ["image", "axes"], ["sums"], keepdims=0)],
+        "big",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1024, 1024])],
+        [helper.make_tensor_value_info("sums", TensorProto.FLOAT, ["N", 1024])],
+        [axes],
+    )
+    for graph, inputs, outputs in (
+        (
+            counter,
+            [TensorSpec(name="ids", datatype="INT64", shape=[-1, 3])],
+            [TensorSpec(name="next", datatype="INT64", shape=[-1, 3])],
+        ),
+        (
+            big,
+            [TensorSpec(name="image", datatype="FP32", shape=[-1, 1024, 1024])],
+            [TensorSpec(name="sums", datatype="FP32", shape=[-1, 1024])],
+        ),
+    ):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        config = ModelConfig(name=graph.name, max_batch_size=8, inputs=inputs, outputs=outputs)
+        write_version(root, config, "1", model.SerializeToString(), {"trained": False, "description": "test"})
+
+
+def test_int64_outputs_and_a_20_mb_raw_request(serve: ServeFactory, tmp_path: Path) -> None:
+    _repository_with_int64_and_large_inputs(tmp_path)
+    port = free_port()
+    with (
+        serve(repository=tmp_path, grpc_port=port) as server,
+        grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as triton,
+    ):
+        ids = np.array([[0, 1, 2], [2**62, -5, 7]], dtype=np.int64)  # past what a float64 holds exactly
+        got = triton.infer("counter", [grpcclient.InferInput("ids", [2, 3], "INT64").set_data_from_numpy(ids)])
+        answer = got.as_numpy("next")
+        assert answer is not None and answer.dtype == np.int64
+        np.testing.assert_array_equal(answer, ids + 1)
+        over_http = httpclient_answer(server.url, "counter", ids)
+        assert over_http.tobytes() == answer.tobytes()  # binary-equal over both protocols
+
+        image = np.random.default_rng(0).random((5, 1024, 1024), dtype=np.float32)  # 20 MiB, past grpcio's 4 MiB
+        sums = triton.infer(
+            "big", [grpcclient.InferInput("image", list(image.shape), "FP32").set_data_from_numpy(image)]
+        )
+        np.testing.assert_allclose(sums.as_numpy("sums"), image.sum(axis=2), rtol=1e-4)

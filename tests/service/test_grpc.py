@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -31,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from bench.suite.servers import free_port
 from repository import ModelConfig, TensorSpec, write_version
 from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json, metric, start_service
+from tests.service.malformed import GOOD_INPUT, x_input
 
 ROWS = np.array([[1.0, 2.0, 3.0, 4.0], [-0.5, 0.25, 8.0, -3.0], [1e-3, -7.5, 2.5, 100.0]], dtype=np.float32)
 
@@ -464,3 +466,107 @@ def test_int64_outputs_and_a_20_mb_raw_request(serve: ServeFactory, tmp_path: Pa
             "big", [grpcclient.InferInput("image", list(image.shape), "FP32").set_data_from_numpy(image)]
         )
         np.testing.assert_allclose(sums.as_numpy("sums"), image.sum(axis=2), rtol=1e-4)
+
+
+def _request(
+    *tensors: pb.ModelInferRequest.InferInputTensor, raw: list[bytes] | None = None, **fields: Any
+) -> pb.ModelInferRequest:
+    return pb.ModelInferRequest(model_name="affine", inputs=list(tensors), raw_input_contents=raw or [], **fields)
+
+
+def _x(
+    shape: list[int], datatype: str = "FP32", name: str = "x", values: list[float] | None = None
+) -> pb.ModelInferRequest.InferInputTensor:
+    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+    if values is not None:
+        tensor.contents.fp32_contents.extend(values)
+    return tensor
+
+
+FOUR = [1.0, 2.0, 3.0, 4.0]
+# gRPC requests with the fault of a row of the HTTP bad-input table (tests/service/malformed.py), the JSON
+# request that has it over HTTP (None where only gRPC can send it), and what the message must hold.
+GRPC_CASES: list[tuple[str, pb.ModelInferRequest, dict[str, Any] | None, list[str]]] = [
+    (
+        "shape with 5 columns",
+        _request(_x([1, 5], values=[0.0] * 5)),
+        x_input(shape=[1, 5], data=[0] * 5).body,
+        ["expected [-1, 4]"],
+    ),
+    ("datatype FP64", _request(_x([1, 4], "FP64"), raw=[b"\0" * 32]), None, ["'FP64'", "expected FP32"]),
+    (
+        "unknown input name",
+        _request(_x([1, 4], name="input", values=FOUR)),
+        x_input(name="input").body,
+        ["no input 'input'"],
+    ),
+    ("no inputs", _request(), {"inputs": []}, ["'inputs' is []", "x (FP32 [-1, 4])"]),
+    (
+        "input given twice",
+        _request(_x([1, 4], values=FOUR), _x([1, 4], values=FOUR)),
+        {"inputs": [GOOD_INPUT, GOOD_INPUT]},
+        ["given twice"],
+    ),
+    (
+        "too few values",
+        _request(_x([1, 4], values=[1.0, 2.0, 3.0])),
+        x_input(data=[1, 2, 3]).body,
+        ["has 3 values", "needs 4"],
+    ),
+    ("zero rows", _request(_x([0, 4], values=[])), x_input(shape=[0, 4], data=[]).body, ["has 0 rows", "at least 1"]),
+    (
+        "9 rows, over max batch 8",
+        _request(_x([9, 4], values=[0.0] * 36)),
+        infer_json("x", np.ones((9, 4), np.float32)),
+        ["max batch size of 8"],
+    ),
+    (
+        "unknown output",
+        _request(_x([1, 4], values=FOUR), outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="z")]),
+        {"inputs": [GOOD_INPUT], "outputs": [{"name": "z"}]},
+        ["no output 'z'"],
+    ),
+    (
+        "NaN in raw contents",
+        _request(_x([1, 4]), raw=[np.array([0, np.nan, 1, 2], np.float32).tobytes()]),
+        None,
+        ["1 NaN or Infinity value(s)", "flat index 1"],
+    ),
+    (
+        "NaN in typed contents",
+        _request(_x([1, 4], values=[0.0, float("nan"), 1.0, 2.0])),
+        None,
+        ["NaN or Infinity", "finite numbers"],
+    ),
+    ("raw contents 12 bytes", _request(_x([1, 4]), raw=[b"\0" * 12]), None, ["FP32 needs 16 bytes"]),
+    (
+        "negative timeout",
+        _request(_x([1, 4], values=FOUR), parameters={"timeout": pb.InferParameter(int64_param=-1)}),
+        {"inputs": [GOOD_INPUT], "parameters": {"timeout": -1}},
+        ["'timeout' is -1", "positive number of microseconds"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("description", "request_", "over_http", "fragments"), GRPC_CASES, ids=[c[0] for c in GRPC_CASES]
+)
+def test_a_bad_input_is_invalid_argument_with_the_http_message(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+    server: RunningServer,
+    description: str,
+    request_: pb.ModelInferRequest,
+    over_http: dict[str, Any] | None,
+    fragments: list[str],
+) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(request_)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, description
+    message = str(raised.value.details())
+    for fragment in fragments:
+        assert fragment in message, f"{description}: {message}"
+    if over_http is not None:
+        http = httpx.post(f"{server.url}/v2/models/affine/infer", json=over_http)
+        assert http.status_code == 400 and http.json()["error"] == message
+    answered = stub.ModelInfer(_request(_x([1, 4], values=FOUR)))  # and the server goes on answering
+    assert np.frombuffer(answered.raw_output_contents[0], np.float32).shape == (3,)

@@ -174,12 +174,12 @@ async def infer(state: ServiceState, request: pb.ModelInferRequest, remaining_s:
         outputs = await served.batcher.submit(parsed.feeds, parsed.rows, deadline)
         response = _response(served, parsed, dict(zip(served.runtime.output_names, outputs, strict=True)))
     except ServeError as e:
-        count_failure(state, served.metrics if served else None, model_name, e.reason)
+        count_failure(state, served.metrics if served else None, model_name, e.reason, protocol="grpc")
         raise
     except Exception:
-        count_failure(state, served.metrics if served else None, model_name, "internal")
+        count_failure(state, served.metrics if served else None, model_name, "internal", protocol="grpc")
         raise
-    served.metrics.succeeded(started)
+    served.metrics.succeeded(started, "grpc")
     return response
 
 

@@ -126,12 +126,16 @@ class Metrics:
         p = prefix
         what = "Inference" if p == "normserve" else "Batchnorm endpoint"
         model = ["model", "version"]
-        self.request_success = Counter(f"{p}_request_success", f"{what} requests answered with 200", model, registry=r)
+        # Requests are counted by the protocol they came over: http or grpc.
+        by_protocol = [*model, "protocol"]
+        self.request_success = Counter(
+            f"{p}_request_success", f"{what} requests answered with 200 (gRPC: OK)", by_protocol, registry=r
+        )
         self.request_failure = Counter(
             f"{p}_request_failure",
             f"{what} requests answered with an error, by reason (invalid_input, not_found, too_large, "
             "unsupported_media_type, not_ready, overloaded, deadline, disconnected, internal)",
-            [*model, "reason"],
+            [*by_protocol, "reason"],
             registry=r,
         )
         self.inference_count = Counter(
@@ -142,7 +146,7 @@ class Metrics:
         self.request_seconds = Histogram(
             f"{p}_request_duration_seconds",
             "Time from a request's headers to its answer, for requests answered with 200",
-            model,
+            by_protocol,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -205,8 +209,8 @@ class Metrics:
             found = self._statistics[(name, version)] = Statistics()
         return found
 
-    def failure(self, name: str, version: str, reason: str) -> None:
-        self.request_failure.labels(name, version, reason).inc()
+    def failure(self, name: str, version: str, reason: str, protocol: str = "http") -> None:
+        self.request_failure.labels(model=name, version=version, protocol=protocol, reason=reason).inc()
 
     def connection_closed(self, reason: str) -> None:
         child = self._closed.get(reason)
@@ -222,8 +226,11 @@ class ModelMetrics:
         self._metrics = metrics
         self.name = name
         self.version = version
-        self.success = metrics.request_success.labels(name, version)
-        self.request_seconds = metrics.request_seconds.labels(name, version)
+        # The children of both protocols, bound once: HTTP's first, as the hot path's.
+        self.success = metrics.request_success.labels(name, version, "http")
+        self.request_seconds = metrics.request_seconds.labels(name, version, "http")
+        self.success_grpc = metrics.request_success.labels(name, version, "grpc")
+        self.request_seconds_grpc = metrics.request_seconds.labels(name, version, "grpc")
         self.inferences = metrics.inference_count.labels(name, version)
         self.executions = metrics.execution_count.labels(name, version)
         self.batch_size = metrics.batch_size.labels(name, version)
@@ -232,7 +239,7 @@ class ModelMetrics:
         self.pending = metrics.pending.labels(name, version)
         self.held_connections = metrics.held_connections.labels(name, version)
         self.statistics = metrics.statistics(name, version)
-        self._failures: dict[str, Counter] = {}
+        self._failures: dict[tuple[str, str], Counter] = {}
 
     def executed(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One batch of ``rows`` rows from ``requests`` requests: the seconds it took to put its inputs
@@ -248,16 +255,22 @@ class ModelMetrics:
         self.queue_seconds.observe(seconds)
         self.statistics.queue.add(seconds)
 
-    def failure(self, reason: str) -> None:
-        child = self._failures.get(reason)
+    def failure(self, reason: str, protocol: str = "http") -> None:
+        child = self._failures.get((reason, protocol))
         if child is None:  # a label lookup costs microseconds: under overload, refusals come by the thousand
-            child = self._failures[reason] = self._metrics.request_failure.labels(self.name, self.version, reason)
+            child = self._failures[(reason, protocol)] = self._metrics.request_failure.labels(
+                model=self.name, version=self.version, protocol=protocol, reason=reason
+            )
         child.inc()
         self.statistics.fail.add(0.0)
 
-    def succeeded(self, started: float) -> None:
-        """One request answered with 200; ``started`` is its ``time.perf_counter()`` on arrival."""
+    def succeeded(self, started: float, protocol: str = "http") -> None:
+        """One request answered with 200 (gRPC: OK); ``started`` is its ``time.perf_counter()`` on arrival."""
         seconds = time.perf_counter() - started
-        self.success.inc()
-        self.request_seconds.observe(seconds)
+        if protocol == "grpc":
+            self.success_grpc.inc()
+            self.request_seconds_grpc.observe(seconds)
+        else:
+            self.success.inc()
+            self.request_seconds.observe(seconds)
         self.statistics.success.add(seconds)

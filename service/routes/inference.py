@@ -240,15 +240,21 @@ async def read_request_body(
 
 
 def count_failure(
-    state: ServiceState, served: ModelMetrics | None, model_name: str, reason: str, family: Metrics | None = None
+    state: ServiceState,
+    served: ModelMetrics | None,
+    model_name: str,
+    reason: str,
+    family: Metrics | None = None,
+    protocol: str = "http",
 ) -> None:
     """Label a failure with the version that served (its metric children ``served``), else with the model
     if it exists: never with a name the client made up, which would add a time series per typo.
     ``family`` is where the unlabelled failures go (the server's main metrics by default)."""
     if served is not None:
-        served.failure(reason)
+        served.failure(reason, protocol)
     else:
-        (family or state.metrics).failure(model_name if model_name in state.registry.models else "", "", reason)
+        name = model_name if model_name in state.registry.models else ""
+        (family or state.metrics).failure(name, "", reason, protocol)
 
 
 async def infer(

@@ -45,7 +45,10 @@ def test_locust_drives_the_model_without_failures(server: RunningServer, tmp_pat
     assert entry["method"] == "POST"
     assert entry["num_requests"] > 0, output
     assert entry["num_failures"] == 0, output
-    assert server.metric("normserve_request_success_total", model=MODEL, version="1") == entry["num_requests"]
+    assert (
+        server.metric("normserve_request_success_total", model=MODEL, version="1", protocol="http")
+        == entry["num_requests"]
+    )
 
 
 def test_unknown_model_stops_locust_at_start(server: RunningServer, tmp_path: Path) -> None:

@@ -171,7 +171,8 @@ def test_tritonclient_gets_the_in_process_answers_with_json_binary_and_grpc(
         assert triton.is_server_ready() and triton.is_model_ready(CNN)
         tensor = grpcclient.InferInput("input", list(x.shape), "FP32").set_data_from_numpy(x)
         np.testing.assert_allclose(triton.infer(CNN, [tensor]).as_numpy("logits"), local, rtol=1e-5, atol=1e-6)
-    assert metric(container.url, "normserve_request_success_total", model=CNN, version="1") >= 3
+    assert metric(container.url, "normserve_request_success_total", model=CNN, version="1", protocol="http") >= 2
+    assert metric(container.url, "normserve_request_success_total", model=CNN, version="1", protocol="grpc") == 1
     assert metric(container.url, "normserve_model_provider", model=CNN, version="1", provider="CPUExecutionProvider")
 
 

@@ -134,9 +134,14 @@ def test_failures_are_counted_by_reason_and_model(server: RunningServer) -> None
         assert request_.send(server.url).status_code >= 400
     assert_still_serves(server)
     count = server.metric
-    assert count("normserve_request_failure_total", model="affine", reason="invalid_input", version="1") == 3
-    assert count("normserve_request_failure_total", model="", reason="not_found", version="") == 1  # unknown model
-    assert count("normserve_request_success_total", model="affine", version="1") == 1
+    assert (
+        count("normserve_request_failure_total", model="affine", reason="invalid_input", version="1", protocol="http")
+        == 3
+    )
+    assert (
+        count("normserve_request_failure_total", model="", reason="not_found", version="", protocol="http") == 1
+    )  # unknown model
+    assert count("normserve_request_success_total", model="affine", version="1", protocol="http") == 1
 
 
 def test_made_up_versions_do_not_mint_metric_series(server: RunningServer) -> None:

@@ -181,7 +181,12 @@ def test_a_model_without_batchnorm_gets_a_400_naming_its_norm_layers(server: Run
     assert response.status_code == 400
     error = response.json()["error"]
     assert "has no BatchNorm layer" in error and "GroupNorm x" in error and "Expected a BatchNorm model" in error
-    assert server.metric("normserve_batchnorm_request_failure_total", model=GN, version="", reason="invalid_input") >= 1
+    assert (
+        server.metric(
+            "normserve_batchnorm_request_failure_total", model=GN, version="", protocol="http", reason="invalid_input"
+        )
+        >= 1
+    )
 
 
 def binary_body(feeds: dict[str, np.ndarray], datatypes: dict[str, str]) -> tuple[bytes, dict[str, str]]:
@@ -293,14 +298,22 @@ def test_bad_requests_get_the_errors_infer_gives(
 def test_an_unsupported_content_type_is_415_and_counted(server: RunningServer) -> None:
     # The model and its version are known from the head, before the body is looked at.
     before = server.metric(
-        "normserve_batchnorm_request_failure_total", model=CNN, version="1", reason="unsupported_media_type"
+        "normserve_batchnorm_request_failure_total",
+        model=CNN,
+        version="1",
+        protocol="http",
+        reason="unsupported_media_type",
     )
     response = httpx.post(
         f"{server.url}/v2/models/{CNN}/batchnorm", content=b"x", headers={"Content-Type": "text/plain"}
     )
     assert response.status_code == 415 and "application/json" in response.json()["error"]
     after = server.metric(
-        "normserve_batchnorm_request_failure_total", model=CNN, version="1", reason="unsupported_media_type"
+        "normserve_batchnorm_request_failure_total",
+        model=CNN,
+        version="1",
+        protocol="http",
+        reason="unsupported_media_type",
     )
     assert after == before + 1
 
@@ -322,7 +335,7 @@ async def test_concurrent_requests_are_never_batched_together(serve: ServeFactor
         # The running-statistics half runs on the served graph, one request at a time on the endpoint's own
         # queue: its rows count with infer's, but it never waits in (or fills) infer's queue.
         assert server.metric("normserve_execution_count_total", **labels) - served_executions == len(batches)
-        assert server.metric("normserve_batchnorm_request_success_total", **labels) == 2 * len(batches)
+        assert server.metric("normserve_batchnorm_request_success_total", **labels, protocol="http") == 2 * len(batches)
     for solo, response in zip(alone, together, strict=True):
         assert response.status_code == 200, response.text
         answer = response.json()

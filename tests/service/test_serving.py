@@ -67,7 +67,9 @@ async def test_a_burst_past_the_queue_limit_gets_fast_503s_and_loses_nothing_acc
                 return response
 
             responses = await asyncio.gather(*(send(i) for i in range(20)))
-        refused = server.metric("normserve_request_failure_total", model="affine", version="1", reason="overloaded")
+        refused = server.metric(
+            "normserve_request_failure_total", model="affine", version="1", protocol="http", reason="overloaded"
+        )
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 3 and statuses.count(503) == 17
     assert finished == [503] * 17 + [200] * 3, "every refusal comes at once, before the queued batch runs"
@@ -136,7 +138,11 @@ async def test_a_request_refused_from_its_head_skips_its_body_and_the_connection
             writer.close()
             np.testing.assert_allclose(logits(await queued), affine_expected(x)[0], rtol=1e-6)
         metric = "normserve_request_failure_total"
-        overloaded = server.metric(metric, model="affine", version="1", reason="overloaded") if not api_key else 0
+        overloaded = (
+            server.metric(metric, model="affine", version="1", protocol="http", reason="overloaded")
+            if not api_key
+            else 0
+        )
     if api_key is None:  # refused from the head; the bodies are skipped, and the next request is answered
         for status, headers, error in answers[:2]:
             assert status == 503 and headers[b"retry-after"] == b"1", error
@@ -283,8 +289,8 @@ async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> N
         labels = {"model": "affine", "version": "1"}
         metric = server.metric
         assert {a.status_code for a in answers} == {200}
-        assert metric("normserve_request_success_total", **labels) == len(sizes)
-        assert metric("normserve_request_failure_total", **labels, reason="invalid_input") == 1
+        assert metric("normserve_request_success_total", **labels, protocol="http") == len(sizes)
+        assert metric("normserve_request_failure_total", **labels, protocol="http", reason="invalid_input") == 1
         assert metric("normserve_inference_count_total", **labels) == sum(sizes)
         executions = metric("normserve_execution_count_total", **labels)
         assert 1 <= executions < len(sizes)  # the 50 ms delay gathered them
@@ -296,7 +302,7 @@ async def test_metrics_count_rows_batches_and_outcomes(serve: ServeFactory) -> N
         # the event loop's timers count from its clock as read at the start of a loop pass, so on a loaded
         # machine a pass held up that long can let the delay's timer fire at once (seen once in CI).
         queued = metric("normserve_queue_duration_seconds_sum", **labels)
-        assert metric("normserve_request_duration_seconds_sum", **labels) >= queued > 0
+        assert metric("normserve_request_duration_seconds_sum", **labels, protocol="http") >= queued > 0
         assert metric("normserve_pending_requests", **labels) == 0
         assert metric("normserve_queue_limit", **labels) == 512
         assert metric("normserve_model_ready", **labels) == 1

@@ -65,6 +65,13 @@ def test_counts_after_a_known_sequence_over_both_protocols(serve: ServeFactory) 
         assert int(grpc_entry["inference_stats"]["success"]["count"]) == 8
         assert int(grpc_entry["inference_stats"]["fail"]["count"]) == 1
 
+        # and Prometheus has them by protocol
+        labels = {"model": "affine", "version": "1"}
+        assert server.metric("normserve_request_success_total", **labels, protocol="http") == 4
+        assert server.metric("normserve_request_success_total", **labels, protocol="grpc") == 4
+        assert server.metric("normserve_request_duration_seconds_count", **labels, protocol="grpc") == 4
+        assert server.metric("normserve_request_failure_total", **labels, protocol="http", reason="invalid_input") == 1
+
 
 def test_every_served_model_is_listed_and_an_unknown_one_is_not_found(serve: ServeFactory) -> None:
     port = free_port()

@@ -224,7 +224,14 @@ def test_a_body_shorter_than_its_content_length_gets_408_within_the_body_timeout
         assert status_of(answer) == 408 and b"NORMSERVE_BODY_TIMEOUT_S" in answer
         assert seconds < TIMEOUT_S + SLACK_S, f"a slow body's connection was closed after {seconds:.2f} s"
     assert (
-        metric(service.url, "normserve_request_failure_total", model="affine", version="1", reason="disconnected")
+        metric(
+            service.url,
+            "normserve_request_failure_total",
+            model="affine",
+            version="1",
+            protocol="http",
+            reason="disconnected",
+        )
         >= 100
     )
 

@@ -2,11 +2,11 @@
 
     python -m bench.perf_analyzer --url 127.0.0.1:8001 --protocol grpc --model cnn-bn --concurrency 1 16 64
 
-perf_analyzer is a load tester nobody here wrote: it reads the model's metadata and config, sends random
-inputs of the model's shapes (binary over HTTP, raw over gRPC; ``--json`` sends JSON over HTTP), and
-reports throughput, latency percentiles and, from the statistics extension, where the server's time went
-(queue, compute input, compute infer, compute output). Its CSV has one row per concurrency; its stdout
-has the counts.
+perf_analyzer is a load tester nobody here wrote: it reads the model's metadata and config, sends zeros of
+the model's shapes (its default, random bytes, holds NaN, which the server refuses) as binary over HTTP, raw
+over gRPC (``--json``: JSON over HTTP), and reports throughput, latency percentiles and, from the
+statistics extension, where the server's time went (queue, compute input, compute infer, compute output).
+Its CSV has one row per concurrency; its stdout has the counts.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["binary", "environment", "run"]
+__all__ = ["MAX_TRIALS", "binary", "environment", "run"]
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_TRIALS = 6  # measurement windows per level at most, stable or not (perf_analyzer's default is 10)
 VENV = ROOT / ".perf-venv"
 
 
@@ -46,11 +47,16 @@ def environment(path: Path) -> dict[str, str]:
 
 
 def _counts(stdout: str) -> list[dict[str, int]]:
-    """Per concurrency, in order: the client's request count and the server's successful request count
-    over perf_analyzer's measurement windows."""
+    """Per concurrency, in order: the client's request count, the server's successful request count over
+    perf_analyzer's measurement windows, and the server's overhead (microseconds: a request's time in the
+    server outside its queue and compute, from the statistics extension)."""
     client = [int(n) for n in re.findall(r"^\s+Request count: (\d+)", stdout, re.M)]
     server = [int(n) for n in re.findall(r"^\s+Successful request count: (\d+)", stdout, re.M)]
-    return [{"client_requests": c, "server_successes": s} for c, s in zip(client, server, strict=False)]
+    overhead = [int(n) for n in re.findall(r"Avg request latency: \d+ usec \(overhead (\d+) usec", stdout)]
+    return [
+        {"client_requests": c, "server_successes": s, "Server Overhead": o}
+        for c, s, o in zip(client, server, overhead, strict=False)
+    ]
 
 
 def run(
@@ -70,35 +76,79 @@ def run(
         raise FileNotFoundError("no perf_analyzer: `make perf-analyzer` installs it in .perf-venv")
     out = []
     for level in concurrency:
-        with tempfile.TemporaryDirectory() as work:
-            report = Path(work) / "report.csv"
-            argv = [
-                str(path),
-                "-m", model,
-                "-u", url,
-                "-i", protocol,
-                "-b", str(batch),
-                "--concurrency-range", str(level),
-                "--measurement-interval", str(interval_ms),
-                "-f", str(report),
-                "--verbose-csv",
-            ]  # fmt: skip
-            if json_data:
-                argv += ["--input-tensor-format=json", "--output-tensor-format=json"]
-            done = subprocess.run(argv, capture_output=True, text=True, env=environment(path), timeout=timeout_s)
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"perf_analyzer failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}"
-                )
-            (row,) = list(csv.DictReader(io.StringIO(report.read_text())))
-        parsed: dict[str, Any] = {k: float(v) for k, v in row.items() if _number(v)}
-        counts = _counts(done.stdout)
-        parsed |= counts[-1] if counts else {}
-        command = " ".join(argv[1:]).replace(str(report), "report.csv")
-        out.append(
-            parsed | {"protocol": protocol, "model": model, "json": json_data, "command": f"perf_analyzer {command}"}
-        )
+        # A level whose windows never agree within 10 % is run again with windows 2.5 times as long; if they
+        # still do not, its figures are those of the last window, marked unstable.
+        row: dict[str, Any] | None = None
+        for interval in (interval_ms, int(interval_ms * 2.5)):
+            row = _one_level(path, url, protocol, model, level, json_data, batch, interval, timeout_s)
+            if row["stable"]:
+                break
+        assert row is not None
+        out.append(row)
     return out
+
+
+def _one_level(
+    path: Path,
+    url: str,
+    protocol: str,
+    model: str,
+    level: int,
+    json_data: bool,
+    batch: int,
+    interval_ms: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as work:
+        report = Path(work) / "report.csv"
+        argv = [
+            str(path),
+            "-m", model,
+            "-u", url,
+            "-i", protocol,
+            "-b", str(batch),
+            "--concurrency-range", str(level),
+            "--measurement-interval", str(interval_ms),
+            "--max-trials", str(MAX_TRIALS),
+            # Its default, random bytes, makes NaN and Infinity floats, which the server refuses (400).
+            "--input-data", "zero",
+            "-f", str(report),
+            "--verbose-csv",
+        ]  # fmt: skip
+        if json_data:
+            argv += ["--input-tensor-format=json", "--output-tensor-format=json"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=environment(path), timeout=timeout_s)
+        rows = list(csv.DictReader(io.StringIO(report.read_text()))) if report.exists() else []
+    command = "perf_analyzer " + " ".join(argv[1:]).replace(str(report), "report.csv")
+    labels = {"protocol": protocol, "model": model, "json": json_data, "command": command}
+    if rows:
+        parsed: dict[str, Any] = {k: float(v) for k, v in rows[-1].items() if _number(v)}
+        counts = _counts(done.stdout)
+        return parsed | (counts[-1] if counts else {}) | {"stable": done.returncode == 0} | labels
+    said = done.stdout + done.stderr
+    if "Failed to obtain stable measurement" in said:  # no CSV: whatever it printed of its windows
+        return _last_window(said, level) | {"stable": False} | labels
+    raise RuntimeError(f"perf_analyzer failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def _last_window(stdout: str, level: int) -> dict[str, Any]:
+    """What perf_analyzer printed of its last window where it wrote no CSV (its windows never agreed)."""
+
+    def last(pattern: str) -> float:
+        found = re.findall(pattern, stdout, re.IGNORECASE)
+        return float(found[-1]) if found else 0.0
+
+    return {
+        "Concurrency": float(level),
+        "Inferences/Second": last(r"throughput: ([\d.]+) infer/sec"),  # "Pass [n] throughput: ..." too
+        "p50 latency": last(r"p50 latency: (\d+) usec"),
+        "p99 latency": last(r"p99 latency: (\d+) usec"),
+        "Server Queue": last(r"queue (\d+) usec"),
+        "Server Compute Input": last(r"compute input (\d+) usec"),
+        "Server Compute Infer": last(r"compute infer (\d+) usec"),
+        "Server Compute Output": last(r"compute output (\d+) usec"),
+        "Server Overhead": last(r"\(overhead (\d+) usec"),
+    }
 
 
 def _number(text: str) -> bool:

@@ -9,12 +9,13 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import bench.suite
 from bench.suite.plan import FULL, ROOT, SMOKE
-from bench.suite.scenarios import OVERLOAD_SIZES, Suite, overload, run_suite
-from bench.suite.writing import overload_markdown, write_report
+from bench.suite.scenarios import OVERLOAD_SIZES, Suite, overload, perf_analyzer_part, run_suite
+from bench.suite.writing import overload_markdown, perf_markdown, write_report
 
 __all__ = ["main"]
 
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="seconds-long windows: checks the suite runs, measures nothing")
     p.add_argument(
         "--only",
-        choices=["overload"],
-        help="run one part alone: print its tables and T7, write its results to --json, leave --doc as it is",
+        choices=["overload", "perf"],
+        help="run one part alone (overload: T7; perf: perf_analyzer over HTTP and gRPC, T8): print its tables, "
+        "write its results to --json, leave --doc as it is",
     )
     p.add_argument("--json", type=Path, help="with --only: where to write the part's results")
     args = p.parse_args(argv)
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
         print(overload_markdown(results))
+        return 0
+    if args.only == "perf":
+        results = suite.results | {"plan": asdict(suite.plan), "perf_analyzer": perf_analyzer_part(suite)}
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(perf_markdown(results))
         return 0
     results = run_suite(suite)
     results["suite_seconds"] = round(time.perf_counter() - started, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["overload_targets", "targets", "rate"]
+__all__ = ["overload_targets", "perf_targets", "targets", "rate"]
 
 
 def rate(row: dict[str, Any]) -> float:
@@ -71,6 +71,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             "met": memory["rss_ready_mb"] <= 600 and growth <= 0.05 and memory["requests"] >= 100_000,
         },
         *overload_targets(r),
+        *perf_targets(r),
         {
             "target": "T6",
             "goal": "ready ≤ 10 s after the process starts, default models built",
@@ -131,3 +132,35 @@ def _percent(share: float | None) -> str:
 def _errors(row: dict[str, Any]) -> str:
     errors = row["errors"]
     return ", ".join(f"{n:,} {reason}" for reason, n in sorted(errors.items())) if errors else "no error"
+
+
+def perf_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """T8, for each model perf_analyzer measured: gRPC's throughput at least HTTP binary's at every
+    concurrency, and its p50 at the lowest concurrency within 10 % of HTTP binary's."""
+    rows = (r.get("perf_analyzer") or {}).get("rows") or []
+    out = []
+    for model in sorted({row["model"] for row in rows}):
+        by = {(row["protocol"], row["json"], int(row["Concurrency"])): row for row in rows if row["model"] == model}
+        levels = sorted(c for protocol, _, c in by if protocol == "grpc")
+        pairs = [(c, by[("grpc", False, c)], by.get(("http", False, c))) for c in levels]
+        # a level perf_analyzer got no stable figure for on either protocol is left out, and said so
+        unmeasured = [c for c, g, h in pairs if h is None or not g["Inferences/Second"] or not h["Inferences/Second"]]
+        pairs = [(c, g, h) for c, g, h in pairs if c not in unmeasured]
+        if not pairs:
+            continue
+        ratios = [(c, g["Inferences/Second"] / h["Inferences/Second"]) for c, g, h in pairs]
+        _, first_grpc, first_http = pairs[0]
+        p50 = first_grpc["p50 latency"] / first_http["p50 latency"]
+        out.append(
+            {
+                "target": "T8",
+                "goal": f"{model}: gRPC throughput ≥ HTTP binary's at every concurrency (perf_analyzer, same server "
+                f"and core), p50 at concurrency {pairs[0][0]} within 10 % of it",
+                "measured": "gRPC ÷ HTTP binary throughput: "
+                + ", ".join(f"{ratio:.2f}x at {c}" for c, ratio in ratios)
+                + f"; p50 at {pairs[0][0]}: {p50:.2f}x"
+                + (f"; not measured at {', '.join(map(str, unmeasured))}" if unmeasured else ""),
+                "met": all(ratio >= 1 for _, ratio in ratios) and p50 <= 1.1,
+            }
+        )
+    return out

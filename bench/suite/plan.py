@@ -31,6 +31,8 @@ class Plan:
     overload_multiples: tuple[float, ...]  # open-loop rates, as multiples of the closed-loop capacity
     overload_connections: int
     overload_s: float
+    perf_concurrency: tuple[int, ...]  # Triton's perf_analyzer, over HTTP and gRPC
+    perf_interval_ms: int
 
 
 FULL = Plan(
@@ -51,6 +53,8 @@ FULL = Plan(
     overload_multiples=(1.5, 3.0, 10.0),
     overload_connections=1024,
     overload_s=6.0,
+    perf_concurrency=(1, 16, 64),
+    perf_interval_ms=2000,
 )
 SMOKE = Plan(
     window_s=0.25,
@@ -70,4 +74,6 @@ SMOKE = Plan(
     overload_multiples=(3.0,),
     overload_connections=32,
     overload_s=0.5,
+    perf_concurrency=(1,),
+    perf_interval_ms=200,
 )

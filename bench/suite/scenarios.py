@@ -17,6 +17,8 @@ from bench.loadgen.driver import Target, encode_request
 from bench.loadgen.report import machine
 from bench.loadgen.run import LevelResult, RunConfig, cpu_seconds, run_levels
 from bench.loadgen.samples import ModelSignature, build_requests, read_signature
+from bench.perf_analyzer import binary as perf_binary
+from bench.perf_analyzer import run as perf_run
 from bench.suite.plan import ROOT, Plan
 from bench.suite.servers import Server, free_port, http_get, metric_samples, running
 
@@ -215,6 +217,9 @@ def run_suite(suite: Suite) -> dict[str, Any]:
     print("overload", file=sys.stderr)
     results["overload"] = [overload(suite, *size) for size in OVERLOAD_SIZES]
 
+    print("perf_analyzer, HTTP and gRPC", file=sys.stderr)
+    results["perf_analyzer"] = perf_analyzer_part(suite)
+
     print("in-process onnxruntime and graph variants", file=sys.stderr)
     results["inprocess"] = {
         "tiny": inprocess(suite, model_file, plan.tiny_batches),
@@ -292,6 +297,44 @@ def _served_in_time(server: Server, model: str, deadline_ms: int) -> tuple[float
         elif sample.name == "normserve_request_duration_seconds_count":
             total += sample.value
     return within, total
+
+
+# -- perf_analyzer --------------------------------------------------------------------------------
+
+# What perf_analyzer sends: (protocol, JSON tensors): JSON and binary over HTTP, raw over gRPC.
+PERF_ENCODINGS = (("http", True), ("http", False), ("grpc", False))
+
+
+def perf_analyzer_part(suite: Suite) -> dict[str, Any]:
+    """Triton's perf_analyzer against normserve over HTTP and gRPC, both models, each concurrency of the plan:
+    its throughput, latency percentiles and server-side breakdown (from the statistics extension)."""
+    if perf_binary() is None:
+        return {"rows": [], "missing": "no perf_analyzer: `make perf-analyzer` installs it"}
+    grpc_port = free_port()
+    server = suite.normserve(NORMSERVE_GRPC_PORT=str(grpc_port))
+    rows = []
+    levels = list(suite.plan.perf_concurrency)
+    with running(server):
+        for model in (suite.tiny, suite.large):
+            # Not the large model's JSON: perf_analyzer's body for it is 3 MB of JSON, past the JSON limit
+            # (NORMSERVE_MAX_JSON_BYTES, 2 MiB), which the server answers 413, as it should.
+            for protocol, json_data in PERF_ENCODINGS if model == suite.tiny else PERF_ENCODINGS[1:]:
+                url = f"127.0.0.1:{server.port if protocol == 'http' else grpc_port}"
+                for row in perf_run(url, protocol, model, levels, json_data, interval_ms=suite.plan.perf_interval_ms):
+                    rows.append(row)
+                    _progress_perf(row)
+    return {"rows": rows}
+
+
+def _progress_perf(row: dict[str, Any]) -> None:
+    tensors = "json" if row["json"] else "binary" if row["protocol"] == "http" else "raw"
+    what = f"{row['model']} {row['protocol']} {tensors} concurrency {row['Concurrency']:g}"
+    print(
+        f"  perf_analyzer {what}: {row['Inferences/Second']:,.1f} infer/s, p50 {row['p50 latency'] / 1000:.3f} ms, "
+        f"p99 {row['p99 latency'] / 1000:.3f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # -- in-process onnxruntime and graph variants ----------------------------------------------------

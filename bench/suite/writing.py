@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen.report import ms, plot
-from bench.suite.judging import overload_targets, rate, targets
+from bench.perf_analyzer import MAX_TRIALS
+from bench.suite.judging import overload_targets, perf_targets, rate, targets
 
-__all__ = ["BEGIN", "END", "markdown", "overload_markdown", "write_report"]
+__all__ = ["BEGIN", "END", "markdown", "overload_markdown", "perf_markdown", "write_report"]
 
 BEGIN = "<!-- bench:begin: written by `make bench`; edit outside these markers -->"
 END = "<!-- bench:end -->"
@@ -176,6 +177,98 @@ def plot_overload(path: Path, sizes: list[dict[str, Any]]) -> None:
 
 
 # -- tables ---------------------------------------------------------------------------------------
+
+
+PERF_HEADER = [
+    "model",
+    "protocol, tensors",
+    "conc",
+    "infer/s",
+    "p50 ms",
+    "p99 ms",
+    "server queue µs",
+    "compute input µs",
+    "compute infer µs",
+    "compute output µs",
+    "server overhead µs",
+    "stable",
+    "bench.loadgen, same point: req/s, p50 ms",
+]
+
+
+def _loadgen_point(r: dict[str, Any], row: dict[str, Any]) -> str:
+    """The project's own load generator's figures at perf_analyzer's point (model, HTTP encoding, connections)."""
+    if row["protocol"] != "http" or "models" not in r:  # gRPC, or perf_analyzer run alone
+        return "-"
+    tiny = row["model"] == r["models"]["tiny"]
+    if tiny:
+        runs = r["tiny_json"]["closed"] if row["json"] else r["tiny_binary"]["closed"]
+    else:
+        runs = r["large_json"] if row["json"] else r["large_binary_batching"]
+    same = [run for run in runs if int(run["level"]) == int(row["Concurrency"])]
+    if not same:
+        return "-"
+    return f"{same[0]['throughput']:,.0f}, {same[0]['latency_ms']['p50']}"
+
+
+def _perf_section(r: dict[str, Any]) -> list[str]:
+    part = r.get("perf_analyzer") or {}
+    if part.get("missing"):
+        return ["### perf_analyzer: HTTP and gRPC", "", f"Not run: {part['missing']}.", ""]
+    rows = part.get("rows") or []
+    if not rows:
+        return []
+    table = [
+        [
+            row["model"],
+            f"{row['protocol']}, {'JSON' if row['json'] else 'binary' if row['protocol'] == 'http' else 'raw'}",
+            int(row["Concurrency"]),
+            *(["no stable window: nothing to report"] + ["-"] * 7),
+            "no",
+            _loadgen_point(r, row),
+        ]
+        if not row["Inferences/Second"]
+        else [
+            row["model"],
+            f"{row['protocol']}, {'JSON' if row['json'] else 'binary' if row['protocol'] == 'http' else 'raw'}",
+            int(row["Concurrency"]),
+            f"{row['Inferences/Second']:,.0f}",
+            f"{row['p50 latency'] / 1000:.3f}",
+            f"{row['p99 latency'] / 1000:.3f}",
+            int(row["Server Queue"]),
+            int(row["Server Compute Input"]),
+            int(row["Server Compute Infer"]),
+            int(row["Server Compute Output"]),
+            int(row.get("Server Overhead", 0)),
+            "yes" if row["stable"] else "no",
+            _loadgen_point(r, row),
+        ]
+        for row in rows
+    ]
+    return [
+        "### perf_analyzer: HTTP and gRPC",
+        "",
+        "Triton's own load tester (`perf_analyzer` from tritonclient 2.41.0, `make perf-analyzer`), on the "
+        "generator's core, against one normserve serving HTTP and gRPC, closed loop at each concurrency: zeros "
+        "of the model's shapes (its random bytes would hold NaN, which the server refuses), as JSON (the tiny "
+        "model only: the large one's input is 3 MB of JSON, past NORMSERVE_MAX_JSON_BYTES) or binary over HTTP, "
+        "raw over gRPC. The server-side columns are its reading of the statistics extension (per request, "
+        "microseconds). Each level runs windows of "
+        f"{r['plan']['perf_interval_ms'] / 1000:g} s until three agree within 10 % "
+        f"(at most {MAX_TRIALS}: 'stable'). Command, for each row: `{rows[0]['command']}` with its model, `-i` and "
+        "`--concurrency-range`. The last column is this suite's own load generator at the same point, where it "
+        "ran one.",
+        "",
+        _table(PERF_HEADER, table),
+        "",
+    ]
+
+
+def perf_markdown(r: dict[str, Any]) -> str:
+    """The perf_analyzer table and its T8 rows alone (``python -m bench.suite --only perf``)."""
+    rows = [[t["target"], t["goal"], t["measured"], "yes" if t["met"] else "**no**"] for t in perf_targets(r)]
+    lines = _perf_section(r)
+    return "\n".join([*lines, _table(["target", "goal", "measured", "met"], rows), ""])
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -356,6 +449,7 @@ def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> 
         "",
     ]
     out += _overload_section(r, images.get("overload", ""))
+    out += _perf_section(r)
     out += _profile_section(r.get("profile", {}))
     out += _wrk_section(r.get("wrk", {}), r)
     return "\n".join(out).replace("\n\n\n", "\n\n")

@@ -190,8 +190,8 @@ def test_typed_contents_give_the_raw_answer(stub: service_pb2_grpc.GRPCInference
     np.testing.assert_allclose(y, affine_expected(ROWS)[0], rtol=1e-6, atol=1e-6)
 
 
-def test_http_and_grpc_requests_batch_together_each_getting_its_rows(server: RunningServer) -> None:
-    """Requests over both protocols at once, to a model that batches: each caller gets its own rows back."""
+def test_http_and_grpc_callers_at_once_each_get_their_own_rows(server: RunningServer) -> None:
+    """Many requests over both protocols at once, to a model that batches: each caller gets its own rows."""
     import concurrent.futures
 
     rng = np.random.default_rng(1)
@@ -570,3 +570,37 @@ def test_a_bad_input_is_invalid_argument_with_the_http_message(
         assert http.status_code == 400 and http.json()["error"] == message
     answered = stub.ModelInfer(_request(_x([1, 4], values=FOUR)))  # and the server goes on answering
     assert np.frombuffer(answered.raw_output_contents[0], np.float32).shape == (3,)
+
+
+def test_an_http_and_a_grpc_request_share_one_batch_and_each_gets_its_rows(serve: ServeFactory) -> None:
+    """A 1 s batch delay holds the first request until the second comes (both clients connected first): one
+    batch of both, over both protocols, and each caller gets exactly its own rows back."""
+    port = free_port()
+    with (
+        serve(grpc_port=port, max_queue_delay_ms=1000) as server,
+        grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as triton,
+        httpx.Client() as client,
+    ):
+        assert triton.is_server_ready() and client.get(f"{server.url}/v2/health/ready").status_code == 200
+        over_http_x, over_grpc_x = ROWS[:2], ROWS[2:] * 3
+        answers: dict[str, np.ndarray] = {}
+
+        def over_http() -> None:
+            body = client.post(f"{server.url}/v2/models/affine/infer", json=infer_json("x", over_http_x)).json()
+            answers["http"] = np.asarray(body["outputs"][0]["data"], dtype=np.float32).reshape(2, 3)
+
+        def over_grpc() -> None:
+            answer = triton.infer("affine", [affine_input(over_grpc_x)]).as_numpy("y")
+            assert answer is not None
+            answers["grpc"] = answer
+
+        callers = [threading.Thread(target=over_http), threading.Thread(target=over_grpc)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join(timeout=30)
+        stats = client.get(f"{server.url}/v2/models/affine/stats").json()["model_stats"][0]
+    assert stats["execution_count"] == 1 and stats["inference_count"] == 3  # one batch of 2 + 1 rows
+    assert [b["batch_size"] for b in stats["batch_stats"]] == [3]
+    np.testing.assert_allclose(answers["http"], affine_expected(over_http_x)[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(answers["grpc"], affine_expected(over_grpc_x)[0], rtol=1e-6, atol=1e-5)

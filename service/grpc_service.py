@@ -272,6 +272,49 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         return await infer(self.state, request, context.time_remaining())
 
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's streaming inference: each request on the stream is served as it comes (so requests of one
+        stream batch together), and each answer goes back when it is ready, named by its request's ``id``. A
+        request that fails gets a message with its ``error_message`` (HTTP's message) and the stream goes on;
+        the access check comes once, when the stream opens."""
+        try:
+            self.access.check_call("inference", "ModelStreamInfer", _metadata(context))
+        except ServeError as e:
+            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await infer(self.state, request, context.time_remaining())
+                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as e:
+                _, _, body = render(e)
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                await answers.put(
+                    pb.ModelStreamInferResponse(error_message=orjson.loads(body)["error"], infer_response=failed)
+                )
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.create_task(serve(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:  # the client is done sending: the answers still owed go out first
+                await asyncio.wait(set(running))
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
     @_call("model_control")
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         rows = index_rows(self.state.registry)

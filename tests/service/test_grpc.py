@@ -604,3 +604,30 @@ def test_an_http_and_a_grpc_request_share_one_batch_and_each_gets_its_rows(serve
     assert [b["batch_size"] for b in stats["batch_stats"]] == [3]
     np.testing.assert_allclose(answers["http"], affine_expected(over_http_x)[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(answers["grpc"], affine_expected(over_grpc_x)[0], rtol=1e-6, atol=1e-5)
+
+
+def test_streaming_inference_answers_each_request_by_its_id_and_goes_on_after_an_error(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """ModelStreamInfer through tritonclient's stream: every request answered, each named by its id with its
+    own rows, and a bad request answered with HTTP's message while the stream goes on."""
+    import queue
+
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for i in range(6):
+            client.async_stream_infer("affine", [affine_input(ROWS + i)], request_id=f"s{i}")
+        wrong = grpcclient.InferInput("x", [1, 5], "FP32").set_data_from_numpy(np.zeros((1, 5), np.float32))
+        client.async_stream_infer("affine", [wrong], request_id="bad")
+        client.async_stream_infer("affine", [affine_input(ROWS + 9)], request_id="s9")
+        got = [results.get(timeout=30) for _ in range(8)]
+    finally:
+        client.stop_stream()
+    answered = {result.get_response().id: result for result, error in got if error is None}
+    errors = [error for _, error in got if error is not None]
+    assert sorted(answered) == sorted([f"s{i}" for i in range(6)] + ["s9"])
+    for name, result in answered.items():
+        shift = int(name[1:])
+        np.testing.assert_allclose(result.as_numpy("y"), affine_expected(ROWS + shift)[0], rtol=1e-6, atol=1e-5)
+    assert len(errors) == 1 and "[1, 5]" in str(errors[0].message()) and "expected [-1, 4]" in str(errors[0].message())

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_TRIALS", "binary", "environment", "run"]
+__all__ = ["MAX_TRIALS", "binary", "environment", "run", "tensors_label"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_TRIALS = 6  # measurement windows per level at most, stable or not (perf_analyzer's default is 10)
@@ -68,6 +68,7 @@ def run(
     batch: int = 1,
     interval_ms: int = 2000,
     timeout_s: float = 600,
+    streaming: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per concurrency (one perf_analyzer run each): its CSV columns (microseconds;
     'Inferences/Second'), its counts, and the command that produced it."""
@@ -80,7 +81,7 @@ def run(
         # still do not, its figures are those of the last window, marked unstable.
         row: dict[str, Any] | None = None
         for interval in (interval_ms, int(interval_ms * 2.5)):
-            row = _one_level(path, url, protocol, model, level, json_data, batch, interval, timeout_s)
+            row = _one_level(path, url, protocol, model, level, json_data, batch, interval, timeout_s, streaming)
             if row["stable"]:
                 break
         assert row is not None
@@ -98,6 +99,7 @@ def _one_level(
     batch: int,
     interval_ms: int,
     timeout_s: float,
+    streaming: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         report = Path(work) / "report.csv"
@@ -117,10 +119,12 @@ def _one_level(
         ]  # fmt: skip
         if json_data:
             argv += ["--input-tensor-format=json", "--output-tensor-format=json"]
+        if streaming:  # gRPC's ModelStreamInfer: one stream per concurrent client
+            argv.append("--streaming")
         done = subprocess.run(argv, capture_output=True, text=True, env=environment(path), timeout=timeout_s)
         rows = list(csv.DictReader(io.StringIO(report.read_text()))) if report.exists() else []
     command = "perf_analyzer " + " ".join(argv[1:]).replace(str(report), "report.csv")
-    labels = {"protocol": protocol, "model": model, "json": json_data, "command": command}
+    labels = {"protocol": protocol, "model": model, "json": json_data, "streaming": streaming, "command": command}
     if rows:
         parsed: dict[str, Any] = {k: float(v) for k, v in rows[-1].items() if _number(v)}
         counts = _counts(done.stdout)
@@ -151,6 +155,13 @@ def _last_window(stdout: str, level: int) -> dict[str, Any]:
     }
 
 
+def tensors_label(row: dict[str, Any]) -> str:
+    """How a row's tensors went: JSON or binary over HTTP, raw over gRPC (a call each, or on streams)."""
+    if row["protocol"] == "http":
+        return "JSON" if row["json"] else "binary"
+    return "raw, streaming" if row.get("streaming") else "raw"
+
+
 def _number(text: str) -> bool:
     try:
         float(text)
@@ -167,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--json", action="store_true", help="JSON tensors over HTTP (default: binary or raw)")
     parser.add_argument("--batch", type=int, default=1, help="rows per request")
+    parser.add_argument("--streaming", action="store_true", help="gRPC: ModelStreamInfer instead of ModelInfer")
     args = parser.parse_args(argv)
-    rows = run(args.url, args.protocol, args.model, args.concurrency, args.json, args.batch)
+    rows = run(args.url, args.protocol, args.model, args.concurrency, args.json, args.batch, streaming=args.streaming)
     json.dump(rows, sys.stdout, indent=1)
     print()
     return 0

@@ -19,10 +19,11 @@ from bench.loadgen.run import LevelResult, RunConfig, cpu_seconds, run_levels
 from bench.loadgen.samples import ModelSignature, build_requests, read_signature
 from bench.perf_analyzer import binary as perf_binary
 from bench.perf_analyzer import run as perf_run
+from bench.perf_analyzer import tensors_label
 from bench.suite.plan import ROOT, Plan
 from bench.suite.servers import Server, free_port, http_get, metric_samples, running
 
-__all__ = ["OVERLOAD_SIZES", "Suite", "overload", "run_suite"]
+__all__ = ["OVERLOAD_SIZES", "Suite", "overload", "perf_analyzer_part", "run_suite"]
 
 
 @dataclass
@@ -301,8 +302,9 @@ def _served_in_time(server: Server, model: str, deadline_ms: int) -> tuple[float
 
 # -- perf_analyzer --------------------------------------------------------------------------------
 
-# What perf_analyzer sends: (protocol, JSON tensors): JSON and binary over HTTP, raw over gRPC.
-PERF_ENCODINGS = (("http", True), ("http", False), ("grpc", False))
+# What perf_analyzer sends: (protocol, JSON tensors, gRPC stream): JSON and binary over HTTP, raw over gRPC,
+# a call each (ModelInfer) and on streams (ModelStreamInfer).
+PERF_ENCODINGS = (("http", True, False), ("http", False, False), ("grpc", False, False), ("grpc", False, True))
 
 
 def perf_analyzer_part(suite: Suite) -> dict[str, Any]:
@@ -318,16 +320,17 @@ def perf_analyzer_part(suite: Suite) -> dict[str, Any]:
         for model in (suite.tiny, suite.large):
             # Not the large model's JSON: perf_analyzer's body for it is 3 MB of JSON, past the JSON limit
             # (NORMSERVE_MAX_JSON_BYTES, 2 MiB), which the server answers 413, as it should.
-            for protocol, json_data in PERF_ENCODINGS if model == suite.tiny else PERF_ENCODINGS[1:]:
+            for protocol, json_data, streaming in PERF_ENCODINGS if model == suite.tiny else PERF_ENCODINGS[1:]:
                 url = f"127.0.0.1:{server.port if protocol == 'http' else grpc_port}"
-                for row in perf_run(url, protocol, model, levels, json_data, interval_ms=suite.plan.perf_interval_ms):
+                interval = suite.plan.perf_interval_ms
+                for row in perf_run(url, protocol, model, levels, json_data, interval_ms=interval, streaming=streaming):
                     rows.append(row)
                     _progress_perf(row)
     return {"rows": rows}
 
 
 def _progress_perf(row: dict[str, Any]) -> None:
-    tensors = "json" if row["json"] else "binary" if row["protocol"] == "http" else "raw"
+    tensors = tensors_label(row)
     what = f"{row['model']} {row['protocol']} {tensors} concurrency {row['Concurrency']:g}"
     print(
         f"  perf_analyzer {what}: {row['Inferences/Second']:,.1f} infer/s, p50 {row['p50 latency'] / 1000:.3f} ms, "

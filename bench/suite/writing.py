@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen.report import ms, plot
-from bench.perf_analyzer import MAX_TRIALS
+from bench.perf_analyzer import MAX_TRIALS, tensors_label
 from bench.suite.judging import overload_targets, perf_targets, rate, targets
 
 __all__ = ["BEGIN", "END", "markdown", "overload_markdown", "perf_markdown", "write_report"]
@@ -221,7 +221,7 @@ def _perf_section(r: dict[str, Any]) -> list[str]:
     table = [
         [
             row["model"],
-            f"{row['protocol']}, {'JSON' if row['json'] else 'binary' if row['protocol'] == 'http' else 'raw'}",
+            f"{row['protocol']}, {tensors_label(row)}",
             int(row["Concurrency"]),
             *(["no stable window: nothing to report"] + ["-"] * 7),
             "no",
@@ -230,7 +230,7 @@ def _perf_section(r: dict[str, Any]) -> list[str]:
         if not row["Inferences/Second"]
         else [
             row["model"],
-            f"{row['protocol']}, {'JSON' if row['json'] else 'binary' if row['protocol'] == 'http' else 'raw'}",
+            f"{row['protocol']}, {tensors_label(row)}",
             int(row["Concurrency"]),
             f"{row['Inferences/Second']:,.0f}",
             f"{row['p50 latency'] / 1000:.3f}",
@@ -252,7 +252,8 @@ def _perf_section(r: dict[str, Any]) -> list[str]:
         "generator's core, against one normserve serving HTTP and gRPC, closed loop at each concurrency: zeros "
         "of the model's shapes (its random bytes would hold NaN, which the server refuses), as JSON (the tiny "
         "model only: the large one's input is 3 MB of JSON, past NORMSERVE_MAX_JSON_BYTES) or binary over HTTP, "
-        "raw over gRPC. The server-side columns are its reading of the statistics extension (per request, "
+        "raw over gRPC, a call each (ModelInfer) or on one stream per client (ModelStreamInfer, `--streaming`). "
+        "T8 is judged on the calls. The server-side columns are its reading of the statistics extension (per request, "
         "microseconds). Each level runs windows of "
         f"{r['plan']['perf_interval_ms'] / 1000:g} s until three agree within 10 % "
         f"(at most {MAX_TRIALS}: 'stable'). Command, for each row: `{rows[0]['command']}` with its model, `-i` and "

@@ -76,13 +76,15 @@ class Access:
         if method == "POST" and _CONTROL.fullmatch(path):
             self._check_control(headers)
 
-    def check_call(self, group: EndpointGroup | None, what: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def check_call(
+        self, group: EndpointGroup | None, what: str, headers: list[tuple[bytes, bytes]], control: bool = False
+    ) -> None:
         """``check`` for a call that has no HTTP path (a gRPC method named ``what``, its metadata as
-        ``headers``): the key where ``group`` needs it, and model control's mode for its load and unload. The
-        Host and Origin checks are for browsers, which cannot make gRPC calls."""
+        ``headers``): the key where ``group`` needs it, and for a ``control`` call (load, unload) model
+        control's mode. The Host and Origin checks are for browsers, which cannot make gRPC calls."""
         if self.key is not None and group in self.protects:
             self._check_key(self.key, what, headers)
-        if what in ("RepositoryModelLoad", "RepositoryModelUnload"):
+        if control:
             self._check_mode()
 
     def may_read(self, group: EndpointGroup, headers: list[tuple[bytes, bytes]]) -> bool:

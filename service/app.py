@@ -174,7 +174,6 @@ def create_app(settings: Settings) -> NormserveApp:
         grpc_server = GrpcServer(state, access) if settings.grpc_port else None
         if grpc_server is not None:
             await grpc_server.start()
-        app.state.grpc = grpc_server
         # Load in the background: the server listens at once, live but not ready until every model is warm.
         loading = asyncio.create_task(load(), name="load models")
         try:

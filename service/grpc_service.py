@@ -191,23 +191,36 @@ def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[bytes, bytes]]:
     ]
 
 
-def _call(group: EndpointGroup | None) -> Callable[[Handler], Handler]:
-    """A method of the service: the access check of its endpoint group first, and every error answered with
-    its status code and the message HTTP gives it (Retry-After and WWW-Authenticate in trailing metadata)."""
+def _answer(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """What a call that raised ``exc`` answers: the gRPC code of its HTTP status, HTTP's message, and its
+    headers (Retry-After, WWW-Authenticate) as trailing metadata. ``render`` logs what is a bug."""
+    status, headers, body = render(exc)
+    trailers = tuple((k.lower(), v) for k, v in headers.items())
+    return CODES.get(status, grpc.StatusCode.INTERNAL), orjson.loads(body)["error"], trailers
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """End the call with ``exc``'s answer (``context.abort`` raises)."""
+    code, message, trailers = _answer(exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(code, message)
+
+
+def _call(group: EndpointGroup | None, control: bool = False) -> Callable[[Handler], Handler]:
+    """A method of the service: the access check of its endpoint group first (``control``: a load or unload,
+    which model control's mode must allow), and every error answered as ``_answer`` says."""
 
     def wrap(method: Handler) -> Handler:
         @functools.wraps(method)
         async def run(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                self.access.check_call(group, method.__name__, _metadata(context))
+                self.access.check_call(group, method.__name__, _metadata(context), control)
                 return await method(self, request, context)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                status, headers, body = render(e)
-                if headers:
-                    context.set_trailing_metadata(tuple((k.lower(), v) for k, v in headers.items()))
-                await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), orjson.loads(body)["error"])
+                await _abort(context, e)
 
         return run  # type: ignore[return-value]
 
@@ -282,7 +295,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         try:
             self.access.check_call("inference", "ModelStreamInfer", _metadata(context))
         except ServeError as e:
-            await context.abort(CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+            await _abort(context, e)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
@@ -291,11 +304,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 response = await infer(self.state, request, context.time_remaining())
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as e:
-                _, _, body = render(e)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                await answers.put(
-                    pb.ModelStreamInferResponse(error_message=orjson.loads(body)["error"], infer_response=failed)
-                )
+                await answers.put(pb.ModelStreamInferResponse(error_message=_answer(e)[1], infer_response=failed))
 
         async def read() -> None:
             async for request in requests:
@@ -328,14 +338,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         ]
         return pb.RepositoryIndexResponse(models=models)
 
-    @_call("model_control")
+    @_call("model_control", control=True)
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         await load_model(self.state, request.model_name, context.peer())
         return pb.RepositoryModelLoadResponse()
 
-    @_call("model_control")
+    @_call("model_control", control=True)
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:

@@ -69,9 +69,11 @@ def run(
     interval_ms: int = 2000,
     timeout_s: float = 600,
     streaming: bool = False,
+    version: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per concurrency (one perf_analyzer run each): its CSV columns (microseconds;
-    'Inferences/Second'), its counts, and the command that produced it."""
+    'Inferences/Second'), its counts, and the command that produced it. ``version``: the model version it
+    asks for (``-x``; by default the one the server's statistics name)."""
     path = binary()
     if path is None:
         raise FileNotFoundError("no perf_analyzer: `make perf-analyzer` installs it in .perf-venv")
@@ -81,7 +83,9 @@ def run(
         # still do not, its figures are those of the last window, marked unstable.
         row: dict[str, Any] | None = None
         for interval in (interval_ms, int(interval_ms * 2.5)):
-            row = _one_level(path, url, protocol, model, level, json_data, batch, interval, timeout_s, streaming)
+            row = _one_level(
+                path, url, protocol, model, level, json_data, batch, interval, timeout_s, streaming, version
+            )
             if row["stable"]:
                 break
         assert row is not None
@@ -100,6 +104,7 @@ def _one_level(
     interval_ms: int,
     timeout_s: float,
     streaming: bool = False,
+    version: str | None = None,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         report = Path(work) / "report.csv"
@@ -121,6 +126,8 @@ def _one_level(
             argv += ["--input-tensor-format=json", "--output-tensor-format=json"]
         if streaming:  # gRPC's ModelStreamInfer: one stream per concurrent client
             argv.append("--streaming")
+        if version:
+            argv += ["-x", version]
         done = subprocess.run(argv, capture_output=True, text=True, env=environment(path), timeout=timeout_s)
         rows = list(csv.DictReader(io.StringIO(report.read_text()))) if report.exists() else []
     command = "perf_analyzer " + " ".join(argv[1:]).replace(str(report), "report.csv")
@@ -159,6 +166,8 @@ def tensors_label(row: dict[str, Any]) -> str:
     """How a row's tensors went: JSON or binary over HTTP, raw over gRPC (a call each, or on streams)."""
     if row["protocol"] == "http":
         return "JSON" if row["json"] else "binary"
+    if row.get("floor"):
+        return "raw, answered at once without the model (`bench.grpc_floor`)"
     return "raw, streaming" if row.get("streaming") else "raw"
 
 

@@ -165,11 +165,29 @@ def perf_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 + ", ".join(f"{ratio:.2f}x at {c}" for c, ratio in ratios)
                 + f"; p50 at {pairs[0][0]}: {p50:.2f}x"
                 + (f"; not measured at {', '.join(map(str, unmeasured))}" if unmeasured else "")
-                + _streamed(streams, pairs),
+                + _streamed(streams, pairs)
+                + _floor(r, model, pairs),
                 "met": all(ratio >= 1 for _, ratio in ratios) and p50 <= 1.1,
             }
         )
     return out
+
+
+def _floor(r: dict[str, Any], model: str, pairs: list[tuple[int, Any, Any]]) -> str:
+    """For information beside T8: grpc.aio's own floor (``bench.grpc_floor``, ModelInfer answered at once,
+    no inference) against the real server's HTTP binary, at the same levels."""
+    floor = {
+        int(row["Concurrency"]): row
+        for row in (r.get("perf_analyzer") or {}).get("grpc_floor") or []
+        if row["model"] == model and row["Inferences/Second"]
+    }
+    calls = {c: floor[c]["Inferences/Second"] for c, _, _ in pairs if c in floor}
+    ratios = [
+        f"{calls[c]:,.0f} calls/s at {c} ({calls[c] / h['Inferences/Second']:.2f}x)" for c, _, h in pairs if c in calls
+    ]
+    if not ratios:
+        return ""
+    return "; grpc.aio's floor, each call answered at once without the model: " + ", ".join(ratios)
 
 
 def _streamed(streams: dict[int, dict[str, Any]], pairs: list[tuple[int, Any, Any]]) -> str:

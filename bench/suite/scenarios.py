@@ -45,7 +45,7 @@ class Suite:
     def threads(self) -> int:
         return len(self.server_cores) or os.cpu_count() or 1
 
-    def normserve(self, **env: str) -> Server:
+    def normserve(self, module: str = "service", **env: str) -> Server:
         port = free_port()
         settings = {
             "NORMSERVE_REPOSITORY": str(self.repository),
@@ -55,7 +55,7 @@ class Suite:
             "NORMSERVE_GRPC_PORT": "0",  # HTTP is measured here; 8001 may be another server's
         }
         return Server(
-            "normserve", [*self.taskset, sys.executable, "-m", "service"], settings | env, port, "/v2/health/ready"
+            "normserve", [*self.taskset, sys.executable, "-m", module], settings | env, port, "/v2/health/ready"
         )
 
     def uvicorn(self, name: str, app: str, **env: str) -> Server:
@@ -326,7 +326,24 @@ def perf_analyzer_part(suite: Suite) -> dict[str, Any]:
                 for row in perf_run(url, protocol, model, levels, json_data, interval_ms=interval, streaming=streaming):
                     rows.append(row)
                     _progress_perf(row)
-    return {"rows": rows}
+    return {"rows": rows, "grpc_floor": grpc_floor(suite, levels)}
+
+
+def grpc_floor(suite: Suite, levels: list[int]) -> list[dict[str, Any]]:
+    """perf_analyzer's gRPC calls to the tiny model, at each level, against normserve with ModelInfer answered at
+    once (``bench.grpc_floor``): what a call costs before any inference, which T8's judgement reports."""
+    grpc_port = free_port()
+    rows = []
+    with running(suite.normserve("bench.grpc_floor", NORMSERVE_GRPC_PORT=str(grpc_port))):
+        url = f"127.0.0.1:{grpc_port}"
+        for row in perf_run(url, "grpc", suite.tiny, levels, interval_ms=suite.plan.perf_interval_ms, version="1"):
+            rows.append(row | {"floor": True})
+            print(
+                f"  gRPC floor, concurrency {row['Concurrency']:g}: {row['Inferences/Second']:,.1f} calls/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
 
 
 def _progress_perf(row: dict[str, Any]) -> None:

@@ -215,7 +215,7 @@ def _perf_section(r: dict[str, Any]) -> list[str]:
     part = r.get("perf_analyzer") or {}
     if part.get("missing"):
         return ["### perf_analyzer: HTTP and gRPC", "", f"Not run: {part['missing']}.", ""]
-    rows = part.get("rows") or []
+    rows = (part.get("rows") or []) + (part.get("grpc_floor") or [])
     if not rows:
         return []
     table = [
@@ -258,7 +258,9 @@ def _perf_section(r: dict[str, Any]) -> list[str]:
         f"{r['plan']['perf_interval_ms'] / 1000:g} s until three agree within 10 % "
         f"(at most {MAX_TRIALS}: 'stable'). Command, for each row: `{rows[0]['command']}` with its model, `-i` and "
         "`--concurrency-range`. The last column is this suite's own load generator at the same point, where it "
-        "ran one.",
+        "ran one. The rows 'answered at once' are the same gRPC calls to normserve with ModelInfer answering "
+        "zeros without checks, batcher or model (`python -m bench.grpc_floor`, perf_analyzer with `-x 1`): what "
+        "grpcio's asyncio server costs a call before any inference.",
         "",
         _table(PERF_HEADER, table),
         "",

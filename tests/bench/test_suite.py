@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.perf_analyzer import binary as perf_binary
+
 pytestmark = pytest.mark.slow  # the suite's smoke run: make test runs it, make test-fast leaves it out
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +53,9 @@ def test_the_suite_writes_every_section_and_keeps_the_text_around_it(smoke: tupl
         assert heading in text, heading
     for target in ["T1", "T2", "T3", "T4", "T5", "T6", "T7"]:
         assert f"| {target} |" in text
+    if perf_binary() is not None:  # make test installs it: perf_analyzer's part, T8 and grpc.aio's floor beside it
+        assert "### perf_analyzer: HTTP and gRPC" in text and "| T8 |" in text
+        assert "answered at once without the model" in text and "grpc.aio's floor" in text
     assert "not measured" not in text  # the checkpoint is there, so the unfolded graph was exported
     for image in ["tiny.png", "large.png", "overload.png"]:
         assert (doc.parent / "bench" / image).read_bytes()[:4] == b"\x89PNG"

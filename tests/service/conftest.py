@@ -145,10 +145,14 @@ class RunningServer:
 
 
 def start_service(
-    repository: Path, stderr: IO[str] | int = subprocess.PIPE, files: int | None = None, **env: str
+    repository: Path,
+    stderr: IO[str] | int = subprocess.PIPE,
+    files: int | None = None,
+    module: str = "service",
+    **env: str,
 ) -> tuple[subprocess.Popen[str], str]:
-    """``python -m service`` with those NORMSERVE_* variables, once it is ready; ``files`` lowers its soft
-    open-file limit first."""
+    """``python -m service`` (or ``module``) with those NORMSERVE_* variables, once it is ready; ``files``
+    lowers its soft open-file limit first."""
     port = free_port()
     environment = os.environ | {"NORMSERVE_REPOSITORY": str(repository), "NORMSERVE_PORT": str(port)} | env
 
@@ -156,7 +160,7 @@ def start_service(
         if files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    command = [sys.executable, "-m", "service"]
+    command = [sys.executable, "-m", module]
     process = subprocess.Popen(command, env=environment, stderr=stderr, text=True, preexec_fn=limit_files)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -11,10 +11,15 @@ at once.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -22,6 +27,7 @@ from service.app import NormserveApp, create_app
 from service.config import Settings
 from service.logs import configure_logging
 from service.transport import raise_file_limit, server_config
+from service.workers import Supervisor, Worker, control_socket, listening_socket, worker_count
 
 log = logging.getLogger("service")
 
@@ -35,6 +41,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: NormserveApp, drain_s: float) -> None:
         super().__init__(config)
         self.app, self.drain_s = app, drain_s
+        self._accepting: set[asyncio.Task[Any]] = set()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.app.state.normserve
@@ -58,17 +65,83 @@ class DrainingServer(uvicorn.Server):
 
     def _close_listeners(self, loop: asyncio.AbstractEventLoop) -> None:
         """Stop accepting connections first, and only then stop: a connection accepted just before gets to
-        send its request and hear the answer, where uvicorn's own shutdown would close it unanswered."""
+        send its request and hear the answer, where uvicorn's own shutdown would close it unanswered.
+
+        Connections the kernel has completed but the loop has not yet accepted would be reset when their
+        listener closes, after their client sent its request: each is accepted and served first, in the
+        same step as the close, so that none is left in between."""
         log.info("drained: closing the listener and finishing the accepted requests")
         for server in self.servers:
+            for listener in server.sockets:
+                self._accept_waiting(loop, listener)
             server.close()
         loop.call_later(LISTENER_SETTLE_S, setattr, self, "should_exit", True)
 
+    def _accept_waiting(self, loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
+        """Hand every connection waiting in ``listener``'s accept queue to a protocol of the server's own."""
+        with socket.socket(fileno=os.dup(listener.fileno())) as queue:
+            queue.setblocking(False)
+            while True:
+                try:
+                    connection, _ = queue.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:  # out of files, say: what cannot be accepted is reset, as before
+                    log.warning("could not accept a waiting connection before closing the listener: %s", e)
+                    return
+                connection.setblocking(False)
+                task = loop.create_task(loop.connect_accepted_socket(self._protocol, connection))
+                self._accepting.add(task)
+                task.add_done_callback(self._accepted)
+
+    def _accepted(self, task: asyncio.Task[Any]) -> None:
+        self._accepting.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("a connection accepted before closing the listener could not be served: %r", error)
+
+    def _protocol(self) -> asyncio.Protocol:
+        """What uvicorn's own listener makes for each connection."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+        return protocol
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve the model repository.")
+    # Set by the supervisor for its workers (service.workers), not by hand.
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--of", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
 
 def main() -> None:
+    arguments = _arguments()
     settings = Settings()
-    configure_logging(settings.log_level, settings.json_logs)
+    configure_logging(settings.log_level, settings.json_logs, arguments.worker)
+    if arguments.worker is not None:
+        serve_worker(settings, Worker(arguments.worker, arguments.of, arguments.run_dir))
+        return
+    workers = worker_count(settings)
+    if workers > 1:
+        _started(settings)
+        raise SystemExit(Supervisor(settings, workers).run())
+    _started(settings)
     app = create_app(settings)
+    DrainingServer(server_config(app, settings), app, settings.drain_s).run()
+
+
+def serve_worker(settings: Settings, worker: Worker) -> None:
+    """One worker of several: the whole server, on its own SO_REUSEPORT socket of the ports and its Unix
+    socket for its peers, both opened by uvicorn once the lifespan has loaded the models."""
+    raise_file_limit()
+    app = create_app(settings, worker)
+    sockets = [listening_socket(settings.host, settings.port), control_socket(worker.socket_path())]
+    DrainingServer(server_config(app, settings), app, settings.drain_s).run(sockets=sockets)
+
+
+def _started(settings: Settings) -> None:
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{shown}:{settings.port}"
     log.info(
@@ -86,7 +159,6 @@ def main() -> None:
         log.info("raised the soft limit on open files from %d to %d, the hard limit", before, after)
     else:
         log.info("open-file limit: %d", after)
-    DrainingServer(server_config(app, settings), app, settings.drain_s).run()
 
 
 if __name__ == "__main__":

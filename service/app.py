@@ -28,10 +28,13 @@ from service.grpc_service import GrpcServer
 from service.logs import CLIENT_TEXT_CHARS, client_text, left_out
 from service.metrics import Metrics
 from service.openapi import described
+from service.peers import PEER_PREFIX, Peers
+from service.peers import router as peer_router
 from service.registry import Registry
 from service.routes import ROUTERS
 from service.routes.inference import InferenceEndpoint, asgi_error, send_response
 from service.state import ServiceState
+from service.workers import HEARTBEAT_S, ReadinessBoard, Worker, served_models
 
 __all__ = ["create_app"]
 
@@ -88,6 +91,15 @@ class NormserveApp(FastAPI):
     access: Access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PEER_PREFIX):
+            # A peer worker's call (service.peers): only over this worker's Unix socket (uvicorn gives its path
+            # as the server's address); from any port it is a path like any other that does not exist.
+            worker = self.state.normserve.worker
+            if worker is not None and scope.get("server") == (str(worker.socket_path()), None):
+                await super().__call__(scope, receive, send)
+                return
+            await _error(404, "no such route; the API is listed at /docs")(scope, receive, send)
+            return
         if scope["type"] == "http":
             try:
                 self.access.check(scope["method"], scope["path"], scope["headers"])
@@ -145,16 +157,34 @@ def _api_docs(app: FastAPI) -> None:
         )
 
 
-def create_app(settings: Settings) -> NormserveApp:
+async def _heartbeat(state: ServiceState, board: ReadinessBoard, index: int) -> None:
+    """This worker's readiness on the shared board, every HEARTBEAT_S (a worker whose heartbeat stops, its
+    loop held or its process gone, is not ready to the others)."""
+    try:
+        while True:
+            board.write(index, not state.own_not_ready_reasons())
+            await asyncio.sleep(HEARTBEAT_S)
+    finally:
+        board.clear(index)
+
+
+def create_app(settings: Settings, worker: Worker | None = None) -> NormserveApp:
     """Build the app. Models load and warm in its lifespan, in the background: the server is live at
-    once and turns ready when every model that loaded is warm."""
+    once and turns ready when every model that loaded is warm.
+
+    ``worker``: this app is one of several worker processes (``service.workers``): its models load before
+    its lifespan lets the ports open, it answers its peers under ``/_peer/`` on its Unix socket, and its
+    readiness is every worker's."""
     metrics = Metrics()
     state = ServiceState(settings, metrics, Registry(settings, metrics))
+    if worker is not None:
+        state.worker, state.peers = worker, Peers(worker)
+        state.board = ReadinessBoard(worker.run_dir / "ready", worker.count)
     access = Access(settings)
 
     async def load() -> None:
         try:
-            await state.registry.load_all()
+            await state.registry.load_all(served_models(worker.run_dir) if worker is not None else None)
         except Exception as e:  # a bug: say so in readiness rather than load forever
             log.exception("loading the models failed")
             state.load_error = f"loading the models failed: {e}"
@@ -165,20 +195,33 @@ def create_app(settings: Settings) -> NormserveApp:
         state.started = True
         served = sum(v.served is not None for e in state.registry.models.values() for v in e.versions.values())
         log.info("serving %d model versions from %s", served, settings.repository)
-        for reason in state.not_ready_reasons():
+        for reason in state.own_not_ready_reasons():
             log.error("not ready: %s", reason)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # gRPC listens beside HTTP, on the same loop, before the models load: live at once, as HTTP.
         grpc_server = GrpcServer(state, access) if settings.grpc_port else None
-        if grpc_server is not None:
-            await grpc_server.start()
-        # Load in the background: the server listens at once, live but not ready until every model is warm.
-        loading = asyncio.create_task(load(), name="load models")
+        heartbeat = None
+        if worker is None:
+            # gRPC listens beside HTTP, on the same loop, before the models load: live at once, as HTTP.
+            if grpc_server is not None:
+                await grpc_server.start()
+            # Load in the background: the server listens at once, live but not ready until every model is warm.
+            loading = asyncio.create_task(load(), name="load models")
+        else:
+            # A worker takes no connection before it can answer: its ports open once its models are warm
+            # (the other workers answer meanwhile).
+            loading = asyncio.create_task(load(), name="load models")
+            await loading
+            if grpc_server is not None:
+                await grpc_server.start()
+            assert state.board is not None
+            heartbeat = asyncio.create_task(_heartbeat(state, state.board, worker.index), name="heartbeat")
         try:
             yield
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
             state.shutting_down = True
             if grpc_server is not None:  # its calls in flight finish first, as HTTP's have by now
                 await grpc_server.stop(settings.shutdown_timeout_s)
@@ -208,6 +251,8 @@ def create_app(settings: Settings) -> NormserveApp:
     app.access = access
     for router in ROUTERS:
         app.include_router(router)
+    if worker is not None:
+        app.include_router(peer_router)
     app.openapi = functools.partial(described, app)  # type: ignore[method-assign]
     _api_docs(app)
     app.add_exception_handler(ServeError, _error_handler)

@@ -10,7 +10,7 @@ Per-model batching overrides are one JSON object::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         ge=1024,
         description="the largest gRPC message received or sent; unset: NORMSERVE_MAX_BODY_BYTES, as over HTTP "
         "(grpcio's own default is 4 MiB)",
+    )
+
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1,
+        description="worker processes, each a whole server (event loop, sessions, batchers) on the same ports "
+        "(SO_REUSEPORT: the kernel spreads connections), restarted if one dies; auto: one per usable core. With "
+        "more than one, each gets an equal share of the cores for onnxruntime's threads (service/workers.py)",
     )
 
     provider: Literal["auto", "cuda", "cpu"] = Field(

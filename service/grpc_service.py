@@ -46,7 +46,7 @@ from service.registry import ServedVersion
 from service.routes.health import EXTENSIONS, config_document, metadata_document
 from service.routes.inference import count_failure
 from service.routes.repository_api import index_rows, load_model, unload_model
-from service.routes.statistics import model_statistics
+from service.routes.statistics import server_statistics
 from service.state import ServiceState
 
 __all__ = ["CODES", "GrpcServer", "HealthServicer", "InferenceServicer", "grpc_document"]
@@ -278,7 +278,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     @_call("metadata")
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        stats = model_statistics(self.state.registry, request.name or None, request.version or None)
+        stats = await server_statistics(self.state, request.name or None, request.version or None)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @_call("inference")
@@ -408,6 +408,9 @@ class GrpcServer:
         settings = self.state.settings
         limit = settings.grpc_max_message_bytes or settings.max_body_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        # Worker processes share the port (the kernel spreads connections); a lone server does not, so that
+        # one started on a port another server holds fails instead of sharing it.
+        options.append(("grpc.so_reuseport", 1 if self.state.worker is not None else 0))
         if settings.grpc_max_connection_age_s is not None:
             # A connection past its age is sent GOAWAY; its calls in flight get the shutdown timeout to finish.
             options.append(("grpc.max_connection_age_ms", round(settings.grpc_max_connection_age_s * 1000)))

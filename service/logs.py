@@ -96,14 +96,30 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str, json_logs: bool) -> None:
-    """Route the service's and uvicorn's loggers to stderr, in one format."""
+class _Worker(logging.Filter):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def configure_logging(level: str, json_logs: bool, worker: int | None = None) -> None:
+    """Route the service's and uvicorn's loggers to stderr, in one format; ``worker``: each line says which
+    worker process wrote it (``service.workers``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestId())
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"))
+        who = "" if worker is None else f"worker {worker} "
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {who}%(name)s [%(request_id)s] %(message)s")
+        )
     for name in ("service", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

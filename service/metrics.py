@@ -9,13 +9,20 @@ its requests runs on the served graph, so its rows and batches also count in ``n
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-__all__ = ["Duration", "Metrics", "ModelMetrics", "Statistics"]
+__all__ = ["Duration", "Metrics", "ModelMetrics", "ModelState", "ModelStates", "Statistics"]
 
+# Worker processes (service.workers): every process's values go to files in this folder, and /metrics reads them all.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -113,6 +120,61 @@ class Statistics:
         }
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """One graph of a model version, as ``ModelStates`` reports it: ``graph`` "" for infer's, "batchnorm" for
+    the batchnorm endpoint's; ``ready`` False for a version in the repository that failed to load."""
+
+    graph: str
+    model: str
+    version: str
+    ready: bool
+    provider: str | None
+    queue_limit: int | None
+
+
+class ModelStates:
+    """``normserve_model_ready``, ``normserve_model_provider``, ``normserve_queue_limit`` (and the batchnorm
+    endpoint's ``normserve_batchnorm_...``) and ``normserve_gpu_required``, read from the registry at each
+    scrape: what is served now, so an unloaded model has no series left behind, and with worker processes
+    (whose model control keeps them alike) one worker's states are every worker's."""
+
+    def __init__(self, states: Callable[[], Iterable[ModelState]], require_gpu: bool) -> None:
+        self.states, self.require_gpu = states, require_gpu
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]] = {}
+        for graph in ("", "batchnorm"):
+            p = "normserve_batchnorm" if graph else "normserve"
+            families[graph] = (
+                GaugeMetricFamily(f"{p}_model_ready", "1 when the model version serves", labels=["model", "version"]),
+                GaugeMetricFamily(
+                    f"{p}_model_provider",
+                    "1 for the execution provider each model version really runs on",
+                    labels=["model", "version", "provider"],
+                ),
+                GaugeMetricFamily(
+                    f"{p}_queue_limit",
+                    "Requests the model version queues before it refuses with 503",
+                    labels=["model", "version"],
+                ),
+            )
+        for state in self.states():
+            ready, provider, limit = families[state.graph]
+            ready.add_metric([state.model, state.version], 1 if state.ready else 0)
+            if state.provider is not None:
+                provider.add_metric([state.model, state.version, state.provider], 1)
+            if state.queue_limit is not None:
+                limit.add_metric([state.model, state.version], state.queue_limit)
+        for family in families.values():
+            yield from family
+        yield GaugeMetricFamily(
+            "normserve_gpu_required",
+            "1 when NORMSERVE_REQUIRE_GPU is set: a model on CPU keeps it not ready",
+            value=1 if self.require_gpu else 0,
+        )
+
+
 class Metrics:
     """Every metric family, in ``registry`` (a new one by default), named ``<prefix>_...``.
 
@@ -123,6 +185,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "normserve") -> None:
         self.registry = r = registry or CollectorRegistry(auto_describe=True)
         self._statistics: dict[tuple[str, str], Statistics] = {}
+        self._states: list[ModelStates] = []
         p = prefix
         what = "Inference" if p == "normserve" else "Batchnorm endpoint"
         model = ["model", "version"]
@@ -164,31 +227,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.pending = Gauge(f"{p}_pending_requests", "Requests queued, not yet running", model, registry=r)
+        # With worker processes (prometheus_client's multiprocess mode), the workers' values add up.
+        self.pending = Gauge(
+            f"{p}_pending_requests", "Requests queued, not yet running", model, registry=r, multiprocess_mode="livesum"
+        )
         self.held_connections = Gauge(
             f"{p}_held_connections",
             "Keep-alive connections read no further until the model version answers more (service/intake.py): "
             "what their clients send waits in the kernel",
             model,
             registry=r,
-        )
-        self.provider = Gauge(
-            f"{p}_model_provider",
-            "1 for the execution provider each model version really runs on",
-            [*model, "provider"],
-            registry=r,
-        )
-        self.model_ready = Gauge(f"{p}_model_ready", "1 when the model version serves", model, registry=r)
-        self.queue_limit = Gauge(
-            f"{p}_queue_limit", "Requests the model version queues before it refuses with 503", model, registry=r
+            multiprocess_mode="livesum",
         )
         self.batchnorm: Metrics | None = None
         if p == "normserve":
-            self.gpu_required = Gauge(
-                f"{p}_gpu_required",
-                "1 when NORMSERVE_REQUIRE_GPU is set: a model on CPU keeps it not ready",
-                registry=r,
-            )
             self.batchnorm = Metrics(r, "normserve_batchnorm")
             self.connections_closed = Counter(
                 f"{p}_connections_closed",
@@ -198,6 +250,21 @@ class Metrics:
                 registry=r,
             )
             self._closed: dict[str, Counter] = {}
+
+    def exposition(self) -> CollectorRegistry:
+        """What ``/metrics`` writes: this registry, or with worker processes every worker's values (their
+        files in PROMETHEUS_MULTIPROC_DIR) and this worker's model states (the same in every worker)."""
+        if not MULTIPROCESS:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped library
+        for collector in self._states:
+            registry.register(collector)
+        return registry
+
+    def register_states(self, collector: ModelStates) -> None:
+        self.registry.register(collector)
+        self._states.append(collector)
 
     def model(self, name: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, name, version)
@@ -240,6 +307,16 @@ class ModelMetrics:
         self.held_connections = metrics.held_connections.labels(name, version)
         self.statistics = metrics.statistics(name, version)
         self._failures: dict[tuple[str, str], Counter] = {}
+
+    def forget(self) -> None:
+        """The version stopped serving (unloaded, or gone from the repository): its gauges leave /metrics.
+        With worker processes a series cannot be removed (prometheus_client's multiprocess mode): it stays, at
+        0, its requests all answered."""
+        if MULTIPROCESS:
+            return
+        for gauge in (self._metrics.pending, self._metrics.held_connections):
+            with contextlib.suppress(KeyError):  # never bound
+                gauge.remove(self.name, self.version)
 
     def executed(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One batch of ``rows`` rows from ``requests`` requests: the seconds it took to put its inputs

@@ -14,12 +14,12 @@ had accepted: no request is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import functools
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from service.batcher import Batcher
 from service.config import BatchingSettings, Settings
 from service.errors import InvalidInput, ModelNotFound, NotReady, ServeError
 from service.machine import available_cores
-from service.metrics import Metrics, ModelMetrics
+from service.metrics import Metrics, ModelMetrics, ModelState, ModelStates
 from service.runtime import CUDA, GraphTensor, Runtime
 
 __all__ = ["BatchStatsGraph", "Readiness", "Registry", "ServedVersion", "VersionEntry"]
@@ -146,7 +146,8 @@ class Registry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._reported_fallbacks: set[str] = set()
         self.cores = available_cores()
-        metrics.gpu_required.set(1 if settings.require_gpu else 0)
+        self._prepared: dict[str, ModelEntry] = {}
+        metrics.register_states(ModelStates(self.states, settings.require_gpu))
 
     # -- lookups (the hot path) --
 
@@ -206,8 +207,9 @@ class Registry:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def load_all(self) -> None:
-        """Load every model in the repository, one after the other."""
+    async def load_all(self, only: list[str] | None = None) -> None:
+        """Load every model in the repository, one after the other; ``only``: those of them (a restarted
+        worker's, what the others serve)."""
         root = self.settings.repository
         if not root.is_dir():
             log.error("model repository %s is not a folder: serving no models", root)
@@ -217,6 +219,8 @@ class Registry:
                 log.warning("NORMSERVE_MODELS configures %r, which is not in %s", name, root)
         names = []
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if only is not None and folder.name not in only:
+                continue
             if _valid_name(folder.name):
                 names.append(folder.name)
             else:  # lost+found, __pycache__: not a model, and not a reason to stop loading the others
@@ -243,33 +247,61 @@ class Registry:
         Returns the entry as loaded. When a reload loads no version at all, the versions already
         serving stay, and the returned entry (not swapped in) says why the reload failed.
         """
+        async with self._lock(name):
+            return await self._swap(name, await self._build_entry(name))
+
+    async def prepare(self, name: str) -> ModelEntry:
+        """The first half of ``load``, for a load every worker makes (``service.peers``): build and warm the
+        model, and hold it for ``commit`` (or ``discard``) without serving it yet."""
+        async with self._lock(name):
+            new = self._prepared[name] = await self._build_entry(name)
+        return new
+
+    async def commit(self, name: str) -> ModelEntry:
+        """Swap in what ``prepare`` built."""
+        async with self._lock(name):
+            new = self._prepared.pop(name, None)
+            if new is None:
+                raise NotReady(f"model {name!r} has nothing prepared to swap in: load it again")
+            return await self._swap(name, new)
+
+    async def discard(self, name: str) -> None:
+        """Drop what ``prepare`` built: what was served before stays as it was."""
+        async with self._lock(name):
+            self._prepared.pop(name, None)
+            entry = self.models.get(name)
+            if entry is not None and entry.readiness is Readiness.LOADING and not entry.versions:
+                self.models.pop(name)  # the placeholder of a model that was not served
+
+    async def _build_entry(self, name: str) -> ModelEntry:
+        """Build every version of the model (its lock held); a model not served yet shows as loading."""
         if not _valid_name(name):
             raise InvalidInput(f"{name!r} is not a model name; expected letters, digits and . _ - (a folder name)")
         model_dir = self.settings.repository / name
         if not model_dir.is_dir():
             raise ModelNotFound(f"the model repository has no model {name!r}")
-        async with self._lock(name):
-            old = self.models.get(name)
-            if old is None or not old.versions:
-                old = None  # nothing served yet: nothing to retire
-                self.models[name] = ModelEntry(name, readiness=Readiness.LOADING, reason="loading")
-            new = await asyncio.to_thread(self._build, model_dir)
-            if old is not None and old.latest_ready() is not None and new.latest_ready() is None:
-                # As Triton does: a reload that loads nothing leaves the versions that serve in place.
-                log.error("reloading %s failed, its loaded versions keep serving: %s", name, self.reason(new))
-                return new
-            for held in new.versions.values():
-                if held.served is not None:
-                    for batcher in held.served.batchers:
-                        batcher.start()
-                    self._publish(name, held)
-                else:  # in the repository, and not serving: what NormserveModelNotReady alerts on
-                    self.metrics.model_ready.labels(name, held.version).set(0)
-            self.models[name] = new  # the swap: new requests go to the new sessions from here on
-            if old is not None:
-                await self._retire(old, keep=new)
-            self._log_loaded(new)
+        old = self.models.get(name)
+        if old is None or not old.versions:
+            self.models[name] = ModelEntry(name, readiness=Readiness.LOADING, reason="loading")
+        return await asyncio.to_thread(self._build, model_dir)
+
+    async def _swap(self, name: str, new: ModelEntry) -> ModelEntry:
+        old = self.models.get(name)
+        if old is None or not old.versions:
+            old = None  # nothing served yet: nothing to retire
+        if old is not None and old.latest_ready() is not None and new.latest_ready() is None:
+            # As Triton does: a reload that loads nothing leaves the versions that serve in place.
+            log.error("reloading %s failed, its loaded versions keep serving: %s", name, self.reason(new))
             return new
+        for held in new.versions.values():
+            if held.served is not None:
+                for batcher in held.served.batchers:
+                    batcher.start()
+        self.models[name] = new  # the swap: new requests go to the new sessions from here on
+        if old is not None:
+            await self._retire(old, keep=new)
+        self._log_loaded(new)
+        return new
 
     def _log_loaded(self, entry: ModelEntry) -> None:
         served = [v.served for v in entry.versions.values() if v.served is not None]
@@ -299,54 +331,52 @@ class Registry:
             entry = self.models.pop(name, None)
             if entry is None:  # unloaded while this call waited for the lock
                 raise ModelNotFound(f"model {name!r} is already unloaded")
-            await self._retire(entry, keep=None)
+            await self._retire(entry)
         log.info("unloaded %s", name)
 
     async def close(self) -> None:
         """Drain every batcher: all accepted requests finish."""
         for name in list(self.models):
             entry = self.models.pop(name)
-            await self._retire(entry, keep=None)
+            await self._retire(entry)
 
-    async def _retire(self, entry: ModelEntry, keep: ModelEntry | None) -> None:
+    async def _retire(self, entry: ModelEntry, keep: ModelEntry | None = None) -> None:
+        """Stop the entry's batchers (every request they accepted finishes); a version that ``keep`` (the entry
+        swapped in) does not serve leaves the metrics' gauges."""
         for held in entry.versions.values():
             if held.served is None:
                 continue
             for batcher in held.served.batchers:
                 await batcher.stop()
-            replacement = keep.versions.get(held.version) if keep is not None else None
-            successor = replacement.served if replacement is not None else None
-            # Per metric family (infer's, the batchnorm endpoint's): what the successor runs there, if anything.
-            after = {id(m): r.provider.active for m, r in self._graphs(successor)} if successor else {}
-            for metrics, runtime in self._graphs(held.served):
-                provider = runtime.provider.active
-                if id(metrics) in after:
-                    if after[id(metrics)] != provider:  # the old provider no longer runs it
-                        metrics.provider.remove(entry.name, held.version, provider)
-                elif replacement is not None and metrics is self.metrics:  # the reload failed for this version
-                    metrics.model_ready.labels(entry.name, held.version).set(0)
-                    metrics.provider.remove(entry.name, held.version, provider)
-                else:  # unloaded, or gone from the repository: no series, and nothing to alert on
-                    for gauge in (metrics.model_ready, metrics.queue_limit):
-                        gauge.remove(entry.name, held.version)
-                    metrics.provider.remove(entry.name, held.version, provider)
-                    with contextlib.suppress(KeyError):  # a version whose metrics were never bound has none
-                        metrics.held_connections.remove(entry.name, held.version)
+            successor = keep.versions.get(held.version) if keep is not None else None
+            if successor is None or successor.served is None:  # its successor's metric children are the same ones
+                held.served.metrics.forget()
+                if held.served.batch_stats is not None:
+                    held.served.batch_stats.metrics.forget()
 
-    def _graphs(self, served: ServedVersion) -> list[tuple[Metrics, Runtime]]:
-        """Each graph a version serves, with the metric families it reports in."""
-        graphs = [(self.metrics, served.runtime)]
-        if served.batch_stats is not None and self.metrics.batchnorm is not None:
-            graphs.append((self.metrics.batchnorm, served.batch_stats.runtime))
-        return graphs
-
-    def _publish(self, name: str, held: VersionEntry) -> None:
-        if held.served is None:
-            return
-        for metrics, runtime in self._graphs(held.served):
-            metrics.provider.labels(name, held.version, runtime.provider.active).set(1)
-            metrics.model_ready.labels(name, held.version).set(1)
-            metrics.queue_limit.labels(name, held.version).set(held.served.batching.queue_limit)
+    def states(self) -> Iterator[ModelState]:
+        """What each version in the repository is now, for the metrics (``service.metrics.ModelStates``): a
+        version that serves, for each graph it serves (infer's, the batchnorm endpoint's), and a version that
+        failed to load (not ready, on infer's only). An unloaded model has none."""
+        for entry in list(self.models.values()):
+            for held in entry.versions.values():
+                served = held.served
+                if served is None:
+                    yield ModelState("", entry.name, held.version, False, None, None)
+                    continue
+                yield ModelState(
+                    "", entry.name, held.version, True, served.runtime.provider.active, served.batching.queue_limit
+                )
+                if served.batch_stats is not None:
+                    graph = served.batch_stats
+                    yield ModelState(
+                        "batchnorm",
+                        entry.name,
+                        held.version,
+                        True,
+                        graph.runtime.provider.active,
+                        graph.batcher.queue_limit,
+                    )
 
     def _build(self, model_dir: Path) -> ModelEntry:
         """Read, create and warm every version of one model (blocking: runs in a thread)."""

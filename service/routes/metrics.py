@@ -13,4 +13,4 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(service_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(service_state(request).metrics.exposition()), media_type=CONTENT_TYPE_LATEST)

@@ -12,10 +12,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from service.peers import PEER_PREFIX, READ_TIMEOUT_S, sum_statistics
 from service.registry import Registry
-from service.state import service_state
+from service.state import ServiceState, service_state
 
-__all__ = ["BATCHNORM_SUFFIX", "model_statistics", "router"]
+__all__ = ["BATCHNORM_SUFFIX", "model_statistics", "router", "server_statistics"]
 
 BATCHNORM_SUFFIX = "/batchnorm"
 
@@ -39,16 +40,26 @@ def model_statistics(registry: Registry, name: str | None, version: str | None) 
     return stats
 
 
+async def server_statistics(state: ServiceState, name: str | None, version: str | None) -> list[dict[str, Any]]:
+    """``model_statistics``, with worker processes summed over every worker (HTTP and gRPC alike)."""
+    mine = model_statistics(state.registry, name, version)
+    if state.peers is None:
+        return mine
+    answers = await state.peers.each("GET", PEER_PREFIX + "stats", timeout_s=READ_TIMEOUT_S)
+    # A worker that does not answer (restarting) adds nothing: its counts went with it.
+    return sum_statistics(mine, [body for status, body in answers.values() if status == 200])
+
+
 @router.get("/v2/models/stats", summary="Statistics of every served model version (Triton's statistics extension)")
 async def all_statistics(request: Request) -> dict[str, Any]:
-    return {"model_stats": model_statistics(service_state(request).registry, None, None)}
+    return {"model_stats": await server_statistics(service_state(request), None, None)}
 
 
 @router.get("/v2/models/{model_name}/stats", summary="Statistics of a model's served versions")
 async def statistics(request: Request, model_name: str) -> dict[str, Any]:
-    return {"model_stats": model_statistics(service_state(request).registry, model_name, None)}
+    return {"model_stats": await server_statistics(service_state(request), model_name, None)}
 
 
 @router.get("/v2/models/{model_name}/versions/{model_version}/stats", summary="Statistics of one model version")
 async def version_statistics(request: Request, model_name: str, model_version: str) -> dict[str, Any]:
-    return {"model_stats": model_statistics(service_state(request).registry, model_name, model_version)}
+    return {"model_stats": await server_statistics(service_state(request), model_name, model_version)}

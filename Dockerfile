@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# normserve's images. Three targets:
+# normserve's images. Three targets (and HAProxy's, for a fleet: see the haproxy stage):
 #
 #   docker build -t normserve .                          # cpu (the default): onnxruntime's CPU build, no torch
 #   docker build --target gpu -t normserve:gpu .         # onnxruntime-gpu with CUDA 13 and cuDNN 9 from pip wheels
@@ -86,6 +86,22 @@ COPY --from=models /models /models
 ENV NORMSERVE_PROVIDER=cuda \
     NORMSERVE_REQUIRE_GPU=1
 USER 10001:10001
+
+# HAProxy from Debian's package, in front of the compose file's fleet of replicas (docker/haproxy/haproxy.cfg):
+#   docker build --target haproxy -t normserve-haproxy .
+FROM ${BASE_IMAGE} AS haproxy
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends haproxy && rm -rf /var/lib/apt/lists/*
+COPY docker/haproxy/haproxy.cfg /etc/haproxy/haproxy.cfg
+ENV HAPROXY_BIND=:8000 \
+    HAPROXY_STATS_SOCKET=/var/lib/haproxy/admin.sock
+EXPOSE 8000
+# Debian's package makes the user, with whatever id is free: its name is the stable handle.
+# hadolint ignore=DL3066
+USER haproxy
+# SIGUSR1: finish what is in flight, then stop.
+STOPSIGNAL SIGUSR1
+ENTRYPOINT ["haproxy", "-W", "-db", "-f", "/etc/haproxy/haproxy.cfg"]
 
 FROM serve AS cpu
 ARG PIP_INDEX=""

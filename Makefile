@@ -29,10 +29,11 @@ serve: models  ## build the default models if missing, then serve them on port 8
 	NORMSERVE_REPOSITORY=$(REPOSITORY) $(BIN)/python -m service
 
 # Debian's packages that tests drive: chromium for the demo page (Playwright's own browser download needs
-# the network at test time), prometheus and promtool for the monitoring files. Where they cannot be
+# the network at test time), prometheus and promtool for the monitoring files, haproxy for the fleet. Where they cannot be
 # installed, those tests are skipped and say why. (podman is installed by docker/build-image.sh.)
-DEBIAN_TOOLS := /usr/bin/chromium:chromium /usr/bin/promtool:prometheus /usr/lib/x86_64-linux-gnu/libb64.so.0d:libb64-0d
-debian-tools:  ## install Debian's chromium, prometheus and libb64 (perf_analyzer's) for their tests, where apt-get can
+DEBIAN_TOOLS := /usr/bin/chromium:chromium /usr/bin/promtool:prometheus /usr/lib/x86_64-linux-gnu/libb64.so.0d:libb64-0d \
+	/usr/sbin/haproxy:haproxy
+debian-tools:  ## install Debian's chromium, prometheus, libb64 (perf_analyzer's) and haproxy for their tests, where apt-get can
 	@missing=$$(for t in $(DEBIAN_TOOLS); do [ -x "$${t%%:*}" ] || echo "$${t##*:}"; done); \
 	if [ -z "$$missing" ]; then \
 		true; \

@@ -7,6 +7,8 @@ import functools
 import gc
 import importlib.resources
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -159,10 +161,15 @@ def _api_docs(app: FastAPI) -> None:
 
 async def _heartbeat(state: ServiceState, board: ReadinessBoard, index: int) -> None:
     """This worker's readiness on the shared board, every HEARTBEAT_S (a worker whose heartbeat stops, its
-    loop held or its process gone, is not ready to the others)."""
+    loop held or its process gone, is not ready to the others). A worker whose supervisor is gone (killed:
+    it had no time to pass a signal on) drains and stops as if it had been told to."""
+    supervisor = os.getppid()
     try:
         while True:
             board.write(index, not state.own_not_ready_reasons())
+            if os.getppid() != supervisor and not state.draining:
+                log.error("the supervisor (pid %d) is gone: stopping", supervisor)
+                os.kill(os.getpid(), signal.SIGTERM)
             await asyncio.sleep(HEARTBEAT_S)
     finally:
         board.clear(index)

@@ -210,7 +210,9 @@ class Supervisor:
     def _start(self, index: int) -> None:
         argv = [sys.executable, "-m", "service", "--worker", str(index), "--of", str(self.count)]
         argv += ["--run-dir", str(self.run_dir)]
-        self.processes[index] = subprocess.Popen(argv, env=self._environment())
+        # A process group of its own: Ctrl-C in a terminal reaches the supervisor alone, which passes it on
+        # once (a worker that got it twice would stop at once instead of draining).
+        self.processes[index] = subprocess.Popen(argv, env=self._environment(), process_group=0)
         self.started_at[index] = time.monotonic()
 
     def _handle(self, sig: int, frame: FrameType | None) -> None:

@@ -66,11 +66,19 @@ class LevelResult:
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time a process has used so far, user and system: the one reader of a server's CPU."""
+    """The CPU time a process and its children have used so far, user and system: the one reader of a
+    server's CPU (with worker processes, the supervisor's and every worker's)."""
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        try:
+            times = each.cpu_times()
+        except psutil.NoSuchProcess:  # a worker that exited meanwhile
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _server_cpu(pid: int | None) -> Callable[[], float | None]:

@@ -33,6 +33,9 @@ class Plan:
     overload_s: float
     perf_concurrency: tuple[int, ...]  # Triton's perf_analyzer, over HTTP and gRPC
     perf_interval_ms: int
+    worker_counts: tuple[str, ...]  # NORMSERVE_WORKERS values measured
+    fleet_rate: float  # requests a second through HAProxy during the rolling restart
+    fleet_drain_s: float  # each replica's NORMSERVE_DRAIN_S
 
 
 FULL = Plan(
@@ -55,6 +58,9 @@ FULL = Plan(
     overload_s=6.0,
     perf_concurrency=(1, 16, 64),
     perf_interval_ms=2000,
+    worker_counts=("1", "2", "auto"),
+    fleet_rate=400.0,
+    fleet_drain_s=5.0,
 )
 SMOKE = Plan(
     window_s=0.25,
@@ -76,4 +82,7 @@ SMOKE = Plan(
     overload_s=0.5,
     perf_concurrency=(1,),
     perf_interval_ms=200,
+    worker_counts=("1", "2"),
+    fleet_rate=50.0,
+    fleet_drain_s=1.0,
 )

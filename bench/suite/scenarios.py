@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench.fleet import Fleet, haproxy
+from bench.fleet import measure as fleet_measure
 from bench.loadgen.driver import Target, encode_request
 from bench.loadgen.report import machine
 from bench.loadgen.run import LevelResult, RunConfig, cpu_seconds, run_levels
@@ -45,7 +47,8 @@ class Suite:
     def threads(self) -> int:
         return len(self.server_cores) or os.cpu_count() or 1
 
-    def normserve(self, module: str = "service", **env: str) -> Server:
+    def normserve(self, module: str = "service", pinned: bool = True, **env: str) -> Server:
+        """normserve on the server cores (``pinned``; else on every core, the generator's too)."""
         port = free_port()
         settings = {
             "NORMSERVE_REPOSITORY": str(self.repository),
@@ -54,9 +57,9 @@ class Suite:
             "NORMSERVE_LOG_LEVEL": "warning",
             "NORMSERVE_GRPC_PORT": "0",  # HTTP is measured here; 8001 may be another server's
         }
-        return Server(
-            "normserve", [*self.taskset, sys.executable, "-m", module], settings | env, port, "/v2/health/ready"
-        )
+        every = sorted(set(self.server_cores) | set(self.generator_cores))  # this process runs on the generator's
+        taskset = self.taskset if pinned else (["taskset", "-c", ",".join(map(str, every))] if every else [])
+        return Server("normserve", [*taskset, sys.executable, "-m", module], settings | env, port, "/v2/health/ready")
 
     def uvicorn(self, name: str, app: str, **env: str) -> Server:
         port = free_port()
@@ -221,6 +224,12 @@ def run_suite(suite: Suite) -> dict[str, Any]:
     print("perf_analyzer, HTTP and gRPC", file=sys.stderr)
     results["perf_analyzer"] = perf_analyzer_part(suite)
 
+    print("worker processes", file=sys.stderr)
+    results["workers"] = workers_part(suite)
+
+    print("a fleet behind HAProxy, rolling restart", file=sys.stderr)
+    results["fleet"] = fleet_part(suite)
+
     print("in-process onnxruntime and graph variants", file=sys.stderr)
     results["inprocess"] = {
         "tiny": inprocess(suite, model_file, plan.tiny_batches),
@@ -355,6 +364,36 @@ def _progress_perf(row: dict[str, Any]) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+# -- worker processes and the fleet ---------------------------------------------------------------
+
+
+def workers_part(suite: Suite) -> dict[str, Any]:
+    """normserve with each NORMSERVE_WORKERS of the plan, on every core (on a small machine the generator
+    shares them): the tiny model at the highest concurrency, JSON and binary, with the CPU per request of
+    every process together (the design's overhead is its rise with workers) and each process's memory."""
+    rows = []
+    level = [("concurrency", float(max(suite.plan.tiny_concurrency)))]
+    for workers in suite.plan.worker_counts:
+        # onnxruntime's threads: each worker's share of the cores (workers x threads = the cores)
+        server = suite.normserve(pinned=False, NORMSERVE_WORKERS=workers, NORMSERVE_INTRA_OP_THREADS="0")
+        with running(server):
+            memory = server.tree_rss_mb()
+            for encoding in ("json", "binary"):
+                (row,) = suite.measure(server, suite.tiny, encoding, level)
+                # one process with one worker; a supervisor and its workers with more
+                rows.append(row | {"workers": workers, "encoding": encoding, "rss_mb": memory})
+    return {"rows": rows, "cores": len(set(suite.server_cores) | set(suite.generator_cores)) or os.cpu_count()}
+
+
+def fleet_part(suite: Suite) -> dict[str, Any]:
+    """Three replicas behind Debian's HAProxy on loopback, the project's configuration, an open-loop load of
+    the tiny model through a rolling restart of every replica (``bench.fleet``)."""
+    if haproxy() is None:
+        return {"missing": "no haproxy: `make debian-tools` installs Debian's"}
+    with Fleet(suite.repository, drain_s=suite.plan.fleet_drain_s) as fleet:
+        return fleet_measure(fleet, suite.tiny, suite.plan.fleet_rate)
 
 
 # -- in-process onnxruntime and graph variants ----------------------------------------------------

@@ -123,6 +123,13 @@ class Server:
 
         return round(float(psutil.Process(self.pid).memory_info().rss) / 2**20, 1)
 
+    def tree_rss_mb(self) -> list[float]:
+        """The resident memory of the process and of each child (worker processes), in MB."""
+        import psutil
+
+        process = psutil.Process(self.pid)
+        return [round(float(p.memory_info().rss) / 2**20, 1) for p in [process, *process.children(recursive=True)]]
+
 
 @contextmanager
 def running(server: Server) -> Any:

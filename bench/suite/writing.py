@@ -453,9 +453,106 @@ def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> 
     ]
     out += _overload_section(r, images.get("overload", ""))
     out += _perf_section(r)
+    out += _workers_section(r.get("workers") or {})
+    out += _fleet_section(r.get("fleet") or {})
     out += _profile_section(r.get("profile", {}))
     out += _wrk_section(r.get("wrk", {}), r)
     return "\n".join(out).replace("\n\n\n", "\n\n")
+
+
+def _workers_section(part: dict[str, Any]) -> list[str]:
+    rows = part.get("rows") or []
+    if not rows:
+        return []
+    one = {row["encoding"]: rate(row) for row in rows if row["workers"] == "1"}
+    table = [
+        [
+            row["workers"],
+            row["encoding"],
+            f"{rate(row):,.0f}",
+            f"{rate(row) / one[row['encoding']]:.2f}x" if one.get(row["encoding"]) else "-",
+            ms(row["latency_ms"]["p50"]),
+            ms(row["latency_ms"]["p99"]),
+            _cpu(row)[0],
+            _errors(row),
+            f"{sum(row['rss_mb']):,.0f}",
+            " + ".join(f"{m:,.0f}" for m in row["rss_mb"]),
+        ]
+        for row in rows
+    ]
+    return [
+        "### Worker processes (`NORMSERVE_WORKERS`)",
+        "",
+        f"The tiny model at the highest concurrency, JSON and binary, against normserve with each worker count "
+        f"on every core of the machine ({part['cores']}; the load generator shares them, so more workers compete "
+        "with it). CPU per request is every process's together (the supervisor's and its workers'): its rise "
+        "with the worker count is the design's overhead. Memory: every process's resident set (with more than "
+        "one worker, the supervisor's first, then each worker's), each worker holding its own sessions.",
+        "",
+        _table(
+            [
+                "workers",
+                "tensors",
+                "req/s",
+                "vs 1 worker",
+                "p50 ms",
+                "p99 ms",
+                "CPU ms/req",
+                "errors",
+                "RSS MB, all",
+                "RSS MB, each process",
+            ],
+            table,
+        ),
+        "",
+    ]
+
+
+def _fleet_section(part: dict[str, Any]) -> list[str]:
+    out = ["### A fleet behind HAProxy: rolling restart under load", ""]
+    if part.get("missing"):
+        return out + [f"Not run: {part['missing']}.", ""]
+    if not part:
+        return []
+    before, during = part["before"], part["during"]
+    errors = ", ".join(f"{n:,} {reason}" for reason, n in sorted(part["errors"].items())) or "none"
+    out += [
+        f"{part['replicas']} replicas (`python -m service`, one worker each) behind Debian's HAProxy with "
+        f"`docker/haproxy/haproxy.cfg`, on loopback; an open-loop load of {part['rate']:g} requests a second "
+        f"({part['model']}, JSON) through it while `bench.fleet` replaces every replica in turn (SIGTERM, its "
+        "drain, its exit, a new one started, ready, back in HAProxy), as `docker/rolling-restart.sh` does with "
+        f"compose. The restart took {part['restart_s']:.1f} s.",
+        "",
+        _table(
+            ["sent", "answered", "failed", "p99 before the restart", "p99 during it", "max during it"],
+            [
+                [
+                    f"{part['sent']:,}",
+                    f"{part['answered']:,}",
+                    errors,
+                    ms(before.get("latency_ms", {}).get("p99")),
+                    ms(during.get("latency_ms", {}).get("p99")),
+                    ms(during.get("latency_ms", {}).get("max")),
+                ]
+            ],
+        ),
+        "",
+        "Each replica, in seconds from the restart's start: SIGTERM, HAProxy's own status turning DOWN "
+        "(from its stats socket), the process exiting, the new one ready, HAProxy's status UP again.",
+        "",
+        _table(
+            ["replica", "SIGTERM", "out of HAProxy", "stopped", "ready", "back in HAProxy"],
+            [
+                [name, *(f"{e[k]:.2f}" if e.get(k) is not None else "never" for k in KEYS)]
+                for name, e in sorted(part["replica_events"].items())
+            ],
+        ),
+        "",
+    ]
+    return out
+
+
+KEYS = ("sigterm", "out", "stopped", "ready", "back")
 
 
 def _profile_section(profile: dict[str, Any]) -> list[str]:

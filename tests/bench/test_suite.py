@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.fleet import haproxy
 from bench.perf_analyzer import binary as perf_binary
 
 pytestmark = pytest.mark.slow  # the suite's smoke run: make test runs it, make test-fast leaves it out
@@ -53,6 +54,9 @@ def test_the_suite_writes_every_section_and_keeps_the_text_around_it(smoke: tupl
         assert heading in text, heading
     for target in ["T1", "T2", "T3", "T4", "T5", "T6", "T7"]:
         assert f"| {target} |" in text
+    assert "### Worker processes (`NORMSERVE_WORKERS`)" in text
+    if haproxy() is not None:  # make test installs it (make debian-tools)
+        assert "### A fleet behind HAProxy: rolling restart under load" in text and "back in HAProxy" in text
     if perf_binary() is not None:  # make test installs it: perf_analyzer's part, T8 and grpc.aio's floor beside it
         assert "### perf_analyzer: HTTP and gRPC" in text and "| T8 |" in text
         assert "answered at once without the model" in text and "grpc.aio's floor" in text
@@ -70,6 +74,13 @@ def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) ->
     assert len(levels) == 2 + 2 + 2 + 2 + 2 + 1 + 2 + 2 + 2
     for level in levels:
         assert level["ok"] > 0 and level["errors"] == {}, level
+    workers = results["workers"]["rows"]
+    assert [(w["workers"], w["encoding"]) for w in workers] == [(n, e) for n in ("1", "2") for e in ("json", "binary")]
+    for row in workers:  # each worker count answered every request; two workers run as three processes
+        assert row["ok"] > 0 and row["errors"] == {} and len(row["rss_mb"]) == (1 if row["workers"] == "1" else 3)
+    if haproxy() is not None:  # through a rolling restart of every replica, nothing failed
+        fleet = results["fleet"]
+        assert fleet["errors"] == {} and fleet["answered"] == fleet["sent"] > 0
     sizes = results["overload"]
     assert [(o["encoding"], o["rows"]) for o in sizes] == [("json", 1), ("binary", 16)]  # tiny-cnn-bn takes 16 rows
     for overload in sizes:

@@ -65,6 +65,22 @@ def test_the_inferenceservice_passes_kserves_own_schema_and_speaks_v2(tmp_path: 
     assert run(str(BIN / "check-jsonschema"), "--schemafile", schema, str(tmp_path / "wrong.yaml")).returncode != 0
 
 
+def test_the_scaledobject_passes_kedas_own_schema_and_scales_the_deployment_on_its_queue(tmp_path: Path) -> None:
+    schema = str(K8S / "schema" / "keda-scaledobject-v1alpha1.schema.json")
+    result = run(str(BIN / "check-jsonschema"), "--schemafile", schema, str(K8S / "scaledobject.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    scaled = load("scaledobject.yaml")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == load("deployment.yaml")["metadata"]["name"]
+    assert scaled["minReplicaCount"] == load("hpa.yaml")["spec"]["minReplicas"]  # the same floor without KEDA
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "prometheus" and "normserve_pending_requests" in trigger["metadata"]["query"]
+    wrong = load("scaledobject.yaml")
+    wrong["spec"]["minReplicas"] = 2  # the HPA's name for it, not KEDA's
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+    refused = run(str(BIN / "check-jsonschema"), "--schemafile", schema, str(tmp_path / "wrong.yaml"))
+    assert refused.returncode != 0 and "minReplicas" in refused.stdout + refused.stderr
+
+
 def test_yamllint_passes_on_every_deployment_file() -> None:
     result = run(str(BIN / "yamllint"), "--strict", "docker/", ".yamllint.yaml")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -173,6 +173,9 @@ def test_every_dashboard_query_and_alert_signal_returns_data_from_a_real_prometh
     server: RunningServer, prometheus: str
 ) -> None:
     expressions = dashboard_queries() + [(rule["alert"], alert_signal(rule["expr"])) for rule in alert_rules()]
+    # and what the KEDA ScaledObject scales on
+    keda = yaml.safe_load((DOCKER / "k8s" / "scaledobject.yaml").read_text())["spec"]["triggers"][0]["metadata"]
+    expressions.append(("KEDA trigger", keda["query"]))
     until = time.monotonic() + 12
     senders = [threading.Thread(target=_traffic, args=(server.url, until)) for _ in range(4)]
     for sender in senders:

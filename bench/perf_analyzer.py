@@ -121,6 +121,9 @@ def _one_level(
             "--input-data", "zero",
             "-f", str(report),
             "--verbose-csv",
+            # Each window's throughput and latency on its own line: what is left to report (``_last_window``)
+            # when the windows never agree and no CSV is written.
+            "-v",
         ]  # fmt: skip
         if json_data:
             argv += ["--input-tensor-format=json", "--output-tensor-format=json"]

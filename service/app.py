@@ -182,7 +182,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> NormserveApp
     ``worker``: this app is one of several worker processes (``service.workers``): its models load before
     its lifespan lets the ports open, it answers its peers under ``/_peer/`` on its Unix socket, and its
     readiness is every worker's."""
-    metrics = Metrics()
+    metrics = Metrics(worker=worker.index if worker is not None else 0)
     state = ServiceState(settings, metrics, Registry(settings, metrics))
     if worker is not None:
         state.worker, state.peers = worker, Peers(worker)

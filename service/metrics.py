@@ -182,7 +182,7 @@ class Metrics:
     batchnorm endpoint, in the same registry.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "normserve") -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "normserve", worker: int = 0) -> None:
         self.registry = r = registry or CollectorRegistry(auto_describe=True)
         self._statistics: dict[tuple[str, str], Statistics] = {}
         self._states: list[ModelStates] = []
@@ -242,6 +242,14 @@ class Metrics:
         self.batchnorm: Metrics | None = None
         if p == "normserve":
             self.batchnorm = Metrics(r, "normserve_batchnorm")
+            # Per worker process (NORMSERVE_WORKERS): whether the kernel spreads the load, and which worker
+            # is stuck. Counted per batch, off the per-request path.
+            self.worker_inferences = Counter(
+                f"{p}_worker_inference_count",
+                "Rows inferred by each worker process (one worker: worker 0)",
+                ["worker"],
+                registry=r,
+            ).labels(str(worker))
             self.connections_closed = Counter(
                 f"{p}_connections_closed",
                 "Connections the server closed on a client, by reason (head_too_large, too_many_headers, "
@@ -306,6 +314,8 @@ class ModelMetrics:
         self.pending = metrics.pending.labels(name, version)
         self.held_connections = metrics.held_connections.labels(name, version)
         self.statistics = metrics.statistics(name, version)
+        # infer's rows per worker (the batchnorm endpoint's family has none: its rows count in infer's too)
+        self._worker_inferences = getattr(metrics, "worker_inferences", None)
         self._failures: dict[tuple[str, str], Counter] = {}
 
     def forget(self) -> None:
@@ -322,6 +332,8 @@ class ModelMetrics:
         """One batch of ``rows`` rows from ``requests`` requests: the seconds it took to put its inputs
         together, to run, and to hand each request its outputs."""
         self.inferences.inc(rows)
+        if self._worker_inferences is not None:
+            self._worker_inferences.inc(rows)
         self.executions.inc()
         self.batch_size.observe(rows)
         self.compute_seconds.observe(input_s + infer_s)

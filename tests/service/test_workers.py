@@ -103,6 +103,9 @@ def test_metrics_and_statistics_count_every_worker_as_one_server(
         assert metric(url, "normserve_model_ready", model="affine", version="1") == 1
         stats = httpx.get(f"{url}/v2/models/affine/stats", timeout=10).json()["model_stats"][0]
         assert stats["inference_stats"]["success"]["count"] == 20 and stats["inference_count"] == 40
+        # and each worker's own share, to see how the kernel spread them (20 connections: both served some)
+        shares = [metric(url, "normserve_worker_inference_count_total", worker=str(w)) for w in (0, 1)]
+        assert sum(shares) == 40 and min(shares) > 0
 
 
 def test_load_and_unload_reach_every_worker_and_readiness_speaks_for_all(

@@ -155,6 +155,10 @@ class ReadinessBoard:
     def clear(self, index: int) -> None:
         _SLOT.pack_into(self._map, index * _SLOT.size, 0, 0.0)
 
+    def beating(self, index: int) -> bool:
+        """The worker has written its slot: its models loaded, its ports open (ready or not)."""
+        return bool(_SLOT.unpack_from(self._map, index * _SLOT.size)[1])
+
     def not_ready(self, indexes: list[int]) -> list[int]:
         """Those of ``indexes`` that are not ready, or whose heartbeat stopped."""
         now = time.monotonic()
@@ -196,7 +200,7 @@ class Supervisor:
         self.processes: list[subprocess.Popen[bytes] | None] = [None] * count
         self.started_at = [0.0] * count
         self.failures = [0] * count
-        self.served = [False] * count  # each worker has been ready once (its first start succeeded)
+        self.served = [False] * count  # each worker has opened its ports once (its first start succeeded)
         self.stopping = 0  # signals received
         self.board = ReadinessBoard(self.run_dir / "ready", count, create=True)
         (self.run_dir / "metrics").mkdir()
@@ -258,7 +262,7 @@ class Supervisor:
             if self.stopping and all(p is None or p.poll() is not None for p in self.processes):
                 return
             for index, process in enumerate(self.processes):
-                if process is not None and not self.served[index] and not self.board.not_ready([index]):
+                if process is not None and not self.served[index] and self.board.beating(index):
                     self.served[index] = True
                 if process is None or process.poll() is None:
                     continue

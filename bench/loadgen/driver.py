@@ -68,6 +68,7 @@ class Connection(asyncio.Protocol):
         self.body_start = -1  # where the body starts in the buffer, once the head is in
         self.length = 0
         self.retry_after = False
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
@@ -91,6 +92,8 @@ class Connection(asyncio.Protocol):
                 return
             self.status = int(head[9:12])
             self.retry_after = b"\r\nretry-after:" in head
+            # The server (a draining one, a proxy) closes after this answer: no request may follow on it.
+            self.closing = b"\r\nconnection: close" in head
             self.length = int(head[at + 17 : head.find(b"\r\n", at + 2)])
             self.body_start = end + 4
         if len(buffer) < self.body_start + self.length:
@@ -101,7 +104,9 @@ class Connection(asyncio.Protocol):
         del buffer[:stop]
         self.body_start = -1
         self.busy = False
-        self.load.answered(self, self.status, done - self.origin, body, done - self.sent, self.retry_after)
+        self.load.answered(
+            self, self.status, done - self.origin, body, done - self.sent, self.retry_after, reusable=not self.closing
+        )
 
     def broken(self, reason: str) -> None:
         if self.busy:
@@ -266,15 +271,21 @@ class Load:
         body: bytes,
         response_s: float = 0.0,
         retry_after: bool = False,
+        reusable: bool = True,
     ) -> None:
-        """One answer: ``latency_s`` from its origin (the send, or the due time), ``response_s`` from the send."""
+        """One answer: ``latency_s`` from its origin (the send, or the due time), ``response_s`` from the send.
+        A connection the answer closed (``reusable`` False, ``Connection: close``) is closed here, and replaced
+        as any lost one is, instead of being given the next request."""
         if connection.origin >= self.measure_from:
             self.window.record(status, latency_s, body, response_s)
             if status == 503:
                 self.window.refused(response_s, retry_after)
         elif 200 <= status < 300 and self.measure_from:
             self.window.carry(response_s)
-        self._next_for(connection)
+        if reusable:
+            self._next_for(connection)
+        elif connection.transport is not None:
+            connection.transport.close()
 
     def failed(self, connection: Connection, reason: str) -> None:
         if connection.origin >= self.measure_from:

@@ -121,7 +121,8 @@ def test_stability_needs_the_last_three_windows_within_ten_percent(
 
 # -- fake servers ---------------------------------------------------------------------------------
 
-Responder = Callable[[int], tuple[int, bytes] | None]  # request index -> (status, body); None: never answer
+# request index -> (status, body), or (status, body, True) to answer with Connection: close; None: never answer
+Responder = Callable[[int], tuple[int, bytes] | tuple[int, bytes, bool] | None]
 
 
 class FakeServer(asyncio.Protocol):
@@ -158,9 +159,15 @@ async def serve_fake(service_s: float, responder: Responder) -> tuple[asyncio.Se
             answer = responder(index)
             if answer is None or connection.transport is None or connection.transport.is_closing():
                 continue
-            status, body = answer
-            head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
-            connection.transport.write(head.encode() + body)
+            if getattr(connection, "closing", False):  # a request after "Connection: close": never answered
+                continue
+            status, body, *close = answer
+            head = f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            if close:  # as a draining server or a proxy does: it closes a little later, not at once
+                head += "connection: close\r\n"
+                connection.closing = True  # type: ignore[attr-defined]
+                asyncio.get_running_loop().call_later(0.05, connection.transport.close)
+            connection.transport.write(head.encode() + b"\r\n" + body)
 
     server = await asyncio.get_running_loop().create_server(lambda: FakeServer(shared), "127.0.0.1", 0)
     shared["worker"] = asyncio.create_task(worker())
@@ -257,6 +264,16 @@ async def test_errors_are_counted_by_status_with_a_sample_of_what_the_server_sai
     assert summary["latency_ms"]["max"] is not None  # latency from the 200s only
     refused = summary["refused"]  # the 503s have their own latency, and this server sends no Retry-After
     assert refused["count"] == 100 and refused["p50_ms"] > 0 and refused["with_retry_after"] == 0.0
+
+
+@pytest.mark.anyio
+async def test_an_answer_with_connection_close_ends_its_connection_and_the_load_goes_on_over_a_new_one() -> None:
+    def close_every_fifth(index: int) -> tuple[int, bytes, bool] | tuple[int, bytes]:
+        return (200, b"{}", True) if index % 5 == 4 else (200, b"{}")
+
+    summary, shared = await _measure(0.0, close_every_fifth, "concurrency", 2, requests=100)
+    # nothing was sent on a connection after the server said it closes it, so nothing was lost
+    assert summary["errors"] == {} and summary["ok"] == 100 and shared["seen"] == 100
 
 
 @pytest.mark.anyio

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -342,3 +345,19 @@ async def test_a_load_one_worker_fails_changes_no_worker(built_repository: Path,
     assert entry.latest_ready() is not None and state.registry.models["affine"] is entry
     assert peer.calls[2:] == ["prepare", "commit"] and served_models(tmp_path) == ["affine"]
     await state.registry.close()
+
+
+def test_workers_that_cannot_start_stop_the_server_instead_of_restarting_forever(built_repository: Path) -> None:
+    with socket.socket() as taken:  # another program's port, without SO_REUSEPORT: no worker can share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = os.environ | {
+            "NORMSERVE_REPOSITORY": str(built_repository),
+            "NORMSERVE_PORT": str(port),
+            "NORMSERVE_GRPC_PORT": "0",
+            "NORMSERVE_WORKERS": "2",
+        }
+        done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"could not bind 127.0.0.1:{port}" in done.stderr and "before it served; stopping" in done.stderr

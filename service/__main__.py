@@ -137,7 +137,11 @@ def serve_worker(settings: Settings, worker: Worker) -> None:
     socket for its peers, both opened by uvicorn once the lifespan has loaded the models."""
     raise_file_limit()
     app = create_app(settings, worker)
-    sockets = [listening_socket(settings.host, settings.port), control_socket(worker.socket_path())]
+    try:
+        sockets = [listening_socket(settings.host, settings.port), control_socket(worker.socket_path())]
+    except (RuntimeError, OSError) as e:
+        log.error("%s", e)  # the supervisor stops the server: a worker that cannot listen never will
+        raise SystemExit(1) from None
     DrainingServer(server_config(app, settings), app, settings.drain_s).run(sockets=sockets)
 
 

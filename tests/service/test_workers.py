@@ -361,3 +361,4 @@ def test_workers_that_cannot_start_stop_the_server_instead_of_restarting_forever
         done = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert f"could not bind 127.0.0.1:{port}" in done.stderr and "before it served; stopping" in done.stderr
+    assert "Traceback" not in done.stderr  # said plainly, once per worker

@@ -259,9 +259,18 @@ def test_raw_contents_that_do_not_match_the_inputs_are_refused(stub: service_pb2
 
 
 def test_a_passed_deadline_is_deadline_exceeded(client: grpcclient.InferenceServerClient) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        client.infer("affine", [affine_input(ROWS)], client_timeout=1e-6)
-    assert _error(raised)[0] == "StatusCode.DEADLINE_EXCEEDED"
+    # A deadline of 1 µs has passed before the call leaves; but grpcio fires its deadline timer on a thread
+    # of its own, which a busy machine can starve while this fast server answers (a few hundred µs). So: a
+    # few calls, each of which must fail with DEADLINE_EXCEEDED or (the timer starved) succeed, and at least
+    # one failed.
+    codes = []
+    for _ in range(5):
+        try:
+            client.infer("affine", [affine_input(ROWS)], client_timeout=1e-6)
+            codes.append("answered")
+        except InferenceServerException as e:
+            codes.append(str(e.status()))
+    assert set(codes) <= {"StatusCode.DEADLINE_EXCEEDED", "answered"} and "StatusCode.DEADLINE_EXCEEDED" in codes
     assert client.infer("affine", [affine_input(ROWS)], client_timeout=30).as_numpy("y") is not None
 
 

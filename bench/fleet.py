@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.loadgen.driver import Load, Target, clock, encode_request
 from bench.loadgen.samples import build_requests, read_signature
-from bench.loadgen.stats import Window
+from bench.loadgen.stats import Window, summarize
 from bench.suite.servers import free_port, wait_ready
 
 __all__ = ["CONFIG", "Fleet", "haproxy", "main", "rolling_restart"]
@@ -244,8 +244,6 @@ class OpenLoad(threading.Thread):
 
 
 def _summary(windows: list[Window]) -> dict[str, Any]:
-    from bench.loadgen.stats import summarize
-
     return summarize(windows) if windows else {}
 
 

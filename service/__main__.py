@@ -123,11 +123,10 @@ def main() -> None:
     if arguments.worker is not None:
         serve_worker(settings, Worker(arguments.worker, arguments.of, arguments.run_dir))
         return
+    _started(settings)
     workers = worker_count(settings)
     if workers > 1:
-        _started(settings)
         raise SystemExit(Supervisor(settings, workers).run())
-    _started(settings)
     app = create_app(settings)
     DrainingServer(server_config(app, settings), app, settings.drain_s).run()
 

@@ -67,7 +67,7 @@ class Peers:
 
     def failures(self, answers: dict[int, tuple[int, Any]]) -> dict[int, str]:
         return {
-            i: (body or {}).get("error", f"status {status}") if isinstance(body, dict) else f"status {status}"
+            i: body.get("error", f"status {status}") if isinstance(body, dict) else f"status {status}"
             for i, (status, body) in answers.items()
             if status != 200
         }
@@ -139,6 +139,6 @@ async def model_action(request: Request, model_name: str, action: str) -> JSONRe
 
 @router.get(PEER_PREFIX + "stats")
 async def statistics(request: Request) -> JSONResponse:
-    from service.routes.statistics import model_statistics
+    from service.routes.statistics import model_statistics  # here: that module imports this one
 
     return JSONResponse(model_statistics(request.app.state.normserve.registry, None, None))

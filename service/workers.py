@@ -94,6 +94,10 @@ def worker_threads(settings: Settings, workers: int) -> int:
     return settings.intra_op_threads
 
 
+def worker_name(index: int, count: int) -> str:
+    return f"worker {index} of {count}"
+
+
 @dataclass(frozen=True)
 class Worker:
     """Who this process is, when it is one of several: its index, how many there are, the run folder."""
@@ -110,7 +114,7 @@ class Worker:
         return [i for i in range(self.count) if i != self.index]
 
     def name(self, index: int | None = None) -> str:
-        return f"worker {self.index if index is None else index} of {self.count}"
+        return worker_name(self.index if index is None else index, self.count)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -244,8 +248,7 @@ class Supervisor:
                 self._start(index)
             self._watch()
         except WorkerFailed as e:
-            log.error("%s", e)
-            self._handle(signal.SIGTERM, None)
+            log.error("%s", e)  # the others are stopped below
             code = 1
         finally:
             for process in self.processes:
@@ -259,34 +262,30 @@ class Supervisor:
     def _watch(self) -> None:
         restart_at: dict[int, float] = {}
         while True:
-            if self.stopping and all(p is None or p.poll() is not None for p in self.processes):
-                return
+            if self.stopping:  # nothing restarts: wait for every worker's drain to end
+                if all(p is None or p.poll() is not None for p in self.processes):
+                    return
+                time.sleep(0.05)
+                continue
             for index, process in enumerate(self.processes):
                 if process is not None and not self.served[index] and self.board.beating(index):
                     self.served[index] = True
-                if process is None or process.poll() is None:
+                if process is None or process.poll() is None or index in restart_at:
                     continue
-                if self.stopping:
-                    continue
-                if index not in restart_at:
-                    if not self.served[index]:
-                        # It never came up (a port another program holds, a bad setting): so would the next.
-                        raise WorkerFailed(
-                            f"{self._name(index)} exited with status {process.returncode} before it served; stopping"
-                        )
-                    self._died(index, process.returncode)
-                    restart_at[index] = time.monotonic() + self._backoff(index)
-            for index, when in list(restart_at.items()):
-                if self.stopping:
-                    restart_at.clear()
-                elif time.monotonic() >= when:
-                    del restart_at[index]
-                    log.info("restarting %s", self._name(index))
-                    self._start(index)
+                if not self.served[index]:
+                    # It never came up (a port another program holds, a bad setting): so would the next.
+                    raise WorkerFailed(
+                        f"{worker_name(index, self.count)} exited with status {process.returncode} before it "
+                        "served; stopping"
+                    )
+                self._died(index, process.returncode)
+                restart_at[index] = time.monotonic() + self._backoff(index)
+            now = time.monotonic()
+            for index in [i for i, when in restart_at.items() if now >= when]:
+                del restart_at[index]
+                log.info("restarting %s", worker_name(index, self.count))
+                self._start(index)
             time.sleep(0.05)
-
-    def _name(self, index: int) -> str:
-        return f"worker {index} of {self.count}"
 
     def _died(self, index: int, code: int) -> None:
         process = self.processes[index]
@@ -296,7 +295,7 @@ class Supervisor:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
         log.error(
             "%s (pid %d) exited with %s: restarting it, its models loaded before it takes traffic",
-            self._name(index),
+            worker_name(index, self.count),
             process.pid,
             how,
         )

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -168,6 +169,38 @@ def start_service(
     except RuntimeError as e:
         raise RuntimeError(f"{e}: {process.communicate()[1] or 'see its log'}") from None
     return process, url
+
+
+class KeepAliveLoad:
+    """``with KeepAliveLoad(url, x) as load:`` four clients send ``x`` to ``affine`` over keep-alive connections
+    (which a drain must close), every 5 ms, until the block ends; ``load.outcomes`` has each answer's status
+    and Connection header, or ``lost: ...`` for a request sent and never answered."""
+
+    def __init__(self, url: str, x: np.ndarray, clients: int = 4) -> None:
+        self.url, self.x = url, x
+        self.outcomes: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send) for _ in range(clients)]
+
+    def _send(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.post(f"{self.url}/v2/models/affine/infer", json=infer_json("x", self.x))
+                    self.outcomes.append(f"{response.status_code} {response.headers.get('connection', 'keep-alive')}")
+                except httpx.TransportError as e:
+                    self.outcomes.append(f"lost: {e!r}")  # sent and never answered: what must not happen
+                time.sleep(0.005)
+
+    def __enter__(self) -> KeepAliveLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
 
 
 ServeFactory = Callable[..., contextlib.AbstractContextManager[RunningServer]]

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import affine_expected, infer_json, metric, start_service
+from tests.service.conftest import KeepAliveLoad, affine_expected, infer_json, metric, start_service
 
 
 def test_sigterm_finishes_every_accepted_request_then_exits(built_repository: Path) -> None:
@@ -53,32 +53,14 @@ def test_sigterm_drains_readiness_first_and_loses_no_request_it_accepted(built_r
     still answered (with Connection: close, so keep-alive clients reconnect elsewhere), then the listener
     closes and new connections are refused; the process exits 0."""
     process, url = start_service(built_repository, NORMSERVE_DRAIN_S="2")
-    x = np.ones((1, 4), dtype=np.float32)
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=10) as client:  # keep-alive: the drain must close these connections
-            while not stop.is_set():
-                try:
-                    response = client.post(f"{url}/v2/models/affine/infer", json=infer_json("x", x))
-                    outcomes.append(f"{response.status_code} {response.headers.get('connection', 'keep-alive')}")
-                except httpx.TransportError as e:
-                    outcomes.append(f"lost: {e!r}")  # sent and never answered: what must not happen
-                time.sleep(0.005)
-
-    clients = [threading.Thread(target=load) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    ready = httpx.get(f"{url}/v2/health/ready")
-    assert ready.status_code == 503 and "draining" in ready.json()["error"]
-    time.sleep(1.0)  # the load runs on into the drain, as clients that have not yet seen readiness do
-    stop.set()
-    for thread in clients:
-        thread.join(timeout=30)
+    with KeepAliveLoad(url, np.ones((1, 4), dtype=np.float32)) as load:
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ready = httpx.get(f"{url}/v2/health/ready")
+        assert ready.status_code == 503 and "draining" in ready.json()["error"]
+        time.sleep(1.0)  # the load runs on into the drain, as clients that have not yet seen readiness do
+    outcomes = load.outcomes
     _, log = process.communicate(timeout=40)
     assert process.returncode == 0, log
     assert not [o for o in outcomes if o.startswith("lost")], outcomes

@@ -31,7 +31,7 @@ from service.registry import Registry
 from service.routes.repository_api import load_model
 from service.state import ServiceState
 from service.workers import ReadinessBoard, Worker, served_models, worker_count, worker_threads
-from tests.service.conftest import affine_expected, infer_json, metric, start_service
+from tests.service.conftest import KeepAliveLoad, affine_expected, infer_json, metric, start_service
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -206,32 +206,15 @@ def test_sigterm_with_two_workers_drains_both_and_loses_no_request_they_accepted
     503 on both workers at once, every request is still answered through the drain (with Connection: close),
     then both listeners close and the supervisor exits 0."""
     process, url = start_service(built_repository, NORMSERVE_WORKERS="2", NORMSERVE_DRAIN_S="2")
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=10) as client:  # keep-alive: the drain must close these connections
-            while not stop.is_set():
-                try:
-                    response = client.post(f"{url}/v2/models/affine/infer", json=infer_json("x", X))
-                    outcomes.append(f"{response.status_code} {response.headers.get('connection', 'keep-alive')}")
-                except httpx.TransportError as e:
-                    outcomes.append(f"lost: {e!r}")  # sent and never answered: what must not happen
-                time.sleep(0.005)
-
-    clients = [threading.Thread(target=load) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    for _ in range(6):  # over new connections, whichever worker takes each: both drain
-        ready = httpx.get(f"{url}/v2/health/ready", timeout=5)
-        assert ready.status_code == 503 and "draining" in ready.json()["error"]
-    time.sleep(1.0)  # the load runs on into the drain, as clients that have not yet seen readiness do
-    stop.set()
-    for thread in clients:
-        thread.join(timeout=30)
+    with KeepAliveLoad(url, X) as load:
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        for _ in range(6):  # over new connections, whichever worker takes each: both drain
+            ready = httpx.get(f"{url}/v2/health/ready", timeout=5)
+            assert ready.status_code == 503 and "draining" in ready.json()["error"]
+        time.sleep(1.0)  # the load runs on into the drain, as clients that have not yet seen readiness do
+    outcomes = load.outcomes
     _, log = process.communicate(timeout=60)
     assert process.returncode == 0, log
     assert not [o for o in outcomes if o.startswith("lost")], outcomes

@@ -70,22 +70,23 @@ def run(
     timeout_s: float = 600,
     streaming: bool = False,
     version: str | None = None,
+    stability_pct: int = 10,
 ) -> list[dict[str, Any]]:
     """One row per concurrency (one perf_analyzer run each): its CSV columns (microseconds;
     'Inferences/Second'), its counts, and the command that produced it. ``version``: the model version it
-    asks for (``-x``; by default the one the server's statistics name)."""
+    asks for (``-x``; by default the one the server's statistics name). ``stability_pct``: how far its last
+    three windows may differ and still count as stable (perf_analyzer's ``-s``, default 10)."""
     path = binary()
     if path is None:
         raise FileNotFoundError("no perf_analyzer: `make perf-analyzer` installs it in .perf-venv")
     out = []
     for level in concurrency:
-        # A level whose windows never agree within 10 % is run again with windows 2.5 times as long; if they
-        # still do not, its figures are those of the last window, marked unstable.
+        # A level whose windows never agree within stability_pct is run again with windows 2.5 times as long;
+        # if they still do not, its figures are those of the last window, marked unstable.
         row: dict[str, Any] | None = None
         for interval in (interval_ms, int(interval_ms * 2.5)):
-            row = _one_level(
-                path, url, protocol, model, level, json_data, batch, interval, timeout_s, streaming, version
-            )
+            args = (path, url, protocol, model, level, json_data, batch, interval, timeout_s)
+            row = _one_level(*args, streaming=streaming, version=version, stability_pct=stability_pct)
             if row["stable"]:
                 break
         assert row is not None
@@ -105,6 +106,7 @@ def _one_level(
     timeout_s: float,
     streaming: bool = False,
     version: str | None = None,
+    stability_pct: int = 10,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         report = Path(work) / "report.csv"
@@ -117,6 +119,7 @@ def _one_level(
             "--concurrency-range", str(level),
             "--measurement-interval", str(interval_ms),
             "--max-trials", str(MAX_TRIALS),
+            "--stability-percentage", str(stability_pct),
             # Its default, random bytes, makes NaN and Infinity floats, which the server refuses (400).
             "--input-data", "zero",
             "-f", str(report),

@@ -90,8 +90,10 @@ USER 10001:10001
 # HAProxy from Debian's package, in front of the compose file's fleet of replicas (docker/haproxy/haproxy.cfg):
 #   docker build --target haproxy -t normserve-haproxy .
 FROM ${BASE_IMAGE} AS haproxy
+# A base that has it already (docker/build-image.sh haproxy, where no package index is reachable) skips apt-get.
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends haproxy && rm -rf /var/lib/apt/lists/*
+RUN command -v haproxy >/dev/null \
+    || { apt-get update && apt-get install -y --no-install-recommends haproxy && rm -rf /var/lib/apt/lists/*; }
 COPY docker/haproxy/haproxy.cfg /etc/haproxy/haproxy.cfg
 ENV HAPROXY_BIND=:8000 \
     HAPROXY_STATS_SOCKET=/var/lib/haproxy/admin.sock

@@ -29,16 +29,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.loadgen.driver import Load, Target, clock, encode_request
 from bench.loadgen.samples import build_requests, read_signature
 from bench.loadgen.stats import Window, summarize
 from bench.suite.servers import free_port, wait_ready
 
-__all__ = ["CONFIG", "Fleet", "haproxy", "main", "rolling_restart"]
+__all__ = ["CONFIG", "Balanced", "Fleet", "haproxy", "haproxy_states", "main", "measure", "rolling_restart"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "docker" / "haproxy" / "haproxy.cfg"
@@ -112,8 +113,8 @@ class Fleet:
             except OSError:  # its stats socket is not there yet
                 pass
             if self.balancer.poll() is not None or time.monotonic() > deadline:
-                log = (self.work / "haproxy.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"haproxy did not see every replica up: {log}")
+                said = (self.work / "haproxy.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"haproxy did not see every replica up: {said}")
             time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
@@ -159,20 +160,36 @@ class Fleet:
         wait_ready(replica.process, f"{replica.url}/v2/health/ready", 120, replica.name)
 
     def states(self) -> dict[str, str]:
-        """HAProxy's status of each replica (``UP``, ``DOWN``, ``UP 1/2`` while a change is confirmed...)."""
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(str(self.stats_socket))
-            sock.sendall(b"show stat\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
-        return {
-            row["svname"]: row["status"]
-            for row in rows
-            if row["pxname"] == BACKEND and row["svname"] not in ("FRONTEND", "BACKEND")
-        }
+        return haproxy_states(self.stats_socket)
+
+
+def haproxy_states(stats_socket: Path) -> dict[str, str]:
+    """HAProxy's status of each replica (``UP``, ``DOWN``, ``UP 1/2`` while a change is confirmed...), from
+    ``show stat`` on its stats socket."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(stats_socket))
+        sock.sendall(b"show stat\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    rows = csv.DictReader(io.StringIO(data.decode().lstrip("# ")))
+    return {
+        row["svname"]: row["status"]
+        for row in rows
+        if row["pxname"] == BACKEND and row["svname"] not in ("FRONTEND", "BACKEND")
+    }
+
+
+class Balanced(Protocol):
+    """What ``measure`` needs of a fleet: its models, HAProxy's port and view, and a log of restart steps
+    (``sigterm``, ``stopped``, ``ready`` per replica) that its restart appends to."""
+
+    repository: Path
+    port: int
+    events: list[tuple[float, str, str]]
+
+    def states(self) -> dict[str, str]: ...
 
 
 def rolling_restart(fleet: Fleet, timeout_s: float = 120) -> None:
@@ -197,7 +214,7 @@ def rolling_restart(fleet: Fleet, timeout_s: float = 120) -> None:
 class Watcher(threading.Thread):
     """HAProxy's status of each replica every 50 ms: its changes, with the time."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Balanced) -> None:
         super().__init__(daemon=True)
         self.fleet, self.stop = fleet, threading.Event()
         self.changes: list[tuple[float, str, str]] = []
@@ -247,8 +264,17 @@ def _summary(windows: list[Window]) -> dict[str, Any]:
     return summarize(windows) if windows else {}
 
 
-def measure(fleet: Fleet, model: str, rate: float, before_s: float = 3.0, after_s: float = 2.0) -> dict[str, Any]:
-    """The load through a rolling restart of every replica: what it sent, what came back, and HAProxy's view."""
+def measure(
+    fleet: Balanced,
+    model: str,
+    rate: float,
+    before_s: float = 3.0,
+    after_s: float = 2.0,
+    restart: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """The load through a rolling restart of every replica: what it sent, what came back, and HAProxy's view.
+    ``restart`` replaces the replicas (by default ``rolling_restart`` of a ``Fleet``), logging its steps
+    in ``fleet.events``."""
     signature = read_signature(fleet.repository / model / "config.json")
     target = Target("127.0.0.1", fleet.port, f"/v2/models/{model}/infer")
     requests = [encode_request(target, body, headers) for body, headers in build_requests(signature, "json")]
@@ -258,7 +284,11 @@ def measure(fleet: Fleet, model: str, rate: float, before_s: float = 3.0, after_
     load.start()
     time.sleep(before_s)
     began = clock()
-    rolling_restart(fleet)
+    if restart is not None:
+        restart()
+    else:
+        assert isinstance(fleet, Fleet)
+        rolling_restart(fleet)
     ended = clock()
     time.sleep(after_s)
     load.stop.set()
@@ -275,7 +305,7 @@ def measure(fleet: Fleet, model: str, rate: float, before_s: float = 3.0, after_
             errors[reason] = errors.get(reason, 0) + count
     answered = sum(w.ok for w in load.windows)
     return {
-        "replicas": len(fleet.replicas),
+        "replicas": len(fleet.states()),
         "rate": rate,
         "model": model,
         "restart_s": round(ended - began, 2),

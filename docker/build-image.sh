@@ -4,6 +4,7 @@
 #
 #   docker/build-image.sh cpu [TAG] [MODEL_REPOSITORY]     # default tag normserve:cpu, repository model_repository
 #   docker/build-image.sh gpu [TAG] [MODEL_REPOSITORY]
+#   docker/build-image.sh haproxy [TAG]                    # the fleet's HAProxy, default tag normserve-haproxy
 #   docker/build-image.sh env                               # print the podman environment, to `eval` before podman
 #
 # 1. podman, buildah, runc and mmdebstrap from apt where missing (as root);
@@ -13,6 +14,9 @@
 #    localhost/normserve-base:bookworm, cached outside the project;
 # 4. the wheels the image installs, downloaded on the host into docker/wheels/ (ignored by git);
 # 5. `podman build --network none --pull=never` of the Dockerfile's target, with those wheels only.
+#
+# HAProxy's image is the Dockerfile's haproxy target on a second base made the same way with Debian's haproxy
+# in it (localhost/normserve-haproxy-base:bookworm), since apt-get cannot reach Debian inside a build here.
 #
 # The Dockerfile itself builds unchanged elsewhere (`docker build .`), from python:3.11-slim and PyPI.
 # MODEL_REPOSITORY is a folder inside the project copied into the image as its /models (MODELS=copy),
@@ -62,15 +66,17 @@ check_podman() {
     fi
 }
 
+# base IMAGE NAME PACKAGES: a Debian bookworm image with PACKAGES, made once with mmdebstrap and cached.
 base() {
-    podman image exists "$base_image" && return
-    local tarball="$cache/base-bookworm.tar"
+    local image=$1 name=$2 packages=$3
+    podman image exists "$image" && return
+    local tarball="$cache/$name.tar"
     if [ ! -f "$tarball" ]; then
-        echo "build-image: making the base image with mmdebstrap (about 2 minutes, once)" >&2
-        mmdebstrap --quiet --variant=apt --include=python3,python3-venv,ca-certificates bookworm "$cache/base-bookworm.partial.tar"
-        mv "$cache/base-bookworm.partial.tar" "$tarball"
+        echo "build-image: making the base image $image with mmdebstrap (about 2 minutes, once)" >&2
+        mmdebstrap --quiet --variant=apt --include="$packages" bookworm "$cache/$name.partial.tar"
+        mv "$cache/$name.partial.tar" "$tarball"
     fi
-    podman import --quiet "$tarball" "$base_image" >/dev/null
+    podman import --quiet "$tarball" "$image" >/dev/null
 }
 
 wheels() {
@@ -94,8 +100,21 @@ case "${1:-}" in
         exit 0
         ;;
     cpu | gpu) target=$1 ;;
+    haproxy)
+        install_tools
+        podman_env
+        base "$base_image" base-bookworm python3,python3-venv,ca-certificates
+        check_podman
+        tag=${2:-normserve-haproxy}
+        haproxy_base=localhost/normserve-haproxy-base:bookworm
+        base "$haproxy_base" haproxy-bookworm haproxy,ca-certificates
+        podman build --quiet --network none --pull=never --format docker --target haproxy \
+            --build-arg BASE_IMAGE="$haproxy_base" --tag "$tag" "$root" >/dev/null
+        echo "build-image: built $tag" >&2
+        exit 0
+        ;;
     *)
-        echo "usage: $0 cpu|gpu [TAG] [MODEL_REPOSITORY] | env" >&2
+        echo "usage: $0 cpu|gpu [TAG] [MODEL_REPOSITORY] | haproxy [TAG] | env" >&2
         exit 2
         ;;
 esac
@@ -112,7 +131,7 @@ fi
 
 install_tools
 podman_env
-base
+base "$base_image" base-bookworm python3,python3-venv,ca-certificates
 check_podman
 wheels "$target"
 start=$(date +%s)

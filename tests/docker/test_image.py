@@ -1,5 +1,6 @@
 """The CPU image, built with podman and run for real: as its users run it, stopped under load, and in
-the compose stack (its cpu profile, with Prometheus) through podman-compose.
+the compose stack through podman-compose: its cpu profile with Prometheus, and its fleet profile (three
+replicas behind the HAProxy image) through docker/rolling-restart.sh under load.
 
 The image is built by ``docker/build-image.sh`` (what ``make image`` runs) with an empty /models,
 and runs with ``--network host`` on a free loopback port, the tests' repository mounted read-only,
@@ -12,15 +13,17 @@ Skipped with one line only where podman cannot be installed or run here (the rea
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,7 +32,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from bench.fleet import haproxy_states, measure
+from bench.loadgen.driver import clock
 from service.runtime import Runtime
+from tests.bench.test_fleet import assert_nothing_lost
 from tests.service.conftest import affine_expected, free_port, infer_json, metric
 
 pytestmark = pytest.mark.slow  # image builds and containers: make test runs them, make test-fast leaves them out
@@ -37,6 +43,7 @@ pytestmark = pytest.mark.slow  # image builds and containers: make test runs the
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "docker" / "build-image.sh"
 TAG = "localhost/normserve:test"
+HAPROXY_TAG = "localhost/normserve-haproxy:test"
 CNN = "tiny-cnn-bn"
 GRACE_S = 40  # the documented stop grace, above NORMSERVE_SHUTDOWN_TIMEOUT_S (30)
 REQUESTS = 7
@@ -222,30 +229,50 @@ def prometheus_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> st
     return tag
 
 
+@dataclass
+class Compose:
+    """The compose files as shipped, copied into a folder of the test's own (where a test may edit one), run
+    by podman-compose with the host-network override under a project name of their own."""
+
+    folder: Path
+    env: dict[str, str]
+    project: str = field(default_factory=lambda: f"normserve-test-{uuid.uuid4().hex[:8]}")
+
+    @classmethod
+    def copy(cls, tmp_path: Path, **env: str) -> Compose:
+        shutil.copytree(ROOT / "docker", tmp_path / "docker", ignore=shutil.ignore_patterns("wheels", "k8s"))
+        return cls(tmp_path / "docker", ENV | env)
+
+    @property
+    def command(self) -> list[str]:
+        compose = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
+        assert compose is not None, "podman-compose is a dev dependency"
+        return [compose, "--project-name", self.project, "-f", "compose.yaml", "-f", "compose.host.yaml"]
+
+    def __call__(self, profile: str, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*self.command, "--profile", profile, *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=self.folder, timeout=300)
+
+
 def test_the_compose_file_brings_normserve_and_prometheus_up_in_its_cpu_profile(
     image: str, prometheus_image: str, readable_repository: Path, tmp_path: Path
 ) -> None:
-    compose = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
-    assert compose is not None, "podman-compose is a dev dependency"
-    # The compose files as shipped; only the scrape target follows this test's free port.
-    shutil.copytree(ROOT / "docker", tmp_path / "docker", ignore=shutil.ignore_patterns("wheels", "k8s"))
     port, prometheus_port = free_port(), free_port()
-    host_config = tmp_path / "docker" / "prometheus" / "prometheus.host.yml"
+    compose = Compose.copy(
+        tmp_path,
+        NORMSERVE_IMAGE=image,
+        PROMETHEUS_IMAGE=prometheus_image,
+        NORMSERVE_MODELS_DIR=str(readable_repository),
+        NORMSERVE_PORT=str(port),
+        NORMSERVE_GRPC_PORT=str(free_port()),
+        PROMETHEUS_PORT=str(prometheus_port),
+    )
+    # Only the scrape target follows this test's free port.
+    host_config = compose.folder / "prometheus" / "prometheus.host.yml"
     host_config.write_text(host_config.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
-    env = ENV | {
-        "NORMSERVE_IMAGE": image,
-        "PROMETHEUS_IMAGE": prometheus_image,
-        "NORMSERVE_MODELS_DIR": str(readable_repository),
-        "NORMSERVE_PORT": str(port),
-        "NORMSERVE_GRPC_PORT": str(free_port()),
-        "PROMETHEUS_PORT": str(prometheus_port),
-    }
-    project = f"normserve-test-{uuid.uuid4().hex[:8]}"
-    base = [compose, "--project-name", project, "-f", "compose.yaml", "-f", "compose.host.yaml", "--profile", "cpu"]
-    cwd = tmp_path / "docker"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*base, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+        return compose("cpu", *args)
 
     up = run("up", "--detach", "--no-build", "normserve-cpu", "prometheus")
     try:
@@ -270,6 +297,111 @@ def test_the_compose_file_brings_normserve_and_prometheus_up_in_its_cpu_profile(
         assert {r["name"] for r in rules} >= {"NormserveDown", "NormserveModelNotReady", "NormserveCpuFallback"}
     finally:
         run("down", "--volumes", "--timeout", "5")
+
+
+@pytest.fixture(scope="module")
+def haproxy_image(image: str) -> str:
+    """The fleet's HAProxy: the Dockerfile's haproxy target, on a base made with Debian's haproxy in it."""
+    build = subprocess.run(
+        ["bash", str(BUILD), "haproxy", HAPROXY_TAG], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600
+    )
+    assert build.returncode == 0, f"the HAProxy image build failed:\n{build.stdout}\n{build.stderr}"
+    return HAPROXY_TAG
+
+
+@dataclass
+class ComposeFleet:
+    """The compose file's fleet as ``bench.fleet.measure`` sees it: HAProxy's port and its stats socket."""
+
+    repository: Path
+    port: int
+    stats_socket: Path
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+
+    def states(self) -> dict[str, str]:
+        return haproxy_states(self.stats_socket)
+
+
+def test_the_compose_fleet_loses_nothing_through_docker_rolling_restart_sh(
+    image: str, haproxy_image: str, readable_repository: Path, tmp_path: Path
+) -> None:
+    """The fleet profile as shipped (three replicas of the image behind the HAProxy image), an open-loop load
+    through HAProxy, and the rolling restart script run as its users run it, with podman-compose."""
+    stats = tmp_path / "haproxy-stats"
+    stats.mkdir()
+    stats.chmod(0o777)  # HAProxy's user makes its socket here
+    ports = {f"normserve-{i}": free_port() for i in (1, 2, 3)}
+    compose = Compose.copy(
+        tmp_path,
+        NORMSERVE_IMAGE=image,
+        HAPROXY_IMAGE=haproxy_image,
+        NORMSERVE_MODELS_DIR=str(readable_repository),
+        NORMSERVE_PORT=str(free_port()),
+        HAPROXY_STATS_DIR=str(stats),
+        **{f"NORMSERVE_{i}_PORT": str(ports[f"normserve-{i}"]) for i in (1, 2, 3)},
+    )
+    fleet = ComposeFleet(readable_repository, int(compose.env["NORMSERVE_PORT"]), stats / "admin.sock")
+    up = compose("fleet", "up", "--detach", "--no-build", *ports, "haproxy")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        deadline = time.monotonic() + 120
+        while not (fleet.stats_socket.exists() and set(fleet.states().values()) == {"UP"}):
+            assert time.monotonic() < deadline, compose("fleet", "logs").stdout[-3000:]
+            time.sleep(0.25)
+
+        def restart() -> None:
+            """docker/rolling-restart.sh, its steps logged as it prints them; a replica's readiness is watched
+            from here (every 50 ms, on its own port) to say when it was ready again."""
+            readiness = ReadinessWatch({name: f"http://127.0.0.1:{port}" for name, port in ports.items()})
+            readiness.start()
+            said = []
+            with subprocess.Popen(
+                ["bash", str(compose.folder / "rolling-restart.sh")],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=compose.env | {"COMPOSE": " ".join(compose.command)},
+            ) as script:
+                assert script.stdout is not None
+                for line in script.stdout:
+                    said.append(line)
+                    name, _, step = line.partition(": ")
+                    step = {"stopping": "sigterm", "stopped": "stopped"}.get(step.split(";")[0].strip(), "")
+                    if step:
+                        fleet.events.append((clock(), name, step))
+            readiness.stop.set()
+            readiness.join()
+            assert script.returncode == 0, "".join(said)
+            for at, name, step in list(fleet.events):
+                if step == "stopped":
+                    ready = next((t for t in readiness.ready[name] if t > at), float("inf"))  # inf: never
+                    fleet.events.append((ready, name, "ready"))
+
+        result = measure(fleet, "tiny-cnn-bn", rate=100, before_s=2.0, after_s=1.0, restart=restart)
+        print(json.dumps(result, indent=1))  # what pytest shows of a failure, and -s of a pass
+    finally:
+        compose("fleet", "down", "--timeout", "5")
+    assert_nothing_lost(result, at_least=1000)
+
+
+class ReadinessWatch(threading.Thread):
+    """Each replica's readiness every 50 ms: the times it answered ready, per replica."""
+
+    def __init__(self, urls: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.urls, self.stop = urls, threading.Event()
+        self.ready: dict[str, list[float]] = {name: [] for name in urls}
+
+    def run(self) -> None:
+        with httpx.Client(timeout=0.5) as client:
+            while not self.stop.is_set():
+                for name, url in self.urls.items():
+                    try:
+                        if client.get(f"{url}/v2/health/ready").status_code == 200:
+                            self.ready[name].append(clock())
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.05)
 
 
 def test_the_image_imports_a_users_onnx_file_without_torch(image: str, tmp_path: Path) -> None:

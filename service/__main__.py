@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import logging
 import os
 import signal
@@ -44,6 +45,11 @@ class DrainingServer(uvicorn.Server):
         self._accepting: set[asyncio.Task[Any]] = set()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler runs in whatever context the main thread is in when the signal comes: a request's,
+        # whose id its log lines and the callbacks it schedules would carry. The server's own is empty.
+        contextvars.Context().run(self._handle_exit, sig, frame)
+
+    def _handle_exit(self, sig: int, frame: FrameType | None) -> None:
         state = self.app.state.normserve
         if state.draining:  # a second signal: stop now (uvicorn re-raises it once stopped)
             super().handle_exit(sig, frame)

@@ -87,4 +87,7 @@ def test_json_logs_carry_the_request_id(built_repository: Path) -> None:
     assert all({"time", "level", "logger", "message", "request_id"} <= set(r) for r in records)
     traced = [r for r in records if r["request_id"] == "trace-me-42"]
     assert traced and "shape" in traced[0]["message"]
+    # the request's id stays its own: what the server logs afterwards (its shutdown) does not carry it
+    after = [r for r in records if "draining" in r["message"] or r["message"] == "stopped"]
+    assert after and all(r["request_id"] != "trace-me-42" for r in after), after
     assert any("starting on http://127.0.0.1" in r["message"] and "/docs" in r["message"] for r in records)

@@ -34,11 +34,11 @@ from service.peers import PEER_PREFIX, Peers
 from service.peers import router as peer_router
 from service.registry import Registry
 from service.routes import ROUTERS
-from service.routes.inference import InferenceEndpoint, asgi_error, send_response
+from service.routes.inference import InferenceCall, InferenceEndpoint, asgi_error, send_response
 from service.state import ServiceState
 from service.workers import HEARTBEAT_S, ReadinessBoard, Worker, served_models
 
-__all__ = ["create_app"]
+__all__ = ["InferenceHere", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,24 @@ class NormserveApp(FastAPI):
             await self.inference(scope, receive, send, *found)
         else:
             await super().__call__(scope, receive, send)
+
+
+class InferenceHere:
+    """The app's side of the inference requests a connection answers itself, without ASGI
+    (``service.transport.Here``): the same access check as ``NormserveApp.__call__``, then the same call."""
+
+    def __init__(self, app: NormserveApp) -> None:
+        self.endpoint, self.access = app.inference, app.access
+
+    def call(self, path: str, headers: list[tuple[bytes, bytes]]) -> InferenceCall | None:
+        if not self.endpoint.PATH.fullmatch(path):
+            return None
+        self.access.check("POST", path, headers)
+        return self.endpoint.call(path, headers)
+
+    @property
+    def draining(self) -> bool:
+        return self.endpoint.state.draining
 
 
 DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))

@@ -29,6 +29,10 @@ bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``Limited
   NORMSERVE_INTAKE_BATCHES): its client's next request waits in the kernel, at no cost to the server, so
   that past capacity the core serves instead of refusing.
 
+Inference requests take a shorter way than the rest: the connection answers them itself
+(``AnsweredHere``), driving the same ``InferenceCall`` as the ASGI endpoint from its parser's callbacks,
+with no ASGI cycle or task, and writes each answer at once. Everything above holds for them too.
+
 Every connection closed on a client is counted in ``normserve_connections_closed_total{reason}`` and
 logged as a warning at most once per reason every ``NOTICE_EVERY_S`` seconds, with the count since the
 last notice: a flood of bad clients does not become a flood of log lines.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import resource
 import time
@@ -45,17 +50,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httptools
 import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.app import NormserveApp
+from service.app import InferenceHere, NormserveApp
 from service.config import Settings
-from service.errors import ServeError, render
+from service.errors import ClientDisconnected, NotReady, ServeError, render
 from service.intake import Expectation, Intake, waiting_bytes
+from service.routes.inference import InferenceCall, asgi_error, response_headers
 
 __all__ = ["ConnectionGuard", "ConnectionLimits", "LimitedHttpToolsProtocol", "raise_file_limit", "server_config"]
 
@@ -103,13 +109,15 @@ class ConnectionGuard:
     ``admission`` is asked, for each POST whose head has arrived, for its model's intake (None: not an
     inference request) and whether the server refuses it now (a full queue): the ServeError to answer from
     the head, or None to serve it as usual. ``refuse_early`` is False where inference needs an API key,
-    whose check a refusal from the head would skip.
+    whose check a refusal from the head would skip. ``here`` is the app's side of the inference requests
+    the connection answers itself (``AnsweredHere``); None sends every request through ASGI.
     """
 
     limits: ConnectionLimits
     count: Callable[[str], None]  # normserve_connections_closed_total{reason}
     admission: Callable[[str], tuple[Intake | None, ServeError | None]] | None
     refuse_early: bool = True
+    here: Here | None = None
     _last_notice: dict[str, float] = field(default_factory=dict)
     _unnoticed: dict[str, int] = field(default_factory=dict)
     clients: Counter[str] = field(default_factory=Counter)  # open connections by client address
@@ -154,6 +162,124 @@ PIPELINE_CLOSE = 1024
 _IDLE, _HEAD, _BODY = "idle", "head", "body"
 
 
+class Here(Protocol):
+    """What the app gives the connection for the inference requests it answers itself."""
+
+    def call(self, path: str, headers: list[tuple[bytes, bytes]]) -> InferenceCall | None:
+        """For a POST to ``path`` with these headers, once its head has arrived: its inference call, not begun
+        (None: not an inference request; it goes through ASGI). Raises ServeError for a request refused from
+        its head alone (the API key)."""
+        ...
+
+    @property
+    def draining(self) -> bool:
+        """Whether each answer now tells its client to go (``Connection: close``)."""
+        ...
+
+
+class AnsweredHere:
+    """An inference request the connection answers itself, in the place of uvicorn's RequestResponseCycle.
+
+    An inference request needs nothing of ASGI: its head, its body and one response. Through uvicorn it cost
+    a scope, a cycle with its event, a task, the app's layers, a ``receive`` and two ``send`` calls, each
+    response header checked against two patterns, and two writes; here the connection's parser callbacks
+    drive its ``InferenceCall`` directly (``begin`` at the head, ``add`` per chunk, ``submit`` at the end),
+    its batcher's future calls back with the outputs, and the answer leaves in one write. What uvicorn and
+    this module read of a cycle (``response_started``, ``response_complete``, ``keep_alive``,
+    ``disconnected``, ``message_event``) it keeps under the same names, so shutdown, draining, pipelining,
+    holding back and the limits treat it as any other request. Each request runs in a context of its own,
+    as a task would: its request id stays its own in the log.
+    """
+
+    __slots__ = ("call", "context", "disconnected", "keep_alive", "protocol", "response_complete",
+                 "response_started", "submitted")  # fmt: skip
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol, keep_alive: bool) -> None:
+        self.protocol, self.keep_alive = protocol, keep_alive
+        self.call: InferenceCall | None = None
+        self.context = contextvars.copy_context()
+        self.response_started = self.response_complete = self.disconnected = self.submitted = False
+
+    @property
+    def message_event(self) -> AnsweredHere:
+        """uvicorn sets its cycle's event when the connection is lost: ``set`` is that news."""
+        return self
+
+    def set(self) -> None:
+        if self.disconnected and not self.submitted and self.call is not None:  # the body will never be whole
+            self._fail(ClientDisconnected("the connection closed before the request body was complete"))
+
+    def begin(self, call: InferenceCall) -> None:
+        self.call = call
+        self.context.run(self._step, call.begin)
+
+    def add(self, chunk: bytes) -> None:
+        if self.call is not None and not self.response_started:
+            self.context.run(self._step, self.call.add, chunk)
+
+    def complete(self) -> None:
+        """The body is whole: parse it and queue it."""
+        if self.call is not None and not self.response_started:
+            self.submitted = True
+            self.context.run(self._submit, self.call)
+
+    def _step(self, step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
+        except Exception as e:
+            self._fail(e)
+
+    def _submit(self, call: InferenceCall) -> None:
+        try:
+            future = call.submit()
+        except Exception as e:
+            self._fail(e)
+            return
+        future.add_done_callback(self._answer, context=self.context)
+
+    def _answer(self, future: asyncio.Future[list[Any]]) -> None:
+        call = self.call
+        assert call is not None
+        try:
+            if future.cancelled():
+                raise NotReady("the request was cancelled as the server stopped; retry on another replica")
+            body, header_length = call.answer(future.result())
+        except Exception as e:
+            self._fail(e)
+            return
+        call.end()
+        self.call = None
+        self.respond(200, response_headers(body, header_length), body)
+
+    def _fail(self, error: Exception) -> None:
+        if self.call is not None:
+            self.call.fail(error)
+            self.call.end()
+            self.call = None
+        self.respond(*asgi_error(error))
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The whole response in one write, then the connection's next request (or its close)."""
+        if self.response_started:
+            return
+        self.response_started = self.response_complete = True
+        protocol = self.protocol
+        transport = protocol.transport
+        if self.disconnected or transport.is_closing():
+            return
+        if self.keep_alive and protocol.guard.here is not None and protocol.guard.here.draining:
+            self.keep_alive = False
+        head = [STATUS_LINE[status]]
+        for name, value in (*protocol.server_state.default_headers, *headers):
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n")
+        head.append(body)
+        transport.write(b"".join(head))
+        if not self.keep_alive:
+            transport.close()
+        protocol.on_response_complete()
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute that ``with_guard`` sets)."""
 
@@ -176,6 +302,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._expectation: Expectation | None = None  # the slot an intake that released us keeps for our next request
         self._fd = -1  # the socket's, to ask the kernel what it holds unread
         self._skipped_for: Intake | None = None  # the intake of the request answered early whose body is skipped
+        self._here: AnsweredHere | None = None  # the request answered here whose body is being read
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
@@ -342,7 +469,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._phase = _BODY
         self._heads += 1
         self._head_bytes = 0
-        intake, refusal = self._admission()
+        path = self._post_path()
+        intake, refusal = self._admission(path)
         if intake is not None:
             intake.arrived()
         self._intakes.append(intake)
@@ -351,15 +479,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             expectation.met(arrived=expectation.intake is intake)  # or is freed: the client asked another model
         if refusal is not None and self.guard.refuse_early and self._answered_early(refusal, intake):
             return
+        if path is not None and self.guard.here is not None and self._answer_here(self.guard.here, path):
+            return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._skipping:
+        if self._here is not None:
+            self._here.add(body)
+        elif not self._skipping:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._cancel_deadline()
         self._phase = _IDLE
+        if self._here is not None:
+            here, self._here = self._here, None
+            here.complete()
+            return
         if self._skipping:
             self._skipping = False
             if self._skipped_for is not None:
@@ -368,18 +504,53 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_message_complete()
 
+    # Answering here
+    def _answer_here(self, here: Here, path: str) -> bool:
+        """Answer this request on the connection itself, with no ASGI cycle (``AnsweredHere``), if it is an
+        inference request with nothing else in flight on its connection and nothing of HTTP it needs ASGI for
+        (Expect: 100-continue, an upgrade, a root path); whether it is."""
+        if self.expect_100_continue or self.root_path or self.parser.should_upgrade():
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:  # pipelined: uvicorn queues it
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        answered = AnsweredHere(self, keep_alive)
+        try:
+            call = here.call(path, self.headers)
+        except Exception as e:  # refused from its head (the API key; a 500 for a bug): its body is read and dropped
+            call = None
+            refused: Exception | None = e
+        else:
+            if call is None:
+                return False
+            refused = None
+        self.cycle = answered  # type: ignore[assignment]  # what uvicorn and this class read of a request's state
+        self._here = answered
+        if refused is not None:
+            answered.respond(*asgi_error(refused))
+        else:
+            assert call is not None
+            answered.begin(call)
+        return True
+
     # Answering early
     def _answered(self) -> bool:
         return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
 
-    def _admission(self) -> tuple[Intake | None, ServeError | None]:
-        """The intake and the refusal from its head of a POST (``ConnectionGuard.admission``)."""
-        if self.guard.admission is None or self.parser.get_method() != b"POST":
-            return None, None
+    def _post_path(self) -> str | None:
+        """The path of a POST, where it needs no decoding; None for any other request."""
+        if self.parser.get_method() != b"POST":
+            return None
         path = httptools.parse_url(self.url).path
         if b"%" in path:  # uvicorn decodes it: the app routes what that gives, and answers it the usual way
+            return None
+        return path.decode("ascii")
+
+    def _admission(self, path: str | None) -> tuple[Intake | None, ServeError | None]:
+        """The intake and the refusal from its head of a POST (``ConnectionGuard.admission``)."""
+        if self.guard.admission is None or path is None:
             return None, None
-        return self.guard.admission(path.decode("ascii"))
+        return self.guard.admission(path)
 
     def _answered_early(self, refusal: ServeError, intake: Intake | None) -> bool:
         """Answer ``refusal`` from the request's head alone, with no ASGI request cycle: under overload it
@@ -547,7 +718,11 @@ def server_config(app: NormserveApp, settings: Settings, **overrides: Any) -> uv
     # Refusals from the head alone skip the API key check: only where inference needs no key.
     keyed = settings.api_key is not None and "inference" in settings.api_key_protects
     guard = ConnectionGuard(
-        limits, app.state.normserve.metrics.connection_closed, app.inference.admission, refuse_early=not keyed
+        limits,
+        app.state.normserve.metrics.connection_closed,
+        app.inference.admission,
+        refuse_early=not keyed,
+        here=InferenceHere(app),
     )
     protocol = LimitedHttpToolsProtocol.with_guard(guard)
     options: dict[str, Any] = {

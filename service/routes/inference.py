@@ -9,13 +9,15 @@ they answer correctly wherever the fast path is not in front (an app mounted und
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -35,18 +37,26 @@ from service.intake import Intake
 from service.logs import request_id
 from service.metrics import Metrics, ModelMetrics
 from service.openapi import schema_ref
-from service.protocol import InferenceRequestSchema, InferenceResponseSchema, encode_infer_response, parse_infer_request
+from service.protocol import (
+    InferenceRequestSchema,
+    InferenceResponseSchema,
+    InferRequest,
+    encode_infer_response,
+    parse_infer_request,
+)
 from service.registry import ServedVersion
 from service.state import ServiceState, service_state
 
 __all__ = [
     "OPENAPI_REQUEST",
+    "InferenceCall",
     "InferenceEndpoint",
     "RequestHeaders",
     "asgi_error",
     "count_failure",
     "infer",
     "read_request_body",
+    "response_headers",
     "router",
     "send_response",
 ]
@@ -115,13 +125,23 @@ class BodyLimit:
     advice: str = _TOO_LARGE_ADVICE
 
 
-async def read_body(
-    receive: Receive, declared: str | None, limit: BodyLimit, reservation: Reservation | None = None
-) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed the limit:
-    from its Content-Length before reading any of it, or while it streams in. With a ``reservation``,
-    its bytes are taken from the server's body budget first (503 past it)."""
-    if declared is not None:
+class BodyReader:
+    """A request body as it arrives, refused with 413 as soon as it is known to exceed the limit: from its
+    Content-Length before any of it is read (``declare``), or while it streams in (``add``). With a
+    ``reservation``, its bytes are taken from the server's body budget first (503 past it)."""
+
+    __slots__ = ("chunks", "limit", "reservation", "size")
+
+    def __init__(self, limit: BodyLimit, reservation: Reservation | None = None) -> None:
+        self.limit, self.reservation = limit, reservation
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def declare(self, declared: str | None) -> None:
+        """The body's Content-Length, from the head (None: chunked, or none sent)."""
+        if declared is None:
+            return
+        limit = self.limit
         if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
         if int(declared) > limit.bytes:
@@ -129,26 +149,23 @@ async def read_body(
                 f"the body is {declared} bytes; this server accepts at most {limit.bytes} ({limit.setting}): "
                 f"{limit.advice}"
             )
-        if reservation is not None:
-            reservation.take(int(declared), whole=True)
-    chunks: list[bytes] = []
-    size = 0
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":  # not the end of the body: the rest will never come
-            raise ClientDisconnected("the connection closed before the request body was complete")
-        chunk: bytes = message.get("body", b"")
-        more = message.get("more_body", False)
-        size += len(chunk)
-        if size > limit.bytes:
+        if self.reservation is not None:
+            self.reservation.take(int(declared), whole=True)
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        limit = self.limit
+        if self.size > limit.bytes:
             raise PayloadTooLarge(
                 f"the body passed {limit.bytes} bytes, the most this server accepts ({limit.setting}): {limit.advice}"
             )
-        if reservation is not None and size > reservation.size:
-            reservation.take(size - reservation.size)
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.reservation is not None and self.size > self.reservation.size:
+            self.reservation.take(self.size - self.reservation.size)
+        self.chunks.append(chunk)
+
+    def body(self) -> bytes:
+        chunks = self.chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _decompress(body: bytes, encoding: str, limit: BodyLimit) -> bytes:
@@ -223,20 +240,47 @@ def check_json_header(settings: Settings, headers: RequestHeaders, encoding: str
             )
 
 
+def request_body_reader(
+    state: ServiceState, headers: RequestHeaders, reservation: Reservation
+) -> tuple[BodyReader, str]:
+    """From an inference request's head: the reader of its body, within the size limit, and its encoding.
+    415 for a content type or encoding this server does not read, 413 or 400 for a Content-Length past
+    the limit or a JSON header over NORMSERVE_MAX_JSON_BYTES or past the body."""
+    encoding = _check_content_type(headers)
+    check_json_header(state.settings, headers, encoding)
+    reader = BodyReader(body_limit(state.settings, headers), reservation)
+    reader.declare(headers.content_length)
+    return reader, encoding
+
+
+def inflated(reader: BodyReader, encoding: str) -> bytes:
+    """The whole body ``reader`` read, inflated (within the limit and the budget) if it is compressed."""
+    body = reader.body()
+    if encoding != "identity":
+        body = _decompress(body, encoding, reader.limit)
+        if (reservation := reader.reservation) is not None:
+            reservation.take(max(0, len(body) - reservation.size))
+    return body
+
+
+async def receive_body(receive: Receive, add: Callable[[bytes], None]) -> None:
+    """Each chunk of the body from ASGI's ``receive`` to ``add``, to its end."""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":  # not the end of the body: the rest will never come
+            raise ClientDisconnected("the connection closed before the request body was complete")
+        add(message.get("body", b""))
+        more = message.get("more_body", False)
+
+
 async def read_request_body(
     state: ServiceState, headers: RequestHeaders, receive: Receive, reservation: Reservation
 ) -> bytes:
-    """The body of an inference request, read within the size limit and inflated if it is compressed;
-    415 for a content type or encoding this server does not read, 413 or 400 from the head for a JSON
-    header over NORMSERVE_MAX_JSON_BYTES or past the body."""
-    encoding = _check_content_type(headers)
-    check_json_header(state.settings, headers, encoding)
-    limit = body_limit(state.settings, headers)
-    body = await read_body(receive, headers.content_length, limit, reservation)
-    if encoding != "identity":
-        body = _decompress(body, encoding, limit)
-        reservation.take(max(0, len(body) - reservation.size))
-    return body
+    """The body of an inference request (``request_body_reader``'s checks), read from ASGI's ``receive``."""
+    reader, encoding = request_body_reader(state, headers, reservation)
+    await receive_body(receive, reader.add)
+    return inflated(reader, encoding)
 
 
 def count_failure(
@@ -257,47 +301,95 @@ def count_failure(
         (family or state.metrics).failure(name, "", reason, protocol)
 
 
-async def infer(
-    state: ServiceState, model_name: str, model_version: str | None, headers: RequestHeaders, receive: Receive
-) -> tuple[bytes, int | None]:
-    """Answer one inference request: the response body, and the length of its JSON header when
-    binary tensors follow it. Raises ServeError for anything the client should hear about."""
-    started = time.perf_counter()
-    request_id.set(headers.request_id or f"r{next(_ids)}")
-    served: ServedVersion | None = None
-    reservation = Reservation(state.bodies)
-    try:
+class InferenceCall:
+    """One inference request over HTTP, in the steps both of its drivers take: the ASGI endpoint (``infer``),
+    which awaits, and the connection itself (``service.transport``), which calls back and runs no task.
+
+    ``begin`` from the request's head (the model looked up and its queue asked, the head's checks made:
+    refused before any of the body is read), ``add`` for each chunk of the body, ``submit`` once it is whole
+    (queued: its batcher's future), ``answer`` with the outputs (the response body, and the length of its
+    JSON header when binary tensors follow it); ``fail`` with what went wrong, and ``end`` however it ends.
+    Each step raises ServeError for anything the client should hear about.
+    """
+
+    __slots__ = ("encoding", "headers", "model", "reader", "request", "reservation", "served", "started", "state",
+                 "version")  # fmt: skip
+
+    def __init__(self, state: ServiceState, model: str, version: str | None, headers: RequestHeaders) -> None:
+        self.started = time.perf_counter()
+        self.state, self.model, self.version, self.headers = state, model, version, headers
+        self.served: ServedVersion | None = None
+        self.request: InferRequest | None = None
+        self.reservation = Reservation(state.bodies)
+
+    def begin(self) -> None:
+        request_id.set(self.headers.request_id or f"r{next(_ids)}")
+        state = self.state
         # Refused before the body is read or parsed: an unknown model, or a full queue under overload.
-        served = state.registry.get(model_name, model_version)
-        served.batcher.admit(state.settings.request_timeout_ms / 1000)
-        body = await read_request_body(state, headers, receive, reservation)
-        # Looked up again, and no await from here to submit: a reload cannot retire the version between
+        self.served = state.registry.get(self.model, self.version)
+        self.served.batcher.admit(state.settings.request_timeout_ms / 1000)
+        self.reader, self.encoding = request_body_reader(state, self.headers, self.reservation)
+
+    def add(self, chunk: bytes) -> None:
+        self.reader.add(chunk)
+
+    def submit(self) -> asyncio.Future[list[np.ndarray]]:
+        """Parse the whole body and queue it: the future of its rows of every output."""
+        state = self.state
+        body = inflated(self.reader, self.encoding)
+        # Looked up again, and no await from here to the queue: a reload cannot retire the version between
         # lookup and queueing.
-        served = state.registry.get(model_name, model_version)
-        request = parse_infer_request(body, headers.header_length, served.config, served.batching.max_batch_size)
+        served = self.served = state.registry.get(self.model, self.version)
+        request = self.request = parse_infer_request(
+            body, self.headers.header_length, served.config, served.batching.max_batch_size
+        )
         deadline = request.deadline(state.settings.request_timeout_ms / 1000)
-        outputs = await served.batcher.submit(request.feeds, request.rows, deadline)
+        return served.batcher.enqueue(request.feeds, request.rows, deadline)
+
+    def answer(self, outputs: list[np.ndarray]) -> tuple[bytes, int | None]:
+        served, request = self.served, self.request
+        assert served is not None and request is not None
         response = encode_infer_response(
-            model_name,
+            self.model,
             served.version.number,
             request,
             dict(zip(served.runtime.output_names, outputs, strict=True)),
             served.output_datatypes,
             served.config.labels,
         )
-    except ServeError as e:
-        count_failure(state, served.metrics if served else None, model_name, e.reason)
-        raise
-    except Exception:
-        count_failure(state, served.metrics if served else None, model_name, "internal")
+        served.metrics.succeeded(self.started)
+        return response
+
+    def fail(self, error: BaseException) -> None:
+        """Count it: a ServeError by its reason, any other exception as internal (a cancelled wait is not
+        counted: the caller went away)."""
+        if isinstance(error, Exception):
+            reason = error.reason if isinstance(error, ServeError) else "internal"
+            count_failure(self.state, self.served.metrics if self.served else None, self.model, reason)
+
+    def end(self) -> None:
+        self.reservation.release()
+
+
+async def infer(
+    state: ServiceState, model_name: str, model_version: str | None, headers: RequestHeaders, receive: Receive
+) -> tuple[bytes, int | None]:
+    """Answer one inference request read through ASGI: the response body, and the length of its JSON header
+    when binary tensors follow it. Raises ServeError for anything the client should hear about."""
+    call = InferenceCall(state, model_name, model_version, headers)
+    try:
+        call.begin()
+        await receive_body(receive, call.add)
+        return call.answer(await call.submit())
+    except BaseException as e:
+        call.fail(e)
         raise
     finally:
-        reservation.release()
-    served.metrics.succeeded(started)
-    return response
+        call.end()
 
 
-def _response_headers(body: bytes, header_length: int | None) -> list[tuple[bytes, bytes]]:
+def response_headers(body: bytes, header_length: int | None) -> list[tuple[bytes, bytes]]:
+    """An inference response's headers: its content type and length, and its JSON header's length."""
     if header_length is None:
         return [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     return [
@@ -310,7 +402,7 @@ def _response_headers(body: bytes, header_length: int | None) -> list[tuple[byte
 def asgi_error(exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """``errors.render`` for raw ASGI: the status, the headers as ASGI sends them, and the JSON body."""
     status, extra, body = render(exc)
-    return status, _response_headers(body, None) + [(k.lower().encode(), v.encode()) for k, v in extra.items()], body
+    return status, response_headers(body, None) + [(k.lower().encode(), v.encode()) for k, v in extra.items()], body
 
 
 async def send_response(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -351,12 +443,18 @@ class InferenceEndpoint:
         served.metrics.failure(refused.reason)
         return served.batcher.intake, refused
 
+    def call(self, path: str, headers: list[tuple[bytes, bytes]]) -> InferenceCall | None:
+        """The inference call of a POST to ``path`` (not begun), for a connection that answers it itself
+        (``service.transport.AnsweredHere``); None for any other path."""
+        found = self.PATH.fullmatch(path)
+        return InferenceCall(self.state, found[1], found[2], RequestHeaders.from_raw(headers)) if found else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
         try:
             body, header_length = await infer(
                 self.state, model, version, RequestHeaders.from_raw(scope["headers"]), receive
             )
-            status, headers = 200, _response_headers(body, header_length)
+            status, headers = 200, response_headers(body, header_length)
         except Exception as e:
             status, headers, body = asgi_error(e)
         await send_response(send, status, headers, body)
@@ -389,7 +487,7 @@ _OPENAPI = {
 async def _infer_through_fastapi(request: Request, model_name: str, model_version: str | None) -> Response:
     headers = RequestHeaders.from_raw(request.scope["headers"])
     body, header_length = await infer(service_state(request), model_name, model_version, headers, request.receive)
-    raw = _response_headers(body, header_length)
+    raw = response_headers(body, header_length)
     return Response(body, headers={k.decode(): v.decode() for k, v in raw if k != b"content-length"})
 
 

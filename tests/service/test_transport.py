@@ -312,6 +312,69 @@ def exchange(service: Service, data: bytes) -> bytes:
     return received
 
 
+def _infer_request(rows: list[float], version: str = "1.1", extra: bytes = b"") -> bytes:
+    body = b'{"id": "%s", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": %s}]}' % (
+        str(rows[0]).encode(),
+        str(rows).encode(),
+    )
+    head_ = f"POST /v2/models/affine/infer HTTP/{version}\r\nHost: normserve\r\nContent-Type: application/json\r\n"
+    return head_.encode() + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _answers(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Each HTTP response in ``data``: its head and its body (by its Content-Length)."""
+    out = []
+    while data:
+        head_, _, rest = data.partition(b"\r\n\r\n")
+        length = int(
+            next(
+                v
+                for k, _, v in (line.partition(b": ") for line in head_.split(b"\r\n"))
+                if k.lower() == b"content-length"
+            )
+        )
+        if len(rest) < length:
+            raise ValueError("the body is not whole yet")
+        out.append((head_, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def test_inference_answers_keep_http_semantics_keep_alive_pipelining_and_http_1_0(service: Service) -> None:
+    """Inference requests are answered by the connection itself, without ASGI: keep-alive serves several in
+    turn on one connection, pipelined ones are answered in order (one id each), and HTTP/1.0 gets its answer
+    with ``connection: close`` and the end of the connection."""
+    with service.connect() as sock:
+        for i in (1, 2):  # keep-alive: one after the other on one connection
+            sock.sendall(_infer_request([float(i), 0, 0, 0]))
+            (answer,) = _answers(_read_answers(sock, 1))
+            assert status_of(answer[0]) == 200 and b'"id":"%d.0"' % i in answer[1], answer
+            assert b"connection: close" not in answer[0].lower()
+        # pipelined: three requests in one write, answered in order
+        sock.sendall(b"".join(_infer_request([float(i), 0, 0, 0]) for i in (3, 4, 5)))
+        answers = _answers(_read_answers(sock, 3))
+        assert [status_of(h) for h, _ in answers] == [200, 200, 200]
+        assert [b'"id":"%d.0"' % i in body for (_, body), i in zip(answers, (3, 4, 5), strict=True)] == [True] * 3
+    answer = exchange(service, _infer_request([6.0, 0, 0, 0], version="1.0"))  # read until the server closes
+    ((head_, body),) = _answers(answer)
+    assert status_of(head_) == 200 and b"connection: close" in head_.lower()
+    assert b'"id":"6.0"' in body
+
+
+def _read_answers(sock: socket.socket, count: int) -> bytes:
+    """Read from ``sock`` until ``count`` whole responses have come."""
+    data = b""
+    while True:
+        try:
+            if len(_answers(data)) >= count:
+                return data
+        except (StopIteration, ValueError):  # a head or body not whole yet
+            pass
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {data!r}"
+        data += chunk
+
+
 def test_a_request_line_without_an_http_version_is_refused(service: Service) -> None:
     answer = exchange(service, b"GET /v2/health/ready\r\n\r\n")
     assert status_of(answer) == 505 and b"HTTP version 0.9 is not supported" in answer, answer[:200]

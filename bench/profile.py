@@ -6,33 +6,57 @@ import re
 from collections import Counter
 from typing import Any
 
-__all__ = ["AREAS", "summarize_raw", "parse_wrk"]
+__all__ = ["OTHER", "STAGES", "parse_wrk", "summarize_raw"]
 
-# What each sample was doing: the first area (from the innermost frame outwards) a frame matches.
-AREAS: list[tuple[str, tuple[str, ...]]] = [
+# What each sample was doing: the first stage (from the innermost frame outwards) a frame matches, the
+# rules of one frame in this order. py-spy names a frame "function (file:line)" (native calls such as
+# orjson.loads or np.concatenate are counted in the Python frame that made them).
+# fmt: off
+STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("onnxruntime", ("onnxruntime/", "Runtime.run ")),
-    ("request parsing", ("parse_infer_request", "read_body", "_decompress")),
-    ("response encoding", ("encode_infer_response",)),
     ("metrics", ("prometheus_client/", "service/metrics.py")),
-    ("batching", ("service/batcher.py",)),
-    ("inference endpoint", ("service/routes/inference.py", "service/app.py")),
-    ("HTTP (uvicorn, httptools)", ("uvicorn/protocols/", "uvicorn/middleware/", "httptools")),
+    ("logging", ("logging/", "service/logs.py")),
+    ("result split", ("_split (service/batcher",)),
+    (
+        "batch assembly",
+        ("_assemble (service/batcher", "Batcher._take ", "Batcher._execute", "Batcher._drained ", "Batcher._taken "),
+    ),
+    ("response encoding and write",
+     ("encode_infer_response ", "response_headers ", "AnsweredHere.respond ", "send_response ")),
+    ("tensor build", ("_from_json ", "_from_binary ", "_check_shape", "check_infer_document ", "_requested_outputs ")),
+    ("JSON parse", ("_json ", "_split_body ", "parse_infer_request ")),
+    (
+        "body read",
+        ("BodyReader", "read_request_body ", "request_body_reader ", "inflated ", "_check_content_type ",
+         "check_json_header ", "body_limit ", "_decompress ", "service/bodies.py", "RequestHeaders"),
+    ),
+    (
+        "admission and queueing",
+        ("Batcher.admit ", "Batcher.refusal ", "Batcher.enqueue ", "Batcher.submit ", "Batcher.expected_latency_s ",
+         "Batcher._expire ", "Batcher._dequeued ", "service/intake.py", "InferenceEndpoint.admission ", "_admission "),
+    ),
+    ("access check", ("service/access.py",)),
+    ("inference endpoint", ("service/routes/inference.py", "service/app.py", "AnsweredHere")),
+    ("HTTP and the transport guard", ("uvicorn/", "httptools", "service/transport.py")),
+    # a batcher yielding to the loop while it waits for more requests to join its batch, and the loop itself
+    ("event loop's own work", ("Batcher._settle ", "Batcher._work ", "asyncio/", "uvloop")),
 ]
-OTHER = "event loop, sockets and the rest"
+# fmt: on
+OTHER = "the rest"
 
 
-def _area(frames: list[str]) -> str:
+def _stage(frames: list[str]) -> str:
     for frame in reversed(frames):
-        for area, patterns in AREAS:
+        for stage, patterns in STAGES:
             if any(p in frame for p in patterns):
-                return area
+                return stage
     return OTHER
 
 
 def summarize_raw(raw: str, top: int = 12) -> dict[str, Any]:
     """py-spy's ``--format raw`` (one ``frame;frame;...;frame count`` line per stack) as shares of samples:
     by area of the server, and the functions with the most samples of their own."""
-    areas: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
     own: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
@@ -44,17 +68,17 @@ def summarize_raw(raw: str, top: int = 12) -> dict[str, Any]:
         if not frames:
             continue
         total += count
-        areas[_area(frames)] += count
+        stages[_stage(frames)] += count
         own[re.sub(r":\d+\)$", ")", frames[-1])] += count
     if not total:
-        return {"samples": 0, "areas": {}, "own": []}
+        return {"samples": 0, "stages": {}, "own": []}
 
     def share(n: int) -> float:
         return round(100 * n / total, 1)
 
     return {
         "samples": total,
-        "areas": {area: share(n) for area, n in areas.most_common()},
+        "stages": {stage: share(n) for stage, n in stages.most_common()},
         "own": [[frame, share(n)] for frame, n in own.most_common(top)],
     }
 

@@ -392,10 +392,7 @@ class Batcher:
     async def _execute_rows(self, batch: list[_Request], rows: int) -> None:
         start = time.perf_counter()
         try:
-            if len(batch) == 1:
-                feeds = batch[0].feeds
-            else:
-                feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
+            feeds = _assemble(batch)
             put_together = time.perf_counter()
             if self._estimate(rows) <= self._loop_budget_s:
                 outputs = self._run(feeds)
@@ -426,13 +423,25 @@ class Batcher:
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)
         else:
-            offset = 0
-            for request in batch:
-                end = offset + request.rows
-                if not request.future.done():
-                    request.future.set_result([out[offset:end] for out in outputs])
-                offset = end
+            _split(batch, outputs)
         self._metrics.executed(rows, len(batch), put_together - start, ran - put_together, time.perf_counter() - ran)
+
+
+def _assemble(batch: list[_Request]) -> Feeds:
+    """The batch's inputs: each request's rows, one after the other."""
+    if len(batch) == 1:
+        return batch[0].feeds
+    return {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
+
+
+def _split(batch: list[_Request], outputs: Outputs) -> None:
+    """Each request of the batch gets its own rows of every output (a view: nothing is copied)."""
+    offset = 0
+    for request in batch:
+        end = offset + request.rows
+        if not request.future.done():
+            request.future.set_result([out[offset:end] for out in outputs])
+        offset = end
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

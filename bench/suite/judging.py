@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["overload_targets", "perf_targets", "targets", "rate"]
+__all__ = ["limit_rows", "limit_targets", "overload_targets", "perf_targets", "rate", "targets"]
 
 
 def rate(row: dict[str, Any]) -> float:
@@ -72,6 +72,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         },
         *overload_targets(r),
         *perf_targets(r),
+        *limit_targets(r),
         {
             "target": "T6",
             "goal": "ready ≤ 10 s after the process starts, default models built",
@@ -206,3 +207,93 @@ def _streamed(streams: dict[int, dict[str, Any]], pairs: list[tuple[int, Any, An
         else ""
     )
     return " (on gRPC streams instead: " + ", ".join(ratios) + p50 + ")"
+
+
+LIMIT_SHARE = 0.85  # of the one-core limit, at 16 and 64 connections
+LIMIT_LEVELS = (16, 64)
+LIMIT_P50 = 1.2  # at one connection: p50 within this of bare ASGI's p50 and onnxruntime's batch-1 time
+LARGE_SHARE = 0.95  # the large model, binary: of onnxruntime alone
+
+
+def _largest_batch(timing: dict[str, Any]) -> tuple[int, float]:
+    """The largest batch measured in-process, and its seconds per row."""
+    batch = max(timing["batches"], key=int)
+    return int(batch), float(timing["batches"][batch]["row_us"]) / 1e6
+
+
+def limit_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tiny model's one-core limit at each closed-loop level and encoding: a server that added nothing to
+    the bare ASGI app's cost per request (1 / its throughput at the same connections and encoding) and to
+    onnxruntime's cost per row at the model's largest batch would answer 1 / (the two) requests a second."""
+    if "bare_binary" not in r:
+        return []
+    batch, row_s = _largest_batch(r["inprocess"]["tiny"])
+    out = []
+    for encoding, bare in (("json", r["bare"]), ("binary", r["bare_binary"])):
+        for ours, floor in zip(r[f"tiny_{encoding}"]["closed"], bare, strict=True):
+            limit = 1 / (1 / rate(floor) + row_s)
+            out.append(
+                {
+                    "encoding": encoding,
+                    "conns": int(ours["level"]),
+                    "bare_us": 1e6 / rate(floor),
+                    "batch": batch,
+                    "row_us": row_s * 1e6,
+                    "limit": limit,
+                    "throughput": rate(ours),
+                    "share": rate(ours) / limit,
+                    "p50_ms": _p(ours, "p50"),
+                    "p50_bound_ms": LIMIT_P50
+                    * (_p(floor, "p50") + float(r["inprocess"]["tiny"]["batches"]["1"]["batch_ms"])),
+                }
+            )
+    return out
+
+
+def limit_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """T9, per-request overhead: the tiny model at 16 and 64 connections against its one-core limit, its
+    p50 at one connection, and the large model's binary throughput against onnxruntime alone."""
+    rows = limit_rows(r)
+    if not rows:
+        return []
+    out = []
+    for encoding in ("json", "binary"):
+        loaded = [row for row in rows if row["encoding"] == encoding and row["conns"] in LIMIT_LEVELS]
+        one = [row for row in rows if row["encoding"] == encoding and row["conns"] == 1]
+        if loaded:
+            out.append(
+                {
+                    "target": "T9",
+                    "goal": f"tiny, {encoding}, {' and '.join(str(c) for c in LIMIT_LEVELS)} conns: ≥ "
+                    f"{LIMIT_SHARE:.0%} of the one-core limit (bare ASGI + onnxruntime per row at batch "
+                    f"{loaded[0]['batch']})",
+                    "measured": ", ".join(
+                        f"{row['share']:.0%} at {row['conns']} ({row['throughput']:,.0f} of {row['limit']:,.0f} req/s)"
+                        for row in loaded
+                    ),
+                    "met": all(row["share"] >= LIMIT_SHARE for row in loaded),
+                }
+            )
+        if one:
+            (row,) = one
+            out.append(
+                {
+                    "target": "T9",
+                    "goal": f"tiny, {encoding}, 1 conn: p50 ≤ {LIMIT_P50}x (bare ASGI p50 + batch-1 onnxruntime) "
+                    f"= {row['p50_bound_ms']:.3f} ms",
+                    "measured": f"p50 {row['p50_ms']:.3f} ms",
+                    "met": row["p50_ms"] <= row["p50_bound_ms"],
+                }
+            )
+    large_top, ceiling = r["large_binary_batching"][-1], r["inprocess"]["large"]["best"]
+    out.append(
+        {
+            "target": "T9",
+            "goal": f"large, binary, {int(large_top['level'])} conns: ≥ {LARGE_SHARE:.0%} of onnxruntime alone "
+            "at its best batch",
+            "measured": f"{rate(large_top):.1f} req/s = {rate(large_top) / ceiling['rows_per_s']:.0%} of "
+            f"{ceiling['rows_per_s']:.1f} rows/s (batch {ceiling['batch']})",
+            "met": rate(large_top) >= LARGE_SHARE * ceiling["rows_per_s"],
+        }
+    )
+    return out

@@ -199,7 +199,9 @@ def run_suite(suite: Suite) -> dict[str, Any]:
         middle = [("concurrency", float(plan.large_concurrency[len(plan.large_concurrency) // 2]))]
         results["large_json"] = suite.measure(server, suite.large, "json", middle, config=large_config)
 
-        results["profile"] = profile(suite, server, plan.profile_s)
+        results["profile"] = {
+            encoding: profile(suite, server, plan.profile_s, encoding) for encoding in ("json", "binary")
+        }
         results["wrk"] = {"normserve": wrk(suite, server, suite.tiny)}
 
     print("large model, batching off", file=sys.stderr)
@@ -216,6 +218,8 @@ def run_suite(suite: Suite) -> dict[str, Any]:
         results["naive"] = suite.measure(naive, suite.tiny, "json", tiny_levels)
     with running(suite.uvicorn("bare", "bench.bare_asgi:app")) as bare:
         results["bare"] = suite.measure(bare, suite.tiny, "json", tiny_levels, path="/")
+        # the same app read the binary request's smaller body: the HTTP floor of the binary encoding
+        results["bare_binary"] = suite.measure(bare, suite.tiny, "binary", tiny_levels, path="/")
         results["wrk"]["bare"] = wrk(suite, bare, suite.tiny, path="/")
 
     print("overload", file=sys.stderr)
@@ -452,8 +456,10 @@ def export_unfolded(checkpoint: Path, out: Path) -> int:
 # -- profile and cross-check ----------------------------------------------------------------------
 
 
-def profile(suite: Suite, server: Server, seconds: float) -> dict[str, Any]:
-    """Where normserve's core goes at the tiny model's highest concurrency: py-spy's own-time samples."""
+def profile(suite: Suite, server: Server, seconds: float, encoding: str = "json") -> dict[str, Any]:
+    """Where normserve's core goes at the tiny model's highest concurrency: py-spy's samples by stage of a
+    request's way through the server, with the server's CPU per request over the same load (each stage's
+    share of it is its cost per request), and the functions with the most samples of their own."""
     from bench.profile import summarize_raw
 
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -465,11 +471,14 @@ def profile(suite: Suite, server: Server, seconds: float) -> dict[str, Any]:
         argv = [py_spy, "record", "--pid", str(server.pid), "--duration", str(max(1, round(seconds)))]
         argv += ["--rate", "250", "--format", "raw", "--output", str(raw), "--nonblocking"]
         spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        suite.measure(server, suite.tiny, "json", level, config=suite.config(duration_s=seconds, warmup_s=0.0))
+        (row,) = suite.measure(
+            server, suite.tiny, encoding, level, config=suite.config(duration_s=seconds, warmup_s=0.0)
+        )
         _, err = spy.communicate(timeout=seconds + 60)
         if spy.returncode != 0 or not raw.exists():
             return {"skipped": f"py-spy failed: {err.decode(errors='replace').strip()[-300:]}"}
-        return summarize_raw(raw.read_text())
+        cpu = row.get("cpu_per_request_ms", {}).get("total")
+        return summarize_raw(raw.read_text()) | {"cpu_us_per_request": cpu * 1000 if cpu else None, "row": row}
 
 
 def wrk(suite: Suite, server: Server, model: str, path: str | None = None) -> dict[str, Any] | None:

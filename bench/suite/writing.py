@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.loadgen.report import ms, plot
 from bench.perf_analyzer import MAX_TRIALS, tensors_label
-from bench.suite.judging import overload_targets, perf_targets, rate, targets
+from bench.suite.judging import limit_rows, overload_targets, perf_targets, rate, targets
 
 __all__ = ["BEGIN", "END", "markdown", "overload_markdown", "perf_markdown", "write_report"]
 
@@ -390,7 +390,8 @@ def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> 
             _closed_rows("normserve, JSON", r["tiny_json"]["closed"])
             + _closed_rows("normserve, binary", r["tiny_binary"]["closed"])
             + _closed_rows("naive FastAPI, JSON", r["naive"])
-            + _closed_rows("bare ASGI (HTTP ceiling)", r["bare"]),
+            + _closed_rows("bare ASGI (HTTP ceiling)", r["bare"])
+            + _closed_rows("bare ASGI, binary request", r.get("bare_binary", [])),
         ),
         "",
         "### Tiny model: open loop at fixed rates",
@@ -455,7 +456,8 @@ def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> 
     out += _perf_section(r)
     out += _workers_section(r.get("workers") or {})
     out += _fleet_section(r.get("fleet") or {})
-    out += _profile_section(r.get("profile", {}))
+    out += _limit_section(r)
+    out += _profile_section(r.get("profile", {}), int(r["tiny_json"]["closed"][-1]["level"]))
     out += _wrk_section(r.get("wrk", {}), r)
     return "\n".join(out).replace("\n\n\n", "\n\n")
 
@@ -555,19 +557,78 @@ def _fleet_section(part: dict[str, Any]) -> list[str]:
 KEYS = ("sigterm", "out", "stopped", "ready", "back")
 
 
-def _profile_section(profile: dict[str, Any]) -> list[str]:
-    out = ["### Where normserve's core goes (py-spy, tiny model, JSON, highest concurrency)", ""]
-    if "skipped" in profile or not profile.get("samples"):
-        return out + [f"Not profiled: {profile.get('skipped', 'no samples')}.", ""]
+def _profile_section(profiles: dict[str, Any], conns: int) -> list[str]:
+    out = [f"### Where normserve's core goes (py-spy, tiny model, {conns} connections)", ""]
+    done = {e: p for e, p in profiles.items() if "skipped" not in p and p.get("samples")}
+    if not done:
+        said = next((p["skipped"] for p in profiles.values() if "skipped" in p), "no samples")
+        return out + [f"Not profiled: {said}.", ""]
     out += [
-        _table(["area", "share of samples"], [[a, f"{s}%"] for a, s in profile["areas"].items()]),
+        "py-spy's samples of the server under the closed-loop load, by stage of a request's way through it: "
+        "each sample goes to the innermost stage its stack touched. A stage's share of the samples times the "
+        "server's CPU per request over the same load is its cost per request.",
         "",
-        "Functions with the most samples of their own:",
+    ]
+    stages = list(dict.fromkeys(stage for p in done.values() for stage in p["stages"]))
+    header, rows = ["stage"], [[stage] for stage in stages]
+    for encoding, p in done.items():
+        header += [f"{encoding} share", f"{encoding} µs/request"]
+        cpu = p.get("cpu_us_per_request")
+        for stage, row in zip(stages, rows, strict=True):
+            share = p["stages"].get(stage, 0.0)
+            row += [f"{share}%", f"{share * cpu / 100:.1f}" if cpu else "-"]
+    total = ["all"]
+    for p in done.values():
+        cpu = p.get("cpu_us_per_request")
+        total += ["100%", f"{cpu:.1f}" if cpu else "-"]
+    out += [_table(header, [*rows, total]), ""]
+    encoding, first = next(iter(done.items()))
+    out += [
+        f"Functions with the most samples of their own ({encoding}):",
         "",
-        _table(["function", "share"], [[f"`{f}`", f"{s}%"] for f, s in profile["own"]]),
+        _table(["function", "share"], [[f"`{f}`", f"{s}%"] for f, s in first["own"]]),
         "",
     ]
     return out
+
+
+def _limit_section(r: dict[str, Any]) -> list[str]:
+    rows = limit_rows(r)
+    if not rows:
+        return []
+    return [
+        "### The one-core limit",
+        "",
+        "What a server that added nothing would answer on the server's core: the bare ASGI app's cost per "
+        "request at the same connections and encoding (1 / its throughput) plus onnxruntime's cost per row "
+        "at the model's largest batch measured in-process (the ceilings above). T9 judges normserve against "
+        "it at 16 and 64 connections.",
+        "",
+        _table(
+            [
+                "encoding",
+                "conns",
+                "bare ASGI µs/request",
+                "onnxruntime µs/row",
+                "limit req/s",
+                "normserve req/s",
+                "share of the limit",
+            ],
+            [
+                [
+                    row["encoding"],
+                    row["conns"],
+                    f"{row['bare_us']:.1f}",
+                    f"{row['row_us']:.1f} (batch {row['batch']})",
+                    f"{row['limit']:,.0f}",
+                    f"{row['throughput']:,.0f}",
+                    f"{row['share']:.0%}",
+                ]
+                for row in rows
+            ],
+        ),  # fmt: skip
+        "",
+    ]
 
 
 def _wrk_section(wrk: dict[str, Any], r: dict[str, Any]) -> list[str]:

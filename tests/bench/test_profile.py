@@ -1,4 +1,4 @@
-"""Reading py-spy's raw samples into areas of the server, and wrk's summary."""
+"""Reading py-spy's raw samples into stages of a request's way through the server, and wrk's summary."""
 
 from __future__ import annotations
 
@@ -9,20 +9,41 @@ from bench.profile import OTHER, parse_wrk, summarize_raw
 ROOT = "<module> (service/__main__.py:9);run (uvicorn/main.py:600);Runner.run (asyncio/runners.py:118)"
 
 
-def test_each_sample_goes_to_the_innermost_area_it_touched() -> None:
+def test_each_sample_goes_to_the_innermost_stage_it_touched() -> None:
+    submit = (
+        f"{ROOT};AnsweredHere._submit (service/transport.py:230);InferenceCall.submit (service/routes/inference.py:340)"
+    )
     raw = "\n".join(
         [
-            f"{ROOT};infer (service/routes/inference.py:80);Batcher.submit (service/batcher.py:160) 30",
-            f"{ROOT};_execute (service/batcher.py:270);Runtime.run (service/runtime.py:125);"
+            f"{submit};Batcher.enqueue (service/batcher.py:190) 20",
+            f"{submit};Batcher.enqueue (service/batcher.py:200);MutexValue.inc (prometheus_client/values.py:27) 4",
+            f"{submit};parse_infer_request (service/protocol.py:207);_split_body (service/protocol.py:96);"
+            "_json (service/protocol.py:88) 3",
+            f"{submit};parse_infer_request (service/protocol.py:207);check_infer_document (service/protocol.py:250);"
+            "_from_json (service/protocol.py:150) 3",
+            f"{ROOT};Batcher._work (service/batcher.py:300);Batcher._execute_rows (service/batcher.py:395);"
+            "Runtime.run (service/runtime.py:125);"
             "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:220) 50",
-            f"{ROOT};data_received (uvicorn/protocols/http/httptools_impl.py:120) 15",
+            f"{ROOT};Batcher._work (service/batcher.py:300);Batcher._execute_rows (service/batcher.py:405);"
+            "_split (service/batcher.py:450) 2",
+            f"{ROOT};LimitedHttpToolsProtocol.data_received (service/transport.py:270) 13",
             f"{ROOT} 5",  # the loop itself: uvicorn's start-up frames below it are not HTTP work
             "garbage line",
         ]
     )
     summary = summarize_raw(raw)
     assert summary["samples"] == 100
-    assert summary["areas"] == {"onnxruntime": 50.0, "batching": 30.0, "HTTP (uvicorn, httptools)": 15.0, OTHER: 5.0}
+    assert summary["stages"] == {
+        "onnxruntime": 50.0,
+        "admission and queueing": 20.0,
+        "HTTP and the transport guard": 13.0,
+        "event loop's own work": 5.0,
+        "metrics": 4.0,
+        "JSON parse": 3.0,
+        "tensor build": 3.0,
+        "result split": 2.0,
+    }
+    assert OTHER not in summary["stages"]
     assert summary["own"][0] == ["Session.run (onnxruntime/capi/onnxruntime_inference_collection.py)", 50.0]
 
 

@@ -48,11 +48,12 @@ def test_the_suite_writes_every_section_and_keeps_the_text_around_it(smoke: tupl
         "### Folded vs unfolded graphs",
         "### Memory and start-up",
         "### Where normserve's core goes",
+        "### The one-core limit",
         "### Cross-check with wrk",
         "### Overload: goodput past capacity",
     ]:
         assert heading in text, heading
-    for target in ["T1", "T2", "T3", "T4", "T5", "T6", "T7"]:
+    for target in ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T9"]:
         assert f"| {target} |" in text
     assert "### Worker processes (`NORMSERVE_WORKERS`)" in text
     if haproxy() is not None:  # make test installs it (make debian-tools)
@@ -70,8 +71,8 @@ def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) ->
     results = json.loads((doc.parent / "bench" / "suite.json").read_text())
     levels = [*results["tiny_json"]["closed"], *results["tiny_json"]["open"], *results["tiny_binary"]["closed"]]
     levels += [*results["tiny_binary"]["open"], *results["large_binary_batching"], *results["large_json"]]
-    levels += [*results["large_binary_no_batching"], *results["naive"], *results["bare"]]
-    assert len(levels) == 2 + 2 + 2 + 2 + 2 + 1 + 2 + 2 + 2
+    levels += [*results["large_binary_no_batching"], *results["naive"], *results["bare"], *results["bare_binary"]]
+    assert len(levels) == 2 + 2 + 2 + 2 + 2 + 1 + 2 + 2 + 2 + 2
     for level in levels:
         assert level["ok"] > 0 and level["errors"] == {}, level
     workers = results["workers"]["rows"]
@@ -105,4 +106,6 @@ def test_every_scenario_ran_without_a_failed_request(smoke: tuple[Path, str]) ->
     graphs = results["graphs"]["tiny"]
     assert graphs["batchnorm_nodes_unfolded"] > 0
     assert set(graphs) >= {"folded, optimizations on", "unfolded, optimizations off"}
-    assert results["profile"]["samples"] > 0 or shutil.which("py-spy") is None
+    for encoding in ("json", "binary"):  # where the core goes, by stage, with the CPU per request to price it
+        profiled = results["profile"][encoding]
+        assert (profiled["samples"] > 0 and profiled["cpu_us_per_request"] > 0) or shutil.which("py-spy") is None

@@ -122,6 +122,9 @@ class ModelEntry:
         return held
 
     def latest_ready(self) -> ServedVersion | None:
+        if len(self.versions) == 1:  # most models have one version: every request asks this
+            for only in self.versions.values():
+                return only.served
         ready = [v for v in self.versions.values() if v.served is not None]
         return max(ready, key=lambda v: int(v.version)).served if ready else None
 

@@ -269,8 +269,8 @@ class AnsweredHere:
             return
         if self.keep_alive and protocol.guard.here is not None and protocol.guard.here.draining:
             self.keep_alive = False
-        head = [STATUS_LINE[status]]
-        for name, value in (*protocol.server_state.default_headers, *headers):
+        head = [STATUS_LINE[status], _default_headers(protocol.server_state.default_headers)]
+        for name, value in headers:
             head += (name, b": ", value, b"\r\n")
         head.append(b"\r\n" if self.keep_alive else b"connection: close\r\n\r\n")
         head.append(body)
@@ -278,6 +278,17 @@ class AnsweredHere:
         if not self.keep_alive:
             transport.close()
         protocol.on_response_complete()
+
+
+_DEFAULT_HEADERS: list[Any] = [None, b""]  # uvicorn's default headers (its list) and their bytes
+
+
+def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default response headers (date, server) as bytes: made again only when uvicorn makes a new
+    list of them (each second, for the date)."""
+    if headers is not _DEFAULT_HEADERS[0]:
+        _DEFAULT_HEADERS[:] = [headers, b"".join(b"%s: %s\r\n" % pair for pair in headers)]
+    return _DEFAULT_HEADERS[1]  # type: ignore[no-any-return]
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -451,7 +462,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refusal(431, "too_many_headers", message)
         if len(self.url) + self._header_bytes > limits.max_head_bytes:
             raise self._head_too_large(len(self.url) + self._header_bytes)
-        if name.lower() == b"transfer-encoding" and [c.strip().lower() for c in value.split(b",")] != [b"chunked"]:
+        name = name.lower()
+        if name == b"transfer-encoding" and [c.strip().lower() for c in value.split(b",")] != [b"chunked"]:
             # RFC 9112 6.1: a coding the server does not know gets 501; reading the body as if it were only
             # chunked would hand the application bytes that are still gzip, say.
             raise _Refusal(
@@ -460,7 +472,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 f"Transfer-Encoding {value.decode('latin-1')[:100]!r} is not supported; send the body as it is "
                 "or chunked (a compressed body goes with Content-Encoding: gzip)",
             )
-        super().on_header(name, value)
+        # uvicorn's own, inline: a call less for each header of each request
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):  # a request line with none is 0.9

@@ -10,6 +10,7 @@ they answer correctly wherever the fast path is not in front (an app mounted und
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import re
 import time
@@ -198,10 +199,15 @@ def body_limit(settings: Settings, headers: RequestHeaders) -> BodyLimit:
     about 20 ms a megabyte on one core, so one 60 MB JSON body would hold every other request, health
     checks included, for more than a second. Binary tensors are copied, not parsed.
     """
-    if headers.header_length is not None or settings.max_json_bytes >= settings.max_body_bytes:
-        return BodyLimit(settings.max_body_bytes)
+    return _body_limit(settings.max_body_bytes, settings.max_json_bytes, headers.header_length is not None)
+
+
+@functools.lru_cache(maxsize=16)
+def _body_limit(max_body_bytes: int, max_json_bytes: int, binary: bool) -> BodyLimit:
+    if binary or max_json_bytes >= max_body_bytes:
+        return BodyLimit(max_body_bytes)
     return BodyLimit(
-        settings.max_json_bytes,
+        max_json_bytes,
         "NORMSERVE_MAX_JSON_BYTES, for a body that is all JSON",
         "send the tensors as binary data (Triton's binary data extension: a JSON header, "
         "Inference-Header-Content-Length, then the raw bytes), which is about 4x smaller and is not parsed, "

@@ -138,10 +138,10 @@ class InferenceHere:
         self.endpoint, self.access = app.inference, app.access
 
     def call(self, path: str, headers: list[tuple[bytes, bytes]]) -> InferenceCall | None:
-        if not self.endpoint.PATH.fullmatch(path):
-            return None
-        self.access.check("POST", path, headers)
-        return self.endpoint.call(path, headers)
+        call = self.endpoint.call(path, headers)
+        if call is not None:
+            self.access.check("POST", path, headers)
+        return call
 
     @property
     def draining(self) -> bool:

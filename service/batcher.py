@@ -133,8 +133,8 @@ class Batcher:
         self._mean_rows = 1.0  # rows per request, a moving average
         self.intake_batches = intake_batches if intake_batches is not None else (1.0 if cores == 1 else 2.0)
         self.intake = Intake(self.intake_limit())
-        if self.intake.limit > 0:  # read at scrape time: nothing on the hot path
-            metrics.held_connections.set_function(lambda: len(self.intake.held))
+        if self.intake.limit > 0:
+            self.intake.changed = metrics.watch_held(lambda: len(self.intake.held))
 
     def intake_limit(self) -> int:
         """Requests in flight (read and not yet answered) before the model's connections are held back:

@@ -25,6 +25,7 @@ import fcntl
 import struct
 import termios
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["EXPECT_S", "Expectation", "Holdable", "Intake", "waiting_bytes"]
@@ -74,6 +75,8 @@ class Intake:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        # Told each time the number held changes, where a gauge must be set rather than read (worker processes).
+        self.changed: Callable[[], None] | None = None
         self.in_flight = 0  # requests read and not yet answered
         self.expected = 0  # released connections whose request has not arrived yet (open expectations)
         self.held: collections.deque[Holdable] = collections.deque()
@@ -98,12 +101,20 @@ class Intake:
 
     def hold(self, connection: Holdable) -> None:
         self.held.append(connection)
+        if self.changed is not None:
+            self.changed()
 
     def release(self) -> None:
         """Read held connections again, oldest first, while the model has room, each with a slot kept for
         its next request."""
         if not self.held:
             return
+        held = len(self.held)
+        self._release()
+        if self.changed is not None and len(self.held) != held:
+            self.changed()
+
+    def _release(self) -> None:
         if self.closed:
             while self.held:
                 self.held.popleft().released(None)

@@ -328,6 +328,15 @@ class ModelMetrics:
             with contextlib.suppress(KeyError):  # never bound
                 gauge.remove(self.name, self.version)
 
+    def watch_held(self, held: Callable[[], int]) -> Callable[[], None] | None:
+        """The held-connections gauge from ``held``: read at scrape time in one process, at no cost to the hot
+        path. With worker processes a gauge lives in a shared file, which a function read at scrape cannot
+        fill: the callable returned sets it, to be called each time the number changes."""
+        if not MULTIPROCESS:
+            self.held_connections.set_function(held)
+            return None
+        return lambda: self.held_connections.set(held())
+
     def executed(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One batch of ``rows`` rows from ``requests`` requests: the seconds it took to put its inputs
         together, to run, and to hand each request its outputs."""

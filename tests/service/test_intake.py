@@ -4,8 +4,12 @@ connections is read next. The connections here are stand-ins that record what th
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from service import intake as intake_module
 from service.batcher import Batcher
 from service.intake import Expectation, Intake
 from service.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -163,3 +169,39 @@ async def test_the_limit_follows_the_rows_requests_carry() -> None:
         assert b.intake.limit == 64
     finally:
         await b.stop()
+
+
+def test_the_held_count_is_told_at_each_change_for_a_gauge_that_cannot_be_read_at_scrape() -> None:
+    """With worker processes the held-connections gauge lives in a shared file: the intake tells it each
+    change, holding and releasing alike."""
+    counts: list[int] = []
+    intake = Intake(limit=1)
+    intake.changed = lambda: counts.append(len(intake.held))
+    intake.arrived()
+    a, b = Connection("a"), Connection("b")
+    intake.hold(a)
+    intake.hold(b)
+    intake.close()  # the version retired: both read again
+    assert counts == [1, 2, 0]
+
+
+def test_with_worker_processes_the_held_connections_gauge_is_set_in_the_shared_files(tmp_path: Path) -> None:
+    """prometheus_client's multiprocess mode reads gauges from each process's files, where a function read
+    at scrape time writes nothing: there the gauge is set at each change, and /metrics shows it."""
+    script = """
+from prometheus_client import generate_latest
+from service.metrics import Metrics
+metrics = Metrics(worker=1)
+model = metrics.model("m", "1")
+held = [3]
+changed = model.watch_held(lambda: held[0])
+assert changed is not None
+changed()
+print(generate_latest(metrics.exposition()).decode())
+"""
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert 'normserve_held_connections{model="m",version="1"} 3.0' in done.stdout
+    # and in one process the same gauge is read at scrape time, with nothing to call
+    assert Metrics().model("m", "1").watch_held(lambda: 0) is None

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,6 +49,7 @@ LOOP_BLOCK_BUDGET_S = 10e-3  # on any machine, a batch longer than this runs on 
 # arrives within its deadline at the tail too. A queue that deep still keeps the model busy.
 DEADLINE_SHARE = 0.9
 INTAKE_MIN = 4  # requests a model takes in at once at least, however many rows they carry
+TIMER_SLACK_S = 1e-3  # the loop's timers keep time to the millisecond: one may fire that much early
 _ROWS_WEIGHT = 0.05  # the weight of the newest request in the moving average of rows per request
 
 
@@ -70,7 +71,6 @@ class _Request:
     enqueued: float
     deadline: float
     phase: _Phase = _Phase.QUEUED
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 class Batcher:
@@ -123,6 +123,8 @@ class Batcher:
         self._arrivals = 0  # requests ever queued: tells the worker whether more are still coming in
         self._wake: asyncio.Event | None = None
         self._full: asyncio.Future[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None  # the queue's one deadline timer (``_arm_expiry``)
+        self._expiry_at = math.inf
         self._task: asyncio.Task[None] | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
@@ -163,6 +165,9 @@ class Batcher:
             _resolve(self._full)  # a batch waiting out its delay runs now
         if self._task is not None:
             await self._task
+        if self._expiry is not None:  # every accepted request has run: nothing is left to expire
+            self._expiry.cancel()
+            self._expiry = None
         if self._thread is not None:
             self._thread.shutdown(wait=True)
 
@@ -204,7 +209,8 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         request = _Request(feeds, rows, loop.create_future(), now, deadline)
-        request.timer = loop.call_at(loop.time() + (deadline - request.enqueued), self._expire, request)
+        if self._expiry is None or deadline < self._expiry_at:
+            self._arm_expiry(deadline)
         self._queue.append(request)
         if rows != self._mean_rows:
             self._mean_rows += _ROWS_WEIGHT * (rows - self._mean_rows)
@@ -262,6 +268,33 @@ class Batcher:
         has drained its queue while it was backlogged (the batches and the loop's work between them), or
         at the warm-up's compute cost until it has been."""
         return (self._running_rows + self._queued_rows + rows + self._last_batch_rows) * self._row_s
+
+    def _arm_expiry(self, deadline: float) -> None:
+        """Let the queue's one expiry timer fire at ``deadline`` (monotonic). One timer for the queue, not one
+        per request: requests come with later deadlines than those queued before them (the same timeout),
+        so it is set again only when the queue was empty or a request with a shorter timeout arrives."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiry_at = deadline
+        self._expiry = loop.call_at(loop.time() + (deadline - time.monotonic()), self._expire_due)
+
+    def _expire_due(self) -> None:
+        """The expiry timer: answer every queued request whose deadline has passed (504), and set the timer
+        for the earliest deadline still queued. Requests taken into a batch since it was set are not there:
+        it then finds nothing due, and sets itself for the next."""
+        self._expiry = None
+        now = time.monotonic() + TIMER_SLACK_S
+        earliest = math.inf
+        for request in self._queue:
+            if request.phase is not _Phase.QUEUED:
+                continue
+            if request.deadline <= now:
+                self._expire(request)
+            else:
+                earliest = min(earliest, request.deadline)
+        if earliest < math.inf:
+            self._arm_expiry(earliest)
 
     def _expire(self, request: _Request, why: str = "passed its deadline before it could run") -> None:
         if request.phase is not _Phase.QUEUED:
@@ -372,8 +405,6 @@ class Batcher:
                 continue
             self._queue.popleft()
             self._dequeued(request)
-            if request.timer is not None:
-                request.timer.cancel()
             if request.future.done():  # the caller went away
                 continue
             request.phase = _Phase.RUNNING

@@ -190,6 +190,29 @@ async def test_a_request_past_its_deadline_gets_504_and_is_not_run() -> None:
     await batcher.stop()
 
 
+async def test_queued_requests_expire_each_at_its_own_deadline_in_any_order() -> None:
+    """The queue's one expiry timer follows the earliest deadline queued, whatever order they came in."""
+    model = FakeModel()
+    batcher = make_batcher(model, max_batch_size=8, max_queue_delay_s=1.0)  # the batch waits a second for rows
+    batcher.start()
+    started = time.monotonic()
+    failed_at: dict[str, float] = {}
+
+    async def one(name: str, start: int, seconds: float) -> None:
+        try:
+            await batcher.submit(rows(start, 1), 1, started + seconds)
+        except DeadlineExceeded:
+            failed_at[name] = time.monotonic() - started
+
+    await asyncio.gather(one("a", 1, 0.3), one("b", 2, 0.1), one("c", 3, 0.2), one("patient", 4, 60.0))
+    assert sorted(failed_at, key=failed_at.__getitem__) == ["b", "c", "a"]
+    for name, deadline in (("b", 0.1), ("c", 0.2), ("a", 0.3)):
+        assert deadline - 0.005 <= failed_at[name] < deadline + 0.15, failed_at  # at its deadline, not later
+    assert [b.ravel().tolist() for b in model.batches] == [[4.0]]  # only the patient one ran
+    assert batcher.pending == 0
+    await batcher.stop()
+
+
 async def test_stop_runs_everything_accepted_then_refuses() -> None:
     model = FakeModel()
     batcher = make_batcher(model, max_batch_size=2, max_queue_delay_s=10.0)

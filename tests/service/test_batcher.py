@@ -204,9 +204,9 @@ async def test_queued_requests_expire_each_at_its_own_deadline_in_any_order() ->
         except DeadlineExceeded:
             failed_at[name] = time.monotonic() - started
 
-    await asyncio.gather(one("a", 1, 0.3), one("b", 2, 0.1), one("c", 3, 0.2), one("patient", 4, 60.0))
+    await asyncio.gather(one("a", 1, 0.6), one("b", 2, 0.2), one("c", 3, 0.4), one("patient", 4, 60.0))
     assert sorted(failed_at, key=failed_at.__getitem__) == ["b", "c", "a"]
-    for name, deadline in (("b", 0.1), ("c", 0.2), ("a", 0.3)):
+    for name, deadline in (("b", 0.2), ("c", 0.4), ("a", 0.6)):
         assert deadline - 0.005 <= failed_at[name] < deadline + 0.15, failed_at  # at its deadline, not later
     assert [b.ravel().tolist() for b in model.batches] == [[4.0]]  # only the patient one ran
     assert batcher.pending == 0

@@ -528,25 +528,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return False
         if self.cycle is not None and not self.cycle.response_complete:  # pipelined: uvicorn queues it
             return False
-        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        answered = AnsweredHere(self, keep_alive)
         try:
             call = here.call(path, self.headers)
         except Exception as e:  # refused from its head (the API key; a 500 for a bug): its body is read and dropped
-            call = None
-            refused: Exception | None = e
-        else:
-            if call is None:
-                return False
-            refused = None
-        self.cycle = answered  # type: ignore[assignment]  # what uvicorn and this class read of a request's state
-        self._here = answered
-        if refused is not None:
-            answered.respond(*asgi_error(refused))
-        else:
-            assert call is not None
-            answered.begin(call)
+            self._take_here().respond(*asgi_error(e))
+            return True
+        if call is None:
+            return False
+        self._take_here().begin(call)
         return True
+
+    def _take_here(self) -> AnsweredHere:
+        """The request answered here, in the place of uvicorn's cycle: what uvicorn and this class read of a
+        request's state, and what receives its body."""
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        answered = self._here = AnsweredHere(self, keep_alive)
+        self.cycle = answered  # type: ignore[assignment]
+        return answered
 
     # Answering early
     def _answered(self) -> bool:

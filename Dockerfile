@@ -15,6 +15,8 @@
 # Where no registry or package index is reachable, `make image` builds this same file with podman from
 # a local base image and wheels downloaded on the host (docker/build-image.sh, BASE_IMAGE, PIP_INDEX).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
+# The same Python with a C compiler and its headers, where the request path is compiled (service/compiled.py).
+ARG BUILD_IMAGE=python:3.11-bookworm
 ARG MODELS=build
 
 FROM ${BASE_IMAGE} AS base
@@ -30,6 +32,23 @@ WORKDIR /opt/normserve
 # What pip installs is decided by these two files alone: a code change does not reinstall anything.
 COPY pyproject.toml requirements.lock ./
 COPY docker/deps.py docker/gpu.lock docker/
+
+# The request path compiled with Cython; the runtime images take the builds alone (no compiler, no Cython).
+FROM ${BUILD_IMAGE} AS compiled
+ARG PIP_INDEX=""
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python3 -m venv /opt/venv
+WORKDIR /opt/normserve
+COPY pyproject.toml requirements.lock ./
+COPY docker/deps.py docker/
+# hadolint ignore=SC2046
+RUN --mount=type=bind,source=docker/wheels,target=/wheels \
+    /opt/venv/bin/pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock \
+        $(python3 docker/deps.py --extras-only native)
+COPY service/ service/
+RUN /opt/venv/bin/python -m service.compile
 
 FROM base AS models-build
 # --no-index when the build has no network: the wheels in docker/wheels/ only (mounted, never copied).
@@ -79,6 +98,7 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
         $(python3 docker/deps.py gpu)
 COPY repository/ repository/
 COPY service/ service/
+COPY --from=compiled /opt/normserve/service/_compiled/ service/_compiled/
 COPY export/ export/
 COPY normserve/ normserve/
 COPY --from=models /models /models
@@ -112,6 +132,7 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock $(python3 docker/deps.py cpu)
 COPY repository/ repository/
 COPY service/ service/
+COPY --from=compiled /opt/normserve/service/_compiled/ service/_compiled/
 COPY export/ export/
 COPY normserve/ normserve/
 COPY --from=models /models /models

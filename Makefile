@@ -9,14 +9,14 @@ ARTIFACTS ?= artifacts
 
 PERF_VENV := .perf-venv
 
-.PHONY: help install debian-tools perf-analyzer models serve test test-fast bench experiments image image-gpu lint format lock clean
+.PHONY: help install compiled debian-tools perf-analyzer models serve test test-fast bench experiments image image-gpu lint format lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[gpu,train,dev,bench]"
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable ".[gpu,train,dev,bench,native]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -25,7 +25,12 @@ install: $(STAMP)  ## create .venv with every pinned dependency
 models: $(STAMP)  ## train, fold, export and verify the default models (skips what is built)
 	$(BIN)/python -m export.build --artifacts $(ARTIFACTS) --repository $(REPOSITORY)
 
-serve: models  ## build the default models if missing, then serve them on port 8000
+# The request path as C extensions (service/compiled.py): rebuilt when a module's source changed since. Where
+# no C compiler is found it says so, and the service runs the same modules from source.
+compiled: $(STAMP)  ## compile the request path with Cython (about a minute; skipped while it is current)
+	$(BIN)/python -m service.compile --if-stale --if-possible
+
+serve: models compiled  ## build the default models if missing, then serve them on port 8000
 	NORMSERVE_REPOSITORY=$(REPOSITORY) $(BIN)/python -m service
 
 # Debian's packages that tests drive: chromium for the demo page (Playwright's own browser download needs
@@ -58,7 +63,9 @@ perf-analyzer: debian-tools  ## Triton's perf_analyzer in .perf-venv, for make b
 		tritonclient==2.41.0 nvidia-cuda-runtime-cu12==12.9.79 \
 		|| echo "make perf-analyzer: could not install it; its test will be skipped"
 
-test: lint debian-tools perf-analyzer  ## install everything, lint, and run the tests
+# The tests run the request path as it ships: compiled. (make test-fast runs whatever is current: a module
+# edited since its build runs from source.)
+test: lint compiled debian-tools perf-analyzer  ## install everything, lint, and run the tests
 	$(PYTEST)
 
 test-fast: $(STAMP)  ## the tests without the slow ones (suite smoke, locust, training CLI, images, browser), for the edit-test loop
@@ -72,7 +79,7 @@ image: models  ## the CPU image normserve:cpu, with the default models (podman; 
 image-gpu: models  ## the GPU image normserve:gpu (about 2.8 GB: CUDA 13 and cuDNN 9 wheels)
 	PYTHON=$(BIN)/python docker/build-image.sh gpu normserve:gpu $(REPOSITORY)
 
-bench: models perf-analyzer  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
+bench: models compiled perf-analyzer  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
 	$(BIN)/python -m bench.suite
 
 experiments: models  ## measure every normalization claim (about 15 minutes; cached): writes docs/batchnorm.md
@@ -90,9 +97,9 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 
 lock:  ## re-resolve the pins in requirements.lock from pyproject.toml, in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install --quiet ".[gpu,train,dev,bench]"
+	.lock-venv/bin/python -m pip install --quiet ".[gpu,train,dev,bench,native]"
 	.lock-venv/bin/python -m pip freeze --all --exclude normserve --exclude pip | grep -v '^-e' | sed 's/+cpu$$//' > requirements.lock  # torch's local build tag is not on PyPI
 	rm -rf .lock-venv
 
 clean:  ## remove the venv, the built models and caches
-	rm -rf $(VENV) $(PERF_VENV) $(ARTIFACTS) $(REPOSITORY) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PERF_VENV) $(ARTIFACTS) $(REPOSITORY) service/_compiled .pytest_cache .mypy_cache .ruff_cache *.egg-info

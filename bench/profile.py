@@ -6,49 +6,98 @@ import re
 from collections import Counter
 from typing import Any
 
+from service.compiled import MODULES
+
 __all__ = ["OTHER", "STAGES", "parse_wrk", "summarize_raw"]
 
 # What each sample was doing: the first stage (from the innermost frame outwards) a frame matches, the
-# rules of one frame in this order. py-spy names a frame "function (file:line)" (native calls such as
-# orjson.loads or np.concatenate are counted in the Python frame that made them).
+# rules of one frame in this order. py-spy names a Python frame "Class.function (file.py:line)" and, with
+# --native, a frame of the compiled request path (service/compiled.py) "function (module.c:line)", with no
+# class; both read here as "service/module.py:function" (see _frame), so one rule matches either. A rule
+# "service/module.py:function" matches that function and what is defined in it, "service/module.py:" the
+# whole module, any other rule any frame with it in its name. Other native frames (orjson, numpy, libc,
+# the interpreter) are counted in the first frame outside them that a rule matches.
 # fmt: off
+_ANSWERED_HERE = ("message_event", "set", "begin", "add", "complete", "_step", "_submit", "_answer", "_fail")
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("onnxruntime", ("onnxruntime/", "Runtime.run ")),
-    ("metrics", ("prometheus_client/", "service/metrics.py")),
-    ("logging", ("logging/", "service/logs.py")),
-    ("result split", ("_split (service/batcher",)),
+    ("onnxruntime", ("onnxruntime/", "service/runtime.py:run")),
+    ("metrics", ("prometheus_client/", "service/metrics.py:")),
+    ("logging", ("logging/", "service/logs.py:")),
+    ("result split", ("service/batcher.py:_split",)),
     (
         "batch assembly",
-        ("_assemble (service/batcher", "Batcher._take ", "Batcher._execute", "Batcher._drained ", "Batcher._taken "),
+        ("service/batcher.py:_assemble", "service/batcher.py:_take",
+         "service/batcher.py:_drained", "service/batcher.py:_taken", "service/batcher.py:_wait_for_rows"),
     ),
     ("response encoding and write",
-     ("encode_infer_response ", "response_headers ", "AnsweredHere.respond ", "send_response ")),
-    ("tensor build", ("_from_json ", "_from_binary ", "_check_shape", "check_infer_document ", "_requested_outputs ")),
-    ("JSON parse", ("_json ", "_split_body ", "parse_infer_request ")),
+     ("service/protocol.py:encode_infer_response", "service/routes/inference.py:response_headers",
+      "service/transport.py:respond", "service/routes/inference.py:send_response")),
+    ("tensor build", ("service/protocol.py:_from_json", "service/protocol.py:_from_binary",
+                      "service/protocol.py:_check_shape", "service/protocol.py:check_infer_document",
+                      "service/protocol.py:_requested_outputs")),
+    ("JSON parse", ("service/protocol.py:_json", "service/protocol.py:_split_body",
+                    "service/protocol.py:parse_infer_request")),
     (
         "body read",
-        ("BodyReader", "read_request_body ", "request_body_reader ", "inflated ", "_check_content_type ",
-         "check_json_header ", "body_limit ", "_decompress ", "service/bodies.py", "RequestHeaders"),
+        (*(f"service/routes/inference.py:{f}" for f in (
+            "add", "body", "declare", "read_request_body", "request_body_reader", "inflated", "_check_content_type",
+            "check_json_header", "body_limit", "_decompress", "from_raw", "receive_body")), "service/bodies.py:"),
     ),
     (
         "admission and queueing",
-        ("Batcher.admit ", "Batcher.refusal ", "Batcher.enqueue ", "Batcher.submit ", "Batcher.expected_latency_s ",
-         "Batcher._expire ", "Batcher._dequeued ", "service/intake.py", "InferenceEndpoint.admission ", "_admission "),
+        (*(f"service/batcher.py:{f}" for f in (
+            "admit", "refusal", "enqueue", "submit", "expected_latency_s", "_expire", "_expire_due", "_arm_expiry",
+            "_dequeued")),
+         "service/intake.py:", "service/routes/inference.py:admission", "service/transport.py:_admission"),
     ),
-    ("access check", ("service/access.py",)),
-    ("inference endpoint", ("service/routes/inference.py", "service/app.py", "AnsweredHere")),
-    ("HTTP and the transport guard", ("uvicorn/", "httptools", "service/transport.py")),
+    ("access check", ("service/access.py:",)),
+    (
+        "inference endpoint",
+        ("service/routes/inference.py:", "service/app.py:", *(f"service/transport.py:{f}" for f in _ANSWERED_HERE)),
+    ),
+    ("HTTP and the transport guard", ("uvicorn/", "httptools", "service/transport.py:")),
     # a batcher yielding to the loop while it waits for more requests to join its batch, and the loop itself
-    ("event loop's own work", ("Batcher._settle ", "Batcher._work ", "asyncio/", "uvloop")),
+    ("event loop's own work", ("service/batcher.py:_settle", "service/batcher.py:_work", "asyncio/", "uvloop")),
 ]
 # fmt: on
 OTHER = "the rest"
 
+# The C file Cython wrote for each compiled module: "inference.c" -> "service/routes/inference.py".
+_COMPILED_SOURCES = {m.rpartition(".")[2] + ".c": m.replace(".", "/") + ".py" for m in MODULES}
+_FRAME = re.compile(r"(?P<function>\S+) \((?P<file>[^:()]+)(?::\d+)?\)")
+
+
+def _frame(frame: str) -> str:
+    """A frame of normserve's own, Python or compiled, as "service/module.py:function" (the function's class,
+    which only Python frames carry, left out); any other frame as py-spy wrote it."""
+    match = _FRAME.fullmatch(frame)
+    if match is None:
+        return frame
+    file = _COMPILED_SOURCES.get(match["file"], match["file"])
+    if not file.startswith("service/"):
+        return frame
+    head, _, rest = match["function"].partition(".")
+    function = rest if rest and head[:1].isupper() else match["function"]
+    return f"{file}:{function}"
+
+
+def _own(frame: str) -> bool:
+    """A frame the "own" table names: Python's, or the compiled request path's (not libc's or the interpreter's)."""
+    match = _FRAME.fullmatch(frame)
+    return match is not None and (match["file"].endswith(".py") or match["file"] in _COMPILED_SOURCES)
+
+
+def _matches(key: str, rule: str) -> bool:
+    if not rule.startswith("service/") or rule.endswith(":"):
+        return rule in key
+    return key == rule or key.startswith(rule + ".")
+
 
 def _stage(frames: list[str]) -> str:
     for frame in reversed(frames):
-        for stage, patterns in STAGES:
-            if any(p in frame for p in patterns):
+        key = _frame(frame)
+        for stage, rules in STAGES:
+            if any(_matches(key, rule) for rule in rules):
                 return stage
     return OTHER
 
@@ -69,7 +118,8 @@ def summarize_raw(raw: str, top: int = 12) -> dict[str, Any]:
             continue
         total += count
         stages[_stage(frames)] += count
-        own[re.sub(r":\d+\)$", ")", frames[-1])] += count
+        innermost = next((f for f in reversed(frames) if _own(f)), frames[-1])
+        own[re.sub(r":\d+\)$", ")", innermost)] += count
     if not total:
         return {"samples": 0, "stages": {}, "own": []}
 

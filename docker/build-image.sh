@@ -13,7 +13,9 @@
 # 3. a Debian bookworm base (Python 3.11) made once with mmdebstrap and imported as
 #    localhost/normserve-base:bookworm, cached outside the project;
 # 4. the wheels the image installs, downloaded on the host into docker/wheels/ (ignored by git);
-# 5. `podman build --network none --pull=never` of the Dockerfile's target, with those wheels only.
+# 5. `podman build --network none --pull=never` of the Dockerfile's target, with those wheels only; its
+#    request path is compiled on a second base made the same way with gcc and Python's headers
+#    (localhost/normserve-compiler-base:bookworm: the same Debian Python, so the builds load in the first).
 #
 # HAProxy's image is the Dockerfile's haproxy target on a second base made the same way with Debian's haproxy
 # in it (localhost/normserve-haproxy-base:bookworm), since apt-get cannot reach Debian inside a build here.
@@ -28,6 +30,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${NORMSERVE_PODMAN_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/normserve/podman}
 python=${PYTHON:-python3}  # 3.11 or newer (deps.py reads pyproject.toml with tomllib), with pip
 base_image=localhost/normserve-base:bookworm
+compiler_image=localhost/normserve-compiler-base:bookworm
 
 podman_env() {
     mkdir -p "$cache/storage" "$cache/run"
@@ -132,10 +135,12 @@ fi
 install_tools
 podman_env
 base "$base_image" base-bookworm python3,python3-venv,ca-certificates
+base "$compiler_image" compiler-bookworm python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates
 check_podman
-wheels "$target"
+wheels "$target" native
 start=$(date +%s)
 podman build --quiet --network none --pull=never --format docker --target "$target" \
-    --build-arg BASE_IMAGE="$base_image" --build-arg PIP_INDEX=--no-index "${models[@]}" \
+    --build-arg BASE_IMAGE="$base_image" --build-arg BUILD_IMAGE="$compiler_image" \
+    --build-arg PIP_INDEX=--no-index "${models[@]}" \
     --tag "$tag" "$root" >/dev/null
 echo "build-image: built $tag in $(($(date +%s) - start)) s ($(podman image inspect --format '{{.Size}}' "$tag" | numfmt --to=iec))" >&2

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from service import __version__
+from service import __version__, compiled
 from service.access import Access, endpoint_group
 from service.config import Settings
 from service.errors import ServeError, render
@@ -219,7 +219,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> NormserveApp
         gc.freeze()
         state.started = True
         served = sum(v.served is not None for e in state.registry.models.values() for v in e.versions.values())
-        log.info("serving %d model versions from %s", served, settings.repository)
+        log.info("serving %d model versions from %s; %s", served, settings.repository, compiled.describe())
         for reason in state.own_not_ready_reasons():
             log.error("not ready: %s", reason)
 

@@ -24,6 +24,7 @@ from bench.perf_analyzer import run as perf_run
 from bench.perf_analyzer import tensors_label
 from bench.suite.plan import ROOT, Plan
 from bench.suite.servers import Server, free_port, http_get, metric_samples, running
+from service import compiled
 
 __all__ = ["OVERLOAD_SIZES", "Suite", "overload", "perf_analyzer_part", "run_suite"]
 
@@ -154,6 +155,8 @@ def _closed(levels: tuple[int, ...]) -> list[tuple[str, float]]:
 def run_suite(suite: Suite) -> dict[str, Any]:
     plan, results = suite.plan, suite.results
     results["machine"] = machine() | {"server_cores": suite.server_cores, "generator_cores": suite.generator_cores}
+    # normserve's servers run from this tree, with this environment: what this process finds, they find
+    results["compiled"] = compiled.describe()
     results["plan"] = asdict(plan)
     results["models"] = {"tiny": suite.tiny, "large": suite.large}
     tiny_levels = _closed(plan.tiny_concurrency)
@@ -469,7 +472,9 @@ def profile(suite: Suite, server: Server, seconds: float, encoding: str = "json"
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "profile.txt"
         argv = [py_spy, "record", "--pid", str(server.pid), "--duration", str(max(1, round(seconds)))]
-        argv += ["--rate", "250", "--format", "raw", "--output", str(raw), "--nonblocking"]
+        # --native: the compiled request path's frames are C functions (bench/profile.py reads them); it
+        # stops the server for each sample (not --nonblocking), which costs it no CPU time of its own.
+        argv += ["--rate", "250", "--format", "raw", "--output", str(raw), "--native"]
         spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         (row,) = suite.measure(
             server, suite.tiny, encoding, level, config=suite.config(duration_s=seconds, warmup_s=0.0)

@@ -369,6 +369,7 @@ def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> 
         f"- **Machine:** {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}.",
         f"- **Commit:** {_git_commit()}. **Command:** `{r['command']}`, {r['suite_seconds']:.0f} s in all.",
         f"- **Pinning:** {pinning}. Provider: {r['provider']}.",
+        f"- **normserve's request path:** {r.get('compiled', 'not recorded')}.",
         "- **Load generator:** `python -m bench.loadgen` (closed loop: latency from the send; open loop: from the "
         "due time). Each closed-loop level warms up, then runs windows until the last 3 agree within 10 % "
         "(`stable`); open-loop levels run 3 windows.",

@@ -47,6 +47,36 @@ def test_each_sample_goes_to_the_innermost_stage_it_touched() -> None:
     assert summary["own"][0] == ["Session.run (onnxruntime/capi/onnxruntime_inference_collection.py)", 50.0]
 
 
+def test_the_compiled_request_path_is_read_as_its_source_is() -> None:
+    """py-spy --native names a Cython frame "function (module.c:line)", without its class, and puts the
+    interpreter's and libc's own frames inside it: each sample goes to the stage of its source."""
+    loop = f"{ROOT};run_forever (loop.c:33192);Handle__run (loop.c:70959)"
+    received = f"{loop};data_received (transport.c:11596);feed_data (parser.c:6373)"
+    raw = "\n".join(
+        [
+            f"{received};on_headers_complete (transport.c:14557);Py_DECREF (object.h:537) 6",
+            f"{received};_submit (transport.c:9000);submit (inference.c:2210);enqueue (batcher.c:20656) 5",
+            f"{received};_submit (transport.c:9000);submit (inference.c:2210);_from_json (protocol.c:19800);"
+            "PyArray_DiscoverDTypeAndShape_Recursive (numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so) 4",
+            f"{received};add (transport.c:8800);add (inference.c:2100);malloc (libc.so.6) 2",
+            f"{loop};_work (batcher.c:15000);_split (batcher.c:16000) 1",
+            f"{loop};respond (transport.c:9500);encode_infer_response (protocol.c:21000) 2",
+        ]
+    )
+    summary = summarize_raw(raw)
+    assert summary["stages"] == {
+        "HTTP and the transport guard": 30.0,
+        "admission and queueing": 25.0,
+        "tensor build": 20.0,
+        "body read": 10.0,
+        "response encoding and write": 10.0,
+        "result split": 5.0,
+    }
+    # the interpreter's own frames (Py_DECREF) and numpy's are not what the table of functions names
+    assert summary["own"][0] == ["on_headers_complete (transport.c)", 30.0]
+    assert ["_from_json (protocol.c)", 20.0] in summary["own"]
+
+
 def test_wrk_output_is_read_with_its_units() -> None:
     out = """Running 8s test @ http://127.0.0.1:8000/
   Latency Distribution

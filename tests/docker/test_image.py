@@ -148,6 +148,16 @@ def test_it_runs_as_its_own_user_on_a_read_only_root_and_passes_its_healthcheck(
     assert config.stdout.strip() == 'SIGTERM ["python","-m","service"]'  # what `make serve` runs
 
 
+def test_the_image_runs_its_request_path_compiled(container: Container) -> None:
+    """Built in the Dockerfile's compiled stage, on the same Python: every module loads, and the log says so."""
+    assert "the request path runs compiled (Cython 3.3.1" in container.logs()
+    status = json.loads(podman("exec", container.name, "python", "-m", "service.compile", "--status").stdout)
+    assert status["from_source"] == {} and len(status["compiled"]) == 8
+    # the compiler and Cython stayed in the build stage
+    assert podman("exec", container.name, "sh", "-c", "command -v gcc cc", check=False).stdout == ""
+    assert podman("exec", container.name, "python", "-c", "import Cython", check=False).returncode != 0
+
+
 def test_the_image_installs_exactly_the_locked_versions_and_no_torch(container: Container) -> None:
     lock = dict(line.split("==") for line in (ROOT / "requirements.lock").read_text().splitlines())
     installed = dict(line.split("==") for line in podman("exec", container.name, "pip", "freeze").stdout.split())

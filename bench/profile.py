@@ -68,23 +68,40 @@ _FRAME = re.compile(r"(?P<function>\S+) \((?P<file>[^:()]+)(?::\d+)?\)")
 
 
 def _frame(frame: str) -> str:
-    """A frame of normserve's own, Python or compiled, as "service/module.py:function" (the function's class,
-    which only Python frames carry, left out); any other frame as py-spy wrote it."""
+    """A frame of normserve's own, Python or compiled, as "service/module.py:function", the function's class
+    left out; any other frame, and Cython's own helpers, as py-spy wrote it.
+
+    py-spy reads a compiled function's name from its C symbol, which it does not always strip to the
+    function: "_assemble", "batcher__assemble" (with its module), "RequestHeaders_from_raw" (with its class)."""
     match = _FRAME.fullmatch(frame)
     if match is None:
         return frame
-    file = _COMPILED_SOURCES.get(match["file"], match["file"])
-    if not file.startswith("service/"):
+    function, file = match["function"], match["file"]
+    if file in _COMPILED_SOURCES:
+        if function.startswith(("__Pyx", "__pyx")):
+            return frame
+        module = file.removesuffix(".c")
+        function, separator = function.removeprefix(f"{module}_"), "_"
+        file = _COMPILED_SOURCES[file]
+    elif file.startswith("service/"):
+        separator = "."
+    else:
         return frame
-    head, _, rest = match["function"].partition(".")
-    function = rest if rest and head[:1].isupper() else match["function"]
+    head, _, rest = function.partition(separator)
+    if rest and head[:1].isupper():  # a method: its class's name first
+        function = rest
     return f"{file}:{function}"
 
 
 def _own(frame: str) -> bool:
-    """A frame the "own" table names: Python's, or the compiled request path's (not libc's or the interpreter's)."""
+    """A frame the "own" table names: Python's, or a compiled function's (not Cython's helpers, libc's or the
+    interpreter's, whose time is their caller's)."""
     match = _FRAME.fullmatch(frame)
-    return match is not None and (match["file"].endswith(".py") or match["file"] in _COMPILED_SOURCES)
+    if match is None:
+        return False
+    if match["file"] in _COMPILED_SOURCES:
+        return not match["function"].startswith(("__Pyx", "__pyx"))
+    return match["file"].endswith(".py")
 
 
 def _matches(key: str, rule: str) -> bool:

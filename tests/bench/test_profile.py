@@ -54,12 +54,16 @@ def test_the_compiled_request_path_is_read_as_its_source_is() -> None:
     received = f"{loop};data_received (transport.c:11596);feed_data (parser.c:6373)"
     raw = "\n".join(
         [
-            f"{received};on_headers_complete (transport.c:14557);Py_DECREF (object.h:537) 6",
-            f"{received};_submit (transport.c:9000);submit (inference.c:2210);enqueue (batcher.c:20656) 5",
+            f"{received};on_headers_complete (transport.c:14557);Py_DECREF (object.h:537) 4",
+            f"{received};on_headers_complete (transport.c:14557);__Pyx_PyObject_GetAttrStr (transport.c:26009) 2",
+            f"{received};_submit (transport.c:9000);submit (inference.c:2210);enqueue (batcher.c:20656) 3",
+            f"{received};_submit (transport.c:9000);submit (inference.c:2210);Batcher_enqueue (batcher.c:20656) 1",
+            f"{received};_submit (transport.c:9000);inference_admission (inference.c:2210) 1",
             f"{received};_submit (transport.c:9000);submit (inference.c:2210);_from_json (protocol.c:19800);"
             "PyArray_DiscoverDTypeAndShape_Recursive (numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so) 4",
-            f"{received};add (transport.c:8800);add (inference.c:2100);malloc (libc.so.6) 2",
-            f"{loop};_work (batcher.c:15000);_split (batcher.c:16000) 1",
+            f"{received};add (transport.c:8800);add (inference.c:2100);malloc (libc.so.6) 1",
+            f"{received};add (transport.c:8800);RequestHeaders_from_raw (inference.c:2000) 1",
+            f"{loop};_work (batcher.c:15000);batcher__split (batcher.c:16000) 1",
             f"{loop};respond (transport.c:9500);encode_infer_response (protocol.c:21000) 2",
         ]
     )
@@ -72,7 +76,7 @@ def test_the_compiled_request_path_is_read_as_its_source_is() -> None:
         "response encoding and write": 10.0,
         "result split": 5.0,
     }
-    # the interpreter's own frames (Py_DECREF) and numpy's are not what the table of functions names
+    # the interpreter's own frames (Py_DECREF), Cython's helpers and numpy's are their caller's in the table
     assert summary["own"][0] == ["on_headers_complete (transport.c)", 30.0]
     assert ["_from_json (protocol.c)", 20.0] in summary["own"]
 

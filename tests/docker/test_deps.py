@@ -63,4 +63,3 @@ def test_the_compiled_stage_gets_cython_alone() -> None:
         [sys.executable, str(ROOT / "docker" / "deps.py"), "--extras-only", "native"], capture_output=True, text=True
     )
     assert listed.returncode == 0 and listed.stdout.split() == native
-

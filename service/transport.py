@@ -314,6 +314,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._fd = -1  # the socket's, to ask the kernel what it holds unread
         self._skipped_for: Intake | None = None  # the intake of the request answered early whose body is skipped
         self._here: AnsweredHere | None = None  # the request answered here whose body is being read
+        # The keep-alive clock: since when the connection has been idle (None: busy), read by one timer that
+        # outlives requests (``_keep_alive``); uvicorn sets and cancels a timer per request, 2 µs each time.
+        self._idle_since: float | None = None
+        self._lazy_timer = False  # timeout_keep_alive_task is that timer (not the new connection's head timer)
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
@@ -351,6 +355,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._unset_keepalive_if_required()  # uvicorn cancels it only on a clean close
         while self._intakes:  # what was read and will not be answered now frees its model's slots
             if (intake := self._intakes.popleft()) is not None:
                 intake.answered()
@@ -372,7 +377,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:  # refused: what comes now is dropped
             return
-        self._unset_keepalive_if_required()
+        if self._lazy_timer:
+            self._idle_since = None  # busy: the keep-alive timer, due later, finds it so
+        else:
+            self._unset_keepalive_if_required()
         if self._phase is _IDLE:  # any byte begins a head (llhttp skips blank lines before a request line)
             self._phase = _HEAD
         in_head, heads = self._phase is _HEAD, self._heads
@@ -405,11 +413,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._phase is not _IDLE and self._deadline is None:
             timeout = self.guard.limits.head_timeout_s if self._phase is _HEAD else self.guard.limits.body_timeout_s
             self._deadline = self.loop.call_later(timeout, self._deadline_passed)
-        elif self._phase is _IDLE and self.timeout_keep_alive_task is None and self._answered():
-            # Idle with every request answered (one answered early arms no keep-alive of uvicorn's).
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+        elif self._phase is _IDLE and self._idle_since is None and self._answered():
+            # Idle with every request answered (one answered early completes no response of uvicorn's).
+            self._keep_alive()
         self._hold_back()
 
     def on_response_complete(self) -> None:
@@ -420,8 +426,46 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 # uvicorn's own, less what a held connection skips: reading on, and the keep-alive timeout
                 self.server_state.total_requests += 1
                 return
-        super().on_response_complete()  # resumes reading, and starts the next pipelined request
+        # uvicorn's own (HttpToolsProtocol.on_response_complete), with the keep-alive clock in place of a timer
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # the next pipelined request starts
+            self._idle_since = None
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._keep_alive()
         self._hold_back()
+
+    def _unset_keepalive_if_required(self) -> None:
+        super()._unset_keepalive_if_required()
+        self._lazy_timer, self._idle_since = False, None
+
+    def _keep_alive(self) -> None:
+        """Idle from now: closed if nothing comes within ``timeout_keep_alive`` (NORMSERVE_KEEP_ALIVE_S). One
+        timer for the connection, not one per request: due, it closes the connection if idle that long, else
+        is set again for when it would have been (``_keep_alive_due``)."""
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is not None and not self._lazy_timer:  # a new connection's head timer
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
+            self._lazy_timer = True
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task, self._lazy_timer = None, False
+        if self._idle_since is None or self.transport.is_closing():
+            return  # busy: its answer starts the clock again
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:  # busy for a while since the timer was set, and idle again for less than the timeout
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+            self._lazy_timer = True
+            return
+        self._idle_since = None
+        self.timeout_keep_alive_handler()
 
     def _hold_back(self) -> None:
         """Read no further from a client whose pipelined requests pile up, and close one that piled up too
@@ -594,9 +638,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.pipeline or self._lingering or self._held_on is not None:
             return False
         self.flow.pause_reading()
-        if self.timeout_keep_alive_task is not None:  # waiting on the server is not idling
-            self.timeout_keep_alive_task.cancel()
-            self.timeout_keep_alive_task = None
+        self._unset_keepalive_if_required()  # waiting on the server is not idling
         self._held_on = intake
         intake.hold(self)
         # Forget the request just answered, which uvicorn keeps until the next one's head: a held connection
@@ -638,9 +680,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _idle(self) -> None:
         """Start the keep-alive timeout of an idle connection."""
-        if self.timeout_keep_alive_task is None:
-            handler = self.timeout_keep_alive_handler
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
+        if self._idle_since is None:
+            self._keep_alive()
 
     # Refusing
     def _head_too_large(self, size: int) -> _Refusal:

@@ -375,6 +375,43 @@ def _read_answers(sock: socket.socket, count: int) -> bytes:
         data += chunk
 
 
+def test_keep_alive_closes_a_connection_idle_that_long_and_never_one_in_use(
+    built_repository: Path, tmp_path: Path
+) -> None:
+    """NORMSERVE_KEEP_ALIVE_S counts from a connection's last answer: one idle that long is closed, and one
+    that is never idle that long stays open however long it is in use, its requests answered by the
+    connection itself (inference) or through ASGI (health) alike."""
+    keep_alive_s = 2.0
+
+    def ask(sock: socket.socket, request: bytes) -> None:
+        sock.sendall(request)
+        ((answer_head, _),) = _answers(_read_answers(sock, 1))
+        assert status_of(answer_head) == 200
+
+    def closed_by_server(sock: socket.socket) -> bool:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+
+    inference, health = _infer_request([1.0, 0, 0, 0]), head() + b"\r\n"
+    with running(built_repository, tmp_path, NORMSERVE_KEEP_ALIVE_S=str(keep_alive_s)) as short:
+        with short.connect() as busy, short.connect() as pausing, short.connect() as idle:
+            for sock in (busy, pausing, idle):
+                ask(sock, inference)
+            last_pause = started = time.monotonic()
+            while (now := time.monotonic()) - started < 3 * keep_alive_s:
+                ask(busy, inference if int(now * 10) % 2 else health)  # a request every 0.1 s
+                if now - last_pause >= 0.6 * keep_alive_s:  # idle 0.6 of the timeout each time, never all of it
+                    ask(pausing, inference)
+                    last_pause = time.monotonic()
+                time.sleep(0.1)
+            assert not closed_by_server(busy) and not closed_by_server(pausing)
+            assert closed_by_server(idle), f"a connection idle {3 * keep_alive_s:g} s is still open"
+            ask(busy, inference)
+            ask(pausing, health)
+            time.sleep(keep_alive_s + SLACK_S)
+            assert closed_by_server(busy) and closed_by_server(pausing)
+
+
 def test_a_request_line_without_an_http_version_is_refused(service: Service) -> None:
     answer = exchange(service, b"GET /v2/health/ready\r\n\r\n")
     assert status_of(answer) == 505 and b"HTTP version 0.9 is not supported" in answer, answer[:200]

@@ -63,7 +63,7 @@ class _Phase(enum.Enum):
     EXPIRED = 3
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     feeds: Feeds
     rows: int

@@ -381,4 +381,3 @@ def _watch(gauge: Gauge, read: Callable[[], int]) -> Callable[[], None] | None:
         gauge.set_function(read)
         return None
     return lambda: gauge.set(read())
-

@@ -484,7 +484,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's own, less the ASGI scope: a request answered here needs none (``_scope`` makes it for one
+        # that goes the ASGI way, before uvicorn's on_headers_complete reads it)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._phase = _HEAD
         self._header_bytes = len(b"GET  HTTP/1.1\r\n\r\n")  # the request line's and the head's framing
         self._header_count = 0
@@ -540,7 +544,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if path is not None and self.guard.here is not None and self._answer_here(self.guard.here, path):
             return
+        self._scope()
         super().on_headers_complete()
+
+    def _scope(self) -> None:
+        """The request's ASGI scope, as uvicorn's on_message_begin makes it (its headers are the list that
+        ``on_header`` fills)."""
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
 
     def on_body(self, body: bytes) -> None:
         if self._here is not None:
@@ -598,7 +618,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """The path of a POST, where it needs no decoding; None for any other request."""
         if self.parser.get_method() != b"POST":
             return None
-        path = httptools.parse_url(self.url).path
+        url = self.url
+        # A plain origin-form path is its own; anything else (a query, an absolute URL) is parsed as uvicorn does.
+        plain = url[:1] == b"/" and url[:2] != b"//" and b"?" not in url and b"#" not in url
+        path = url if plain else httptools.parse_url(url).path
         if b"%" in path:  # uvicorn decodes it: the app routes what that gives, and answers it the usual way
             return None
         return path.decode("ascii")

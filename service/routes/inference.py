@@ -420,15 +420,29 @@ class InferenceEndpoint:
     """The ASGI handler for inference requests, called by the app before FastAPI's stack."""
 
     PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+    ROUTES_KEPT = 1024  # paths whose match is remembered (the models' few, unless clients make up more)
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
+        self._routes: dict[str, tuple[str, str | None] | None] = {}
+
+    def route(self, path: str) -> tuple[str, str | None] | None:
+        """The model and version (None: the newest) an inference path names; None for any other path. The
+        same few paths come again and again: each is matched once."""
+        try:
+            return self._routes[path]
+        except KeyError:
+            pass
+        found = self.PATH.fullmatch(path)
+        if len(self._routes) >= self.ROUTES_KEPT:
+            self._routes.clear()
+        route = self._routes[path] = (found[1], found[2]) if found else None
+        return route
 
     def match(self, scope: Scope) -> tuple[str, str | None] | None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return None
-        found = self.PATH.fullmatch(scope["path"])
-        return (found[1], found[2]) if found else None
+        return self.route(scope["path"])
 
     def admission(self, path: str) -> tuple[Intake | None, ServeError | None]:
         """For an inference request to ``path``, from its head alone, before its body is read: its model's
@@ -436,11 +450,11 @@ class InferenceEndpoint:
         it gets now if its model's queue is full or would keep any request past ``DEADLINE_SHARE`` of the
         longest deadline. (None, None) for any other path, an unknown model or a draining server: the request
         goes the usual way, which also answers every other error."""
-        found = self.PATH.fullmatch(path)
+        found = self.route(path)
         if found is None or self.state.draining:
             return None, None
         try:
-            served = self.state.registry.get(found[1], found[2])
+            served = self.state.registry.get(*found)
         except ServeError:
             return None, None
         refused = served.batcher.refusal(self.state.settings.request_timeout_ms / 1000)
@@ -452,8 +466,8 @@ class InferenceEndpoint:
     def call(self, path: str, headers: list[tuple[bytes, bytes]]) -> InferenceCall | None:
         """The inference call of a POST to ``path`` (not begun), for a connection that answers it itself
         (``service.transport.AnsweredHere``); None for any other path."""
-        found = self.PATH.fullmatch(path)
-        return InferenceCall(self.state, found[1], found[2], RequestHeaders.from_raw(headers)) if found else None
+        found = self.route(path)
+        return InferenceCall(self.state, *found, RequestHeaders.from_raw(headers)) if found else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
         try:

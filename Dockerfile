@@ -33,7 +33,8 @@ WORKDIR /opt/normserve
 COPY pyproject.toml requirements.lock ./
 COPY docker/deps.py docker/gpu.lock docker/
 
-# The request path compiled with Cython; the runtime images take the builds alone (no compiler, no Cython).
+# The request path compiled with Cython (with the serving dependencies, some of whose modules it compiles: the
+# same wheels as the runtime images, so the same sources); the runtime images take the builds alone.
 FROM ${BUILD_IMAGE} AS compiled
 ARG PIP_INDEX=""
 ENV PIP_NO_CACHE_DIR=1 \
@@ -46,7 +47,7 @@ COPY docker/deps.py docker/
 # hadolint ignore=SC2046
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     /opt/venv/bin/pip install $PIP_INDEX --find-links /wheels --constraint requirements.lock \
-        $(python3 docker/deps.py --extras-only native)
+        $(python3 docker/deps.py native)
 COPY service/ service/
 RUN /opt/venv/bin/python -m service.compile
 

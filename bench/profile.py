@@ -62,7 +62,8 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
 # fmt: on
 OTHER = "the rest"
 
-# The C file Cython wrote for each compiled module: "inference.c" -> "service/routes/inference.py".
+# The C file Cython wrote for each compiled module: "inference.c" -> "service/routes/inference.py". (service's
+# metrics.c and prometheus_client's share a name, and a stage: the later one names both.)
 _COMPILED_SOURCES = {m.rpartition(".")[2] + ".c": m.replace(".", "/") + ".py" for m in MODULES}
 _FRAME = re.compile(r"(?P<function>\S+) \((?P<file>[^:()]+)(?::\d+)?\)")
 

@@ -3,7 +3,7 @@
     python3 docker/deps.py cpu           # the CPU server: the serving dependencies and onnxruntime's CPU build
     python3 docker/deps.py gpu           # the GPU server: onnxruntime-gpu with CUDA 13 and cuDNN 9 from pip
     python3 docker/deps.py cpu train     # the models stage: what the exporter needs besides
-    python3 docker/deps.py --extras-only native   # the compiled stage: Cython and setuptools alone
+    python3 docker/deps.py native        # the compiled stage: Cython, and the serving modules it compiles
 
 The names and versions come from pyproject.toml, read with the standard library only (an image has
 nothing else yet); pip's ``--constraint requirements.lock`` pins everything beneath them. The gpu
@@ -24,15 +24,14 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 CUDA_EXTRAS = "[cuda,cudnn]"
 
 
-def requirements(groups: list[str], pyproject: Path = PYPROJECT, serving: bool = True) -> list[str]:
-    """The serving dependencies (unless not ``serving``), then those of each optional group, without comments
-    or duplicates."""
+def requirements(groups: list[str], pyproject: Path = PYPROJECT) -> list[str]:
+    """The serving dependencies, then those of each optional group, without comments or duplicates."""
     project = tomllib.loads(pyproject.read_text())["project"]
     extras = project["optional-dependencies"]
     unknown = [g for g in groups if g not in extras]
     if unknown:
         raise ValueError(f"unknown dependency group(s) {unknown}; pyproject.toml has {sorted(extras)}")
-    wanted = list(project["dependencies"]) if serving else []
+    wanted = list(project["dependencies"])
     for group in groups:
         for requirement in extras[group]:
             if group == "gpu":  # the CUDA and cuDNN wheels too, for an image with no CUDA of its own
@@ -45,9 +44,8 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    serving = argv[0] != "--extras-only"
     try:
-        print("\n".join(requirements(argv if serving else argv[1:], serving=serving)))
+        print("\n".join(requirements(argv)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

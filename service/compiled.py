@@ -4,7 +4,8 @@
     python -m service.compile --status   # which modules run compiled, and why the others do not
 
 Cython compiles these modules unchanged, so they behave as their source does (the whole test suite runs
-on them), for about a fifth less of the interpreter's time per request. Python would import an extension
+on them), for about a fifth less of the interpreter's time per request. A dependency's module is compiled
+from the source installed, and checked against it in the same way. Python would import an extension
 module in place of the source beside it, whatever that source says by now; so the built modules live
 apart, in ``service/_compiled/``, with the SHA-256 of the source each was built from (``manifest.json``),
 and ``service`` imports a module from there only while its source is unchanged and the module loads.
@@ -35,8 +36,10 @@ MANIFEST = "manifest.json"
 OFF = "NORMSERVE_COMPILED=0"
 
 # What a request runs through between its bytes and its answer: the connection, the inference call, the
-# document's checks and tensors, admission and the queue, the batcher, the metrics and the registry's lookups.
-# Not the FastAPI routes elsewhere, whose signatures and annotations FastAPI reads at start-up.
+# document's checks and tensors, admission and the queue, the batcher, the metrics and the registry's lookups;
+# and of the pinned dependencies, the pure-Python parts of the same path: uvicorn's HTTP protocol (the base of
+# the connection's) and prometheus_client's metrics. Not the FastAPI routes elsewhere, whose signatures and
+# annotations FastAPI reads at start-up.
 MODULES = (
     "service.transport",
     "service.routes.inference",
@@ -46,11 +49,24 @@ MODULES = (
     "service.metrics",
     "service.registry",
     "service.access",
+    "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.http.flow_control",
+    "prometheus_client.metrics",
+    "prometheus_client.values",
 )
 
 
 def source_of(module: str) -> Path:
-    return PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    """The file a module's source is in, found without importing it or its package."""
+    top, *rest = module.split(".")
+    if top == "service":
+        root = PACKAGE
+    else:  # a dependency's: its package's folder (importing a package may import the module itself)
+        spec = importlib.util.find_spec(top)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(f"{top} is not installed as a package, so {module} cannot be compiled")
+        root = Path(spec.submodule_search_locations[0])
+    return root.joinpath(*rest).with_suffix(".py")
 
 
 def digest(path: Path) -> str:

@@ -52,14 +52,3 @@ def test_an_unknown_group_is_refused_by_the_command() -> None:
     assert result.returncode == 2 and "unknown dependency group(s) ['cuda']" in result.stderr
     with pytest.raises(ValueError, match="pyproject.toml has"):
         requirements(["nope"])
-
-
-def test_the_compiled_stage_gets_cython_alone() -> None:
-    """The Dockerfile's compiled stage installs the `native` extra without the serving dependencies."""
-    native = requirements(["native"], serving=False)
-    assert [_name(r) for r in native] == ["cython", "setuptools"]
-    assert f"cython=={_lock()['cython']}" in native
-    listed = subprocess.run(
-        [sys.executable, str(ROOT / "docker" / "deps.py"), "--extras-only", "native"], capture_output=True, text=True
-    )
-    assert listed.returncode == 0 and listed.stdout.split() == native

@@ -111,6 +111,18 @@ def _matches(key: str, rule: str) -> bool:
     return key == rule or key.startswith(rule + ".")
 
 
+# Where a thread waits, asleep: py-spy --native samples such a thread as if it ran (without --native it leaves
+# idle threads out), so a sample whose innermost frames are one of these waits is left out: the event loop in
+# epoll with nothing to do, an executor's worker waiting for work.
+_WAITS = ("epoll_wait", "epoll_pwait", "PyThread_acquire_lock_timed", "pthread_cond_wait", "pthread_cond_timedwait",
+          "sem_wait", "sem_timedwait", "sem_clockwait")  # fmt: skip
+_WAIT_DEPTH = 4  # innermost frames looked at: the wait's own, and libc's beneath it
+
+
+def _waiting(frames: list[str]) -> bool:
+    return any(wait in frame for frame in frames[-_WAIT_DEPTH:] for wait in _WAITS)
+
+
 def _stage(frames: list[str]) -> str:
     for frame in reversed(frames):
         key = _frame(frame)
@@ -132,7 +144,7 @@ def summarize_raw(raw: str, top: int = 12) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if f]
-        if not frames:
+        if not frames or _waiting(frames):
             continue
         total += count
         stages[_stage(frames)] += count

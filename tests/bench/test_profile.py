@@ -65,6 +65,12 @@ def test_the_compiled_request_path_is_read_as_its_source_is() -> None:
             f"{received};add (transport.c:8800);RequestHeaders_from_raw (inference.c:2000) 1",
             f"{loop};_work (batcher.c:15000);batcher__split (batcher.c:16000) 1",
             f"{loop};respond (transport.c:9500);encode_infer_response (protocol.c:21000) 2",
+            # asleep, not working: the loop with nothing to do, and an executor's idle worker
+            f"{ROOT};run_forever (loop.c:33192);uv_run (core.c:464);uv__io_poll (linux.c:1452);"
+            "epoll_pwait (libc.so.6) 40",
+            "thread_run (libpython3.11.so.1.0);Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81);"
+            "_queue_SimpleQueue_get (_queuemodule.c:253);PyThread_acquire_lock_timed (libpython3.11.so.1.0);"
+            "0x7f942a6aed90 (libc.so.6);0x7f942a6a3f16 (libc.so.6) 60",
         ]
     )
     summary = summarize_raw(raw)

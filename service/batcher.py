@@ -137,7 +137,6 @@ class Batcher:
         self.intake = Intake(self.intake_limit())
         if self.intake.limit > 0:
             self.intake.changed = metrics.watch_held(lambda: len(self.intake.held))
-        self._pending_changed = metrics.watch_pending(lambda: self._queued)  # None: read at scrape time
 
     def intake_limit(self) -> int:
         """Requests in flight (read and not yet answered) before the model's connections are held back:
@@ -219,8 +218,7 @@ class Batcher:
         self._arrivals += 1
         self._queued += 1
         self._queued_rows += rows
-        if self._pending_changed is not None:
-            self._pending_changed()
+        self._metrics.pending.inc()
         assert self._wake is not None  # admit() refuses before start()
         self._wake.set()
         if self._full is not None and self._queued_rows >= self.max_batch_size and not self._full.done():
@@ -314,8 +312,7 @@ class Batcher:
     def _dequeued(self, request: _Request) -> None:
         self._queued -= 1
         self._queued_rows -= request.rows
-        if self._pending_changed is not None:
-            self._pending_changed()
+        self._metrics.pending.dec()
 
     async def _work(self, wake: asyncio.Event) -> None:
         while True:

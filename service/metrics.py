@@ -329,12 +329,13 @@ class ModelMetrics:
                 gauge.remove(self.name, self.version)
 
     def watch_held(self, held: Callable[[], int]) -> Callable[[], None] | None:
-        """The held-connections gauge from ``held`` (``_watch``)."""
-        return _watch(self.held_connections, held)
-
-    def watch_pending(self, pending: Callable[[], int]) -> Callable[[], None] | None:
-        """The pending-requests gauge from ``pending`` (``_watch``): two gauge updates fewer per request."""
-        return _watch(self.pending, pending)
+        """The held-connections gauge from ``held``: read at scrape time in one process, at no cost to the hot
+        path. With worker processes a gauge lives in a shared file, which a function read at scrape cannot
+        fill: the callable returned sets it, to be called each time the number changes."""
+        if not MULTIPROCESS:
+            self.held_connections.set_function(held)
+            return None
+        return lambda: self.held_connections.set(held())
 
     def executed(self, rows: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
         """One batch of ``rows`` rows from ``requests`` requests: the seconds it took to put its inputs
@@ -371,13 +372,3 @@ class ModelMetrics:
             self.success.inc()
             self.request_seconds.observe(seconds)
         self.statistics.success.add(seconds)
-
-
-def _watch(gauge: Gauge, read: Callable[[], int]) -> Callable[[], None] | None:
-    """``gauge`` from ``read``: read at scrape time in one process, at no cost to the hot path. With worker
-    processes a gauge lives in a shared file, which a function read at scrape cannot fill: the callable
-    returned sets it, to be called each time the number changes."""
-    if not MULTIPROCESS:
-        gauge.set_function(read)
-        return None
-    return lambda: gauge.set(read())

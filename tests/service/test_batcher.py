@@ -334,3 +334,25 @@ async def test_with_no_delay_requests_arriving_meanwhile_still_share_the_batch()
     await batcher.stop()
     assert [len(b) for b in model.batches] == [6]
     assert [out[0][0, 0] for out in results] == [2.0 * i for i in range(6)]
+
+
+async def test_the_pending_gauge_counts_every_queue_of_a_model_version() -> None:
+    """The batchnorm endpoint's running-statistics queue counts in its model version's infer metrics: two
+    batchers share one ``normserve_pending_requests`` series, which is the sum of what both hold queued."""
+    metrics = Metrics()
+    infer, running = FakeModel(), FakeModel()
+
+    def batcher(model: FakeModel) -> Batcher:
+        return Batcher("fake version 1", model.run, model.estimate, 4, 10.0, 100, metrics.model("fake", "1"))
+
+    queues = [batcher(infer), batcher(running)]  # max_queue_delay 10 s: what is queued stays queued
+    for queue in queues:
+        queue.start()
+    futures = [queues[0].enqueue(rows(0, 1), 1, later()), queues[1].enqueue(rows(1, 1), 1, later())]
+    futures.append(queues[0].enqueue(rows(2, 1), 1, later()))
+    await asyncio.sleep(0)
+    assert metrics.registry.get_sample_value("normserve_pending_requests", {"model": "fake", "version": "1"}) == 3
+    for queue in queues:
+        await queue.stop()
+    await asyncio.gather(*futures)
+    assert metrics.registry.get_sample_value("normserve_pending_requests", {"model": "fake", "version": "1"}) == 0

@@ -42,6 +42,13 @@ __all__ = ["InferenceHere", "create_app"]
 
 log = logging.getLogger(__name__)
 
+# The young generation's collection threshold once serving (CPython's default: 700). The request path makes
+# no reference cycles, so a collection there frees nothing; but past capacity a batch's requests in flight
+# (about a thousand objects) outgrow 700 and set one off for every batch, whose survivors then fill the older
+# generations and set those off too: 1.5-2 µs a request, none of it freeing anything. Cyclic garbage is
+# still collected, 10,000 allocations later.
+GC_YOUNG_THRESHOLD = 10_000
+
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -217,6 +224,7 @@ def create_app(settings: Settings, worker: Worker | None = None) -> NormserveApp
         # spares every later full collection a scan of it, which showed as a 30 ms tail under load.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         state.started = True
         served = sum(v.served is not None for e in state.registry.models.values() for v in e.versions.values())
         log.info("serving %d model versions from %s; %s", served, settings.repository, compiled.describe())

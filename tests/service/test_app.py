@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI, Request, Response
 
-from service.app import create_app
+from service.app import GC_YOUNG_THRESHOLD, create_app
 from service.config import Settings
 from service.routes import inference
 from service.runtime import Runtime
@@ -92,6 +92,44 @@ async def test_refusals_from_the_head_leave_nothing_for_the_cyclic_garbage_colle
             gc.enable()
     assert statuses == [503] * 100
     assert cyclic == 0, f"100 refusals left {cyclic} objects in reference cycles"
+
+
+@pytest.mark.anyio
+async def test_answered_requests_leave_nothing_for_the_cyclic_garbage_collector(built_repository: Path) -> None:
+    # Serving raises the young generation's collection threshold (GC_YOUNG_THRESHOLD) because a collection
+    # on the request path frees nothing: answering makes no reference cycles. Each request takes the steps
+    # the connection takes (service.transport.AnsweredHere).
+    before = gc.get_threshold()
+    app = create_app(Settings(repository=built_repository, provider="cpu"))
+    state = app.state.normserve
+    body = json.dumps(infer_json("x", np.ones((1, 4), dtype=np.float32))).encode()
+    try:
+        async with app.router.lifespan_context(app):
+            while not state.started:
+                await asyncio.sleep(0.01)
+            assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+
+            async def answer() -> int:
+                call = inference.InferenceCall(state, "affine", None, inference.RequestHeaders())
+                try:
+                    call.begin()
+                    call.add(body)
+                    return len(call.answer(await call.submit())[0])
+                finally:
+                    call.end()
+
+            await answer()
+            gc.collect()
+            gc.disable()
+            try:
+                sizes = await asyncio.gather(*(answer() for _ in range(100)))
+                cyclic = gc.collect()
+            finally:
+                gc.enable()
+    finally:
+        gc.set_threshold(*before)
+    assert len(sizes) == 100 and min(sizes) > 0
+    assert cyclic == 0, f"100 answered requests left {cyclic} objects in reference cycles"
 
 
 def test_the_openapi_document_is_true_to_the_server(built_repository: Path) -> None:

@@ -5,11 +5,13 @@ costs its read, its parse and its answer (tens of microseconds), and at ten time
 whose request costs a few hundred, the refusals alone fill the core and goodput collapses. So a model's
 keep-alive connections are read only while it wants more requests: once ``limit`` of its requests are in
 flight (read, and not yet answered), a connection whose answer has just gone out is *held*: the server
-stops reading it, and what its client sends next waits in the kernel's socket buffer at no cost to the
-server. Each answer releases the connection held longest, so held connections are read in the order they
-were held, and keeps a slot for its next request until its head arrives. A slot whose request has not come
-within EXPECT_S is given back, unless the kernel holds bytes of it unread (the loop is behind): its client
-is idle. Nothing is read and then dropped, and nothing read is half-done: a request is either not read at
+stops parsing it, and what its client sends next waits unparsed at no cost to the server (its first chunk
+read and kept, as a rule the whole next request; anything more in the kernel's socket buffer: see
+``service.transport.KEEP_BYTES``). Each answer releases the connection held longest, so held connections
+are read in the order they were held, and keeps a slot for its next request until its head arrives. A
+slot whose request has not come within EXPECT_S is given back, unless bytes of it wait unparsed (the loop
+is behind): its client is idle.
+Nothing is read and then dropped, and nothing parsed is half-done: a request is either not parsed at
 all, or read, queued and answered.
 
 What is not held: a new connection's first request (nothing tells which model it is for), a request on a
@@ -39,7 +41,7 @@ class Holdable(Protocol):
     """A connection that can be held back on an intake (``service.transport.LimitedHttpToolsProtocol``)."""
 
     def waiting(self) -> bool:
-        """Whether its client has sent bytes the server has not read (False once it is closing)."""
+        """Whether its client has sent bytes the server has not parsed (False once it is closing)."""
 
     def released(self, expectation: Expectation | None) -> None:
         """Read it again; ``expectation``: the slot kept for its next request (None: the intake is retired)."""

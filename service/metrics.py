@@ -234,7 +234,7 @@ class Metrics:
         self.held_connections = Gauge(
             f"{p}_held_connections",
             "Keep-alive connections read no further until the model version answers more (service/intake.py): "
-            "what their clients send waits in the kernel",
+            "what their clients send waits unparsed",
             model,
             registry=r,
             multiprocess_mode="livesum",

@@ -26,7 +26,7 @@ bounds the shutdown. Where uvicorn 0.54's httptools protocol has none, ``Limited
   still connect.
 - **What is read past a model's capacity**: a keep-alive connection answered while its model has its
   fill of requests in flight is read no further until the model answers more (``service.intake``,
-  NORMSERVE_INTAKE_BATCHES): its client's next request waits in the kernel, at no cost to the server, so
+  NORMSERVE_INTAKE_BATCHES): its client's next request waits unparsed, at no cost to the server, so
   that past capacity the core serves instead of refusing.
 
 Inference requests take a shorter way than the rest: the connection answers them itself
@@ -155,6 +155,12 @@ def _closing_response(status: int, message: str, headers: tuple[tuple[str, str],
 # they are answered (one read may bring a few hundred small requests at once); past PIPELINE_CLOSE, all from
 # reads already made, it is closed. A client that sends without reading its answers holds at most that.
 PIPELINE_PAUSE = 8
+# What a held connection's client sends is read as it comes and kept unparsed until the connection is
+# released, while it is one chunk of at most this many bytes (its next request, as a rule); past that,
+# reading stops and the rest waits in the kernel. Stopping on every hold cost a request past capacity two
+# more trips into the kernel (the event loop takes the socket out of epoll when its bytes come unread, and
+# puts it back when released).
+KEEP_BYTES = 16 * 1024
 PIPELINE_CLOSE = 1024
 
 
@@ -314,6 +320,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._fd = -1  # the socket's, to ask the kernel what it holds unread
         self._skipped_for: Intake | None = None  # the intake of the request answered early whose body is skipped
         self._here: AnsweredHere | None = None  # the request answered here whose body is being read
+        self._kept: bytes | None = None  # read while held, parsed once released (``_keep``)
         # The keep-alive clock: since when the connection has been idle (None: busy), read by one timer that
         # outlives requests (``_keep_alive``); uvicorn sets and cancels a timer per request, 2 µs each time.
         self._idle_since: float | None = None
@@ -355,6 +362,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._kept = None
         self._unset_keepalive_if_required()  # uvicorn cancels it only on a clean close
         while self._intakes:  # what was read and will not be answered now frees its model's slots
             if (intake := self._intakes.popleft()) is not None:
@@ -376,6 +384,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # Parsing
     def data_received(self, data: bytes) -> None:
         if self._lingering:  # refused: what comes now is dropped
+            return
+        if self._held_on is not None or self._kept is not None:  # held, or its kept bytes not yet parsed
+            self._keep(data)
             return
         if self._lazy_timer:
             self._idle_since = None  # busy: the keep-alive timer, due later, finds it so
@@ -653,14 +664,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # Holding back
     def _hold_for(self, intake: Intake) -> bool:
         """Read this connection no further while ``intake`` (of the request just answered) has its fill of
-        requests in flight: what its client sends next waits in the kernel until the intake releases it.
+        requests in flight: what its client sends next waits unparsed until the intake releases it (``_keep``).
         Only an idle keep-alive connection is held: nothing of its next request read, nothing waiting.
         Whether it was held."""
         if not intake.full or self.transport.is_closing() or self._phase is not _IDLE or self._intakes:
             return False
-        if self.pipeline or self._lingering or self._held_on is not None:
+        if self.pipeline or self._lingering or self._held_on is not None or self._kept is not None:
             return False
-        self.flow.pause_reading()
         self._unset_keepalive_if_required()  # waiting on the server is not idling
         self._held_on = intake
         intake.hold(self)
@@ -672,10 +682,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.headers = []
         return True
 
+    def _keep(self, data: bytes) -> None:
+        """Keep what came while held, or after release before what was kept is parsed, in order. A held
+        connection is read no further past one chunk of at most KEEP_BYTES."""
+        kept = self._kept = data if self._kept is None else self._kept + data
+        if self._held_on is not None and (len(kept) > KEEP_BYTES or kept is not data):
+            self.flow.pause_reading()
+
+    def _parse_kept(self) -> None:
+        """Parse what was kept while held, as if it came now."""
+        if (kept := self._kept) is not None and self._held_on is None and not self.transport.is_closing():
+            self._kept = None
+            self.data_received(kept)
+
     def waiting(self) -> bool:
-        """Whether the client has sent what the server has not read (``service.intake.Holdable``)."""
+        """Whether the client has sent what the server has not parsed (``service.intake.Holdable``)."""
         if self._fd < 0 or self.transport.is_closing():
             return False
+        if self._kept is not None:
+            return True
         try:
             return waiting_bytes(self._fd) > 0
         except OSError:
@@ -690,7 +715,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 expectation.met()
             return
         self._expectation = expectation
-        if expectation is None:
+        if self._kept is not None:  # its next request came while held: parsed on the loop's next turn
+            self.loop.call_soon(self._parse_kept)
+        elif expectation is None:
             self._idle()
         self.flow.resume_reading()
 

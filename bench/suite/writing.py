@@ -113,7 +113,7 @@ def _overload_section(r: dict[str, Any], image: str) -> list[str]:
         "request's headers (`normserve_request_duration_seconds`). Requests still waiting for a connection when a "
         "level ends are never sent (their count is given). 503s are timed from the send. Past a model's fill of "
         "requests in flight normserve reads the keep-alive connections it answers no further until it answers more "
-        "(`service/intake.py`): the excess waits unread in the kernel instead of being refused, so 503s come only "
+        "(`service/intake.py`): the excess waits unparsed instead of being refused, so 503s come only "
         "from new connections past the queue limit, and the wait shows in the time from the send.",
         "",
     ]

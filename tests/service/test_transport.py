@@ -26,6 +26,7 @@ import numpy as np
 import psutil
 import pytest
 
+from service.transport import KEEP_BYTES
 from tests.service.conftest import infer_json, metric, start_service
 
 TIMEOUT_S = 1.0
@@ -523,12 +524,27 @@ class Answer:
     retry_after: bool
 
 
-def closed_loop(address: tuple[str, int], request: bytes, clients: int, seconds: float) -> list[Answer]:
-    """``clients`` keep-alive connections, each sending ``request`` again as soon as its answer is in."""
+def closed_loop(
+    address: tuple[str, int], request: bytes, clients: int, seconds: float, split: int | None = None
+) -> list[Answer]:
+    """``clients`` keep-alive connections, each sending ``request`` again as soon as its answer is in; with
+    ``split``, in two writes, the first of that many bytes."""
     selector = selectors.DefaultSelector()
     buffers: dict[socket.socket, bytes] = {}
+
+    def send(sock: socket.socket) -> None:
+        sock.settimeout(5)  # sent whole, however small the socket's buffer
+        if split is None:
+            sock.sendall(request)
+        else:
+            sock.sendall(request[:split])
+            time.sleep(0.0005)  # the two writes reach the server apart
+            sock.sendall(request[split:])
+        sock.setblocking(False)
+
     for client in range(clients):
         sock = socket.create_connection(address, timeout=5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, client)
         buffers[sock] = b""
@@ -536,7 +552,7 @@ def closed_loop(address: tuple[str, int], request: bytes, clients: int, seconds:
     answers: list[Answer] = []
     try:
         for sock in buffers:
-            sock.sendall(request)
+            send(sock)
         while time.monotonic() - started < seconds:
             for key, _ in selector.select(timeout=0.1):
                 sock = key.fileobj
@@ -553,7 +569,7 @@ def closed_loop(address: tuple[str, int], request: bytes, clients: int, seconds:
                     buffers[sock] = buffers[sock][end + 4 + length :]
                     retry_after = any(line.startswith(b"retry-after:") for line in lines)
                     answers.append(Answer(key.data, status, retry_after))
-                    sock.sendall(request)
+                    send(sock)
     finally:
         selector.close()
         for sock in buffers:
@@ -561,19 +577,27 @@ def closed_loop(address: tuple[str, int], request: bytes, clients: int, seconds:
     return answers
 
 
-def test_past_a_models_fill_its_connections_wait_unread_in_the_kernel_instead_of_being_refused(
-    built_repository: Path, tmp_path: Path
+@pytest.mark.parametrize("sent", ["whole", "in two writes", f"past {KEEP_BYTES} bytes"])
+def test_past_a_models_fill_its_connections_wait_unread_instead_of_being_refused(
+    built_repository: Path, tmp_path: Path, sent: str
 ) -> None:
     """64 clients on their own keep-alive connections, each sending its next request the moment its answer
     comes, to a model that takes 8 requests in at once (NORMSERVE_INTAKE_BATCHES=1 of 8 rows) and queues at
     most 32. The first wave comes on new connections, whose requests are read as they come: what passes the
     queue limit is refused with 503 and Retry-After. From then on a connection answered while the model has
-    its fill is read no further until the model answers more, so what its client sends waits in the kernel:
+    its fill is parsed no further until the model answers more, so what its client sends waits unparsed:
     nothing more is refused, every request is answered, and the queue stays well below its limit. (Before,
     every connection was read as it sent, the queue stayed at its limit, and two requests in three were
-    refused for as long as the load lasted.)"""
+    refused for as long as the load lasted.)
+
+    What a held connection's client sends is read and kept unparsed until it is released, up to one chunk of
+    KEEP_BYTES; then it is read no further. Each way its next request may come is answered in order: whole,
+    in two writes (head, then body), and larger than KEEP_BYTES (the connection stops being read)."""
     body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}'
+    if sent.startswith("past"):
+        body = body[:-1] + b" " * KEEP_BYTES + b"}"
     request = head("/v2/models/affine/infer", "POST") + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    split = request.index(b"\r\n\r\n") + 4 if sent == "in two writes" else None
     settings = {"NORMSERVE_INTAKE_BATCHES": "1", "NORMSERVE_QUEUE_LIMIT": "32"}
     samples: list[tuple[float, float]] = []  # held connections, queued requests
     with running(built_repository, tmp_path, **settings) as server:
@@ -594,7 +618,7 @@ def test_past_a_models_fill_its_connections_wait_unread_in_the_kernel_instead_of
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        answers = closed_loop(server.address, request, clients=64, seconds=3.0)
+        answers = closed_loop(server.address, request, clients=64, seconds=3.0, split=split)
         stop.set()
         sampler.join(timeout=10)
         time.sleep(0.5)  # the clients closed: nothing may stay held

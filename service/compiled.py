@@ -4,10 +4,16 @@
     python -m service.compile --status   # which modules run compiled, and why the others do not
 
 Cython compiles these modules unchanged, so they behave as their source does (the whole test suite runs
-on them), for about a fifth less of the interpreter's time per request. A dependency's module is compiled
+on them), for about a fifth less of the interpreter's time per request. Where a module has Cython's
+declarations beside it (``transport.pxd``, say), the classes they name are built as extension types: their
+attributes are struct fields that compiled code reads directly, where a Python class's go through the type's
+and the instance's dictionaries on every access; from source they are the same classes, as Python ones
+(an extension type takes no attribute it does not declare, so each declares every attribute its class
+sets). A dependency's module is compiled
 from the source installed, and checked against it in the same way. Python would import an extension
 module in place of the source beside it, whatever that source says by now; so the built modules live
-apart, in ``service/_compiled/``, with the SHA-256 of the source each was built from (``manifest.json``),
+apart, in ``service/_compiled/``, with the SHA-256 of the source (and declarations) each was built from
+(``manifest.json``),
 and ``service`` imports a module from there only while its source is unchanged and the module loads.
 Anything else, a module edited since, built for another Python, not built or refused by the dynamic
 loader, is imported from its source, and the start-up log says which and why. ``NORMSERVE_COMPILED=0``
@@ -70,7 +76,12 @@ def source_of(module: str) -> Path:
 
 
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The SHA-256 of a module's source, and of Cython's declarations for it (the .pxd beside it), if any:
+    a build is current only while both are as they were built."""
+    sha = hashlib.sha256(path.read_bytes())
+    if (declarations := path.with_suffix(".pxd")).exists():
+        sha.update(declarations.read_bytes())
+    return sha.hexdigest()
 
 
 @dataclass

@@ -5,6 +5,7 @@ and the service says which modules run compiled and why the others do not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from service.compiled import MANIFEST, MODULES, OFF, Status, describe
+from service.compiled import MANIFEST, MODULES, OFF, Status, describe, digest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = "service.access"  # small: one module builds in seconds
@@ -88,6 +89,19 @@ def test_a_build_whose_source_changed_since_is_not_imported(built: Path, tmp_pat
     assert got["status"]["compiled"] == []
     assert got["status"]["from_source"][MODULE] == "its source changed since it was built (make compiled)"
     assert got["works"] == "inference"
+
+
+def test_a_modules_cython_declarations_are_part_of_what_its_build_must_match(tmp_path: Path) -> None:
+    # A class declared an extension type in the .pxd beside its module is built so: a build made before the
+    # declarations changed is as stale as one made before the source did.
+    source = tmp_path / "m.py"
+    source.write_text("class A:\n    pass\n")
+    alone = digest(source)
+    assert alone == hashlib.sha256(source.read_bytes()).hexdigest()
+    (tmp_path / "m.pxd").write_text("cdef class A:\n    cdef public object a\n")
+    declared = digest(source)
+    (tmp_path / "m.pxd").write_text("cdef class A:\n    cdef public object a, b\n")
+    assert len({alone, declared, digest(source)}) == 3
 
 
 def test_a_build_the_dynamic_loader_refuses_falls_back_to_the_source(built: Path, tmp_path: Path) -> None:

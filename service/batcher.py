@@ -27,7 +27,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -63,14 +62,18 @@ class _Phase(enum.Enum):
     EXPIRED = 3
 
 
-@dataclass(eq=False, slots=True)
 class _Request:
-    feeds: Feeds
-    rows: int
-    future: asyncio.Future[Outputs]
-    enqueued: float
-    deadline: float
-    phase: _Phase = _Phase.QUEUED
+    """One queued request: its inputs and rows, the future its outputs go to, and the ``time.monotonic()``
+    when it was queued and after which it must not run. (A plain class: batcher.pxd makes it an extension
+    type when compiled, which a dataclass cannot be.)"""
+
+    __slots__ = ("deadline", "enqueued", "feeds", "future", "phase", "rows")
+
+    def __init__(
+        self, feeds: Feeds, rows: int, future: asyncio.Future[Outputs], enqueued: float, deadline: float
+    ) -> None:
+        self.feeds, self.rows, self.future, self.enqueued, self.deadline = feeds, rows, future, enqueued, deadline
+        self.phase = _Phase.QUEUED
 
 
 class Batcher:

@@ -42,10 +42,10 @@ MANIFEST = "manifest.json"
 OFF = "NORMSERVE_COMPILED=0"
 
 # What a request runs through between its bytes and its answer: the connection, the inference call, the
-# document's checks and tensors, admission and the queue, the batcher, the metrics and the registry's lookups;
-# and of the pinned dependencies, the pure-Python parts of the same path: uvicorn's HTTP protocol (the base of
-# the connection's) and prometheus_client's metrics. Not the FastAPI routes elsewhere, whose signatures and
-# annotations FastAPI reads at start-up.
+# document's checks and tensors, the body budget, admission and the queue, the batcher, the metrics and the
+# registry's lookups; and of the pinned dependencies, the pure-Python parts of the same path: uvicorn's HTTP
+# protocol (the base of the connection's) and prometheus_client's metrics. Not the FastAPI routes elsewhere,
+# whose signatures and annotations FastAPI reads at start-up.
 MODULES = (
     "service.transport",
     "service.routes.inference",
@@ -55,6 +55,7 @@ MODULES = (
     "service.metrics",
     "service.registry",
     "service.access",
+    "service.bodies",
     "uvicorn.protocols.http.httptools_impl",
     "uvicorn.protocols.http.flow_control",
     "prometheus_client.metrics",

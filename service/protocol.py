@@ -61,13 +61,22 @@ class RequestedOutput:
     classification: int = 0  # Triton's classification extension: the top k classes instead of the tensor
 
 
-@dataclass(slots=True)
 class InferRequest:
-    id: str | None
-    feeds: dict[str, np.ndarray]
-    rows: int
-    outputs: list[RequestedOutput]
-    timeout_s: float | None  # Triton's 'timeout' parameter, given in microseconds
+    """One inference request, checked: its id, its inputs as arrays, its rows, the outputs it asks for and
+    Triton's 'timeout' parameter in seconds (given in microseconds). (A plain class: protocol.pxd makes it an
+    extension type when compiled, which a dataclass cannot be.)"""
+
+    __slots__ = ("feeds", "id", "outputs", "rows", "timeout_s")
+
+    def __init__(
+        self,
+        id: str | None,
+        feeds: dict[str, np.ndarray],
+        rows: int,
+        outputs: list[RequestedOutput],
+        timeout_s: float | None,
+    ) -> None:
+        self.id, self.feeds, self.rows, self.outputs, self.timeout_s = id, feeds, rows, outputs, timeout_s
 
     def deadline(self, server_timeout_s: float) -> float:
         """The ``time.monotonic()`` after which the request must not run: its own timeout, or the server's

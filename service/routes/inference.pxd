@@ -5,3 +5,6 @@ cdef class BodyReader:
 
 cdef class InferenceCall:
     cdef public object encoding, headers, model, reader, request, reservation, served, started, state, version
+
+cdef class RequestHeaders:
+    cdef public object content_encoding, content_length, content_type, header_length, request_id

@@ -70,15 +70,22 @@ _TOO_LARGE_ADVICE = "send fewer rows per request, or binary data, which is about
 _ids = itertools.count(1)
 
 
-@dataclass(slots=True)
 class RequestHeaders:
-    """The few request headers inference reads, taken from the ASGI scope in one pass."""
+    """The few request headers inference reads, taken from the ASGI scope in one pass. (A plain class:
+    inference.pxd makes it an extension type when compiled, which a dataclass cannot be.)"""
 
-    content_type: str | None = None
-    content_length: str | None = None
-    content_encoding: str | None = None
-    header_length: str | None = None  # Inference-Header-Content-Length
-    request_id: str | None = None
+    __slots__ = ("content_encoding", "content_length", "content_type", "header_length", "request_id")
+
+    def __init__(
+        self,
+        content_type: str | None = None,
+        content_length: str | None = None,
+        content_encoding: str | None = None,
+        header_length: str | None = None,  # Inference-Header-Content-Length
+        request_id: str | None = None,
+    ) -> None:
+        self.content_type, self.content_length, self.content_encoding = content_type, content_length, content_encoding
+        self.header_length, self.request_id = header_length, request_id
 
     @classmethod
     def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:

@@ -25,6 +25,7 @@ orjson and checks by hand; the pydantic schemas at the bottom document the same 
 
 from __future__ import annotations
 
+import array
 import math
 import struct
 import time
@@ -159,7 +160,26 @@ _RANGES: dict[str, tuple[Any, Any]] = {
 }
 
 
+def _fp32_flat(data: list[Any], shape: list[int]) -> np.ndarray | None:
+    """FP32 data sent flat, as clients send it: its numbers in one pass of the array module's C conversion
+    (twice as fast as numpy's, which first works out the list's nesting and types). None where the data is
+    anything else: nested, holding a value that is not a number (TypeError), an int too large for a float
+    (OverflowError), or a value past FP32's range (made infinite). ``_from_json`` then reads it the general
+    way, and refuses it with its reason."""
+    try:
+        values = np.frombuffer(array.array("f", data), dtype=np.float32)
+    except (TypeError, OverflowError):
+        return None
+    if values.size != math.prod(shape) or not np.isfinite(values).all():
+        return None
+    return values.reshape(shape)
+
+
 def _from_json(name: str, data: Any, shape: list[int], datatype: str) -> np.ndarray:
+    if datatype == "FP32" and type(data) is list:
+        fast = _fp32_flat(data, shape)
+        if fast is not None:
+            return fast
     dtype = DTYPES[datatype]
     if not isinstance(data, list):
         raise InvalidInput(f"input '{name}' data is {type(data).__name__}; expected a list of numbers")

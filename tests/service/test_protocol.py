@@ -138,3 +138,51 @@ def test_classification_needs_a_2d_output() -> None:
         with pytest.raises(InvalidInput) as refused:
             parse_infer_request(request, None, FIXED, 0)
         assert "output 's' has shape [3]; classification needs a 2-D output of scores" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.5, -0.0, 1e-45, 3.0e38, -3.4028234e38],  # a subnormal, FP32's edges
+        [1, -7, 2**60, True, False, 0.1],  # ints and JSON's true and false are numbers too
+        [1.0000000596046448, 16777217.0],  # rounded to the nearest FP32, as numpy rounds
+    ],
+)
+def test_fp32_data_sent_flat_reads_as_the_same_data_sent_nested(values: list[Any]) -> None:
+    # Flat FP32 data takes a faster way (service.protocol._fp32_flat) than nested data: the same numbers.
+    config = ModelConfig(
+        name="m",
+        max_batch_size=8,
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, len(values)])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 1])],
+    )
+    docs = [
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, len(values)], "data": d}]}
+        for d in (values, [values])
+    ]
+    flat, nested = (parse_infer_request(orjson.dumps(d), None, config, 8).feeds["x"] for d in docs)
+    assert flat.dtype == nested.dtype == np.float32 and flat.shape == nested.shape == (1, len(values))
+    assert flat.tobytes() == nested.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ([1.0, 3.5e38], "outside FP32's range"),
+        ([1.0, -1e300], "outside FP32's range"),
+        ([1.0, "2"], "holds strings"),
+        ([1.0, None], "holds nulls"),
+        ([1.0, 2.0, 3.0], "its shape [1, 2] needs 2"),
+    ],
+)
+def test_flat_fp32_data_the_faster_way_does_not_take_is_refused_as_before(data: list[Any], fragment: str) -> None:
+    config = ModelConfig(
+        name="m",
+        max_batch_size=8,
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 2])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 1])],
+    )
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": data}]}
+    with pytest.raises(InvalidInput) as refused:
+        parse_infer_request(orjson.dumps(doc), None, config, 8)
+    assert fragment in refused.value.message

@@ -25,8 +25,8 @@ import concurrent.futures
 import enum
 import logging
 import math
-import time
 from collections.abc import Callable
+from time import monotonic, perf_counter
 
 import numpy as np
 
@@ -129,6 +129,9 @@ class Batcher:
         self._expiry: asyncio.TimerHandle | None = None  # the queue's one deadline timer (``_arm_expiry``)
         self._expiry_at = math.inf
         self._task: asyncio.Task[None] | None = None
+        # The loop it serves on, from ``start``: asyncio.get_running_loop() asks the kernel for the process id
+        # each time it is called (a system call a request).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: concurrent.futures.ThreadPoolExecutor | None = None
         self._closing = False
         # Wall-clock seconds a row takes to drain from a backlogged queue (see ``expected_latency_s``).
@@ -156,7 +159,8 @@ class Batcher:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._work(self._wake), name=f"batcher {self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._work(self._wake), name=f"batcher {self.name}")
 
     async def stop(self) -> None:
         """Refuse new requests, run every request already accepted, then stop."""
@@ -191,7 +195,7 @@ class Batcher:
         so that a caller can queue on two batchers before a reload can retire either. Cancelling the
         future takes the request out of its batch."""
         self.admit()
-        now = time.monotonic()
+        now = monotonic()
         wait = self.expected_latency_s(rows)
         left = deadline - now
         if left * DEADLINE_SHARE < (alone := rows * self._row_s):
@@ -210,7 +214,8 @@ class Batcher:
                 "before its deadline (the rest is kept for the answer's way back); "
                 "it was not queued: retry later, or set a longer timeout"
             )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # admit() refuses before start()
         request = _Request(feeds, rows, loop.create_future(), now, deadline)
         if self._expiry is None or deadline < self._expiry_at:
             self._arm_expiry(deadline)
@@ -278,16 +283,17 @@ class Batcher:
         so it is set again only when the queue was empty or a request with a shorter timeout arrives."""
         if self._expiry is not None:
             self._expiry.cancel()
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # admit() refuses before start()
         self._expiry_at = deadline
-        self._expiry = loop.call_at(loop.time() + (deadline - time.monotonic()), self._expire_due)
+        self._expiry = loop.call_at(loop.time() + (deadline - monotonic()), self._expire_due)
 
     def _expire_due(self) -> None:
         """The expiry timer: answer every queued request whose deadline has passed (504), and set the timer
         for the earliest deadline still queued. Requests taken into a batch since it was set are not there:
         it then finds nothing due, and sets itself for the next."""
         self._expiry = None
-        now = time.monotonic() + TIMER_SLACK_S
+        now = monotonic() + TIMER_SLACK_S
         earliest = math.inf
         for request in self._queue:
             if request.phase is not _Phase.QUEUED:
@@ -304,7 +310,7 @@ class Batcher:
             return
         request.phase = _Phase.EXPIRED
         self._dequeued(request)
-        waited = time.monotonic() - request.enqueued
+        waited = monotonic() - request.enqueued
         if not request.future.done():
             request.future.set_exception(
                 DeadlineExceeded(
@@ -342,11 +348,11 @@ class Batcher:
         now, per row of that batch, when it was taken with requests waiting behind it (this take then
         follows at once)."""
         if self._last_rows:
-            row_s = (time.monotonic() - self._last_take) / self._last_rows
+            row_s = (monotonic() - self._last_take) / self._last_rows
             self._row_s += _DRAIN_WEIGHT * (row_s - self._row_s)
 
     def _taken(self, batch: list[_Request]) -> None:
-        self._last_take = time.monotonic()
+        self._last_take = monotonic()
         self._last_rows = sum(r.rows for r in batch) if batch and self._queued else 0
 
     async def _settle(self) -> None:
@@ -372,7 +378,7 @@ class Batcher:
 
     async def _wait_for_rows(self, until: float) -> None:
         """Sleep until the batch is full or ``until`` (monotonic) has come."""
-        remaining = until - time.monotonic()
+        remaining = until - monotonic()
         if remaining <= 0 or self._queued_rows >= self.max_batch_size:
             return
         loop = asyncio.get_running_loop()
@@ -387,7 +393,7 @@ class Batcher:
     def _take(self) -> list[_Request]:
         batch: list[_Request] = []
         rows = 0
-        now = time.monotonic()
+        now = monotonic()
         while self._queue:
             request = self._queue[0]
             if request.phase is not _Phase.QUEUED:
@@ -424,10 +430,10 @@ class Batcher:
             self._running_rows = 0
 
     async def _execute_rows(self, batch: list[_Request], rows: int) -> None:
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             feeds = _assemble(batch)
-            put_together = time.perf_counter()
+            put_together = perf_counter()
             if self._estimate(rows) <= self._loop_budget_s:
                 outputs = self._run(feeds)
             else:
@@ -452,13 +458,13 @@ class Batcher:
                 if not request.future.done():
                     request.future.set_exception(error)
             return
-        ran = time.perf_counter()
+        ran = perf_counter()
         if self.max_requests == 1:  # whole: a graph whose outputs hold per-batch values (statistics) keeps them
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)
         else:
             _split(batch, outputs)
-        self._metrics.executed(rows, len(batch), put_together - start, ran - put_together, time.perf_counter() - ran)
+        self._metrics.executed(rows, len(batch), put_together - start, ran - put_together, perf_counter() - ran)
 
 
 def _assemble(batch: list[_Request]) -> Feeds:

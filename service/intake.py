@@ -26,8 +26,8 @@ import collections
 import fcntl
 import struct
 import termios
-import time
 from collections.abc import Callable
+from time import monotonic
 from typing import Protocol
 
 __all__ = ["EXPECT_S", "Expectation", "Holdable", "Intake", "waiting_bytes"]
@@ -121,7 +121,7 @@ class Intake:
             while self.held:
                 self.held.popleft().released(None)
             return
-        lapse_at = time.monotonic() + EXPECT_S
+        lapse_at = monotonic() + EXPECT_S
         while self.held and self.in_flight + self.expected < self.limit:
             connection = self.held.popleft()
             expectation = Expectation(self, connection, lapse_at)
@@ -136,7 +136,7 @@ class Intake:
         connection sent nothing within EXPECT_S, keep those whose bytes wait unread (the loop is behind),
         and run again while any is left."""
         self._lapse_timer = None
-        now = time.monotonic()
+        now = monotonic()
         expectations = self._expectations
         while expectations and (not expectations[0].open or expectations[0].lapse_at <= now):
             expectation = expectations.popleft()
@@ -151,7 +151,7 @@ class Intake:
             expectation.connection.lapsed(expectation)
         self.release()
         if expectations and self._lapse_timer is None:
-            wait = max(0.0, expectations[0].lapse_at - time.monotonic())
+            wait = max(0.0, expectations[0].lapse_at - monotonic())
             self._lapse_timer = asyncio.get_running_loop().call_later(wait, self._lapse)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -364,7 +365,7 @@ class ModelMetrics:
 
     def succeeded(self, started: float, protocol: str = "http") -> None:
         """One request answered with 200 (gRPC: OK); ``started`` is its ``time.perf_counter()`` on arrival."""
-        seconds = time.perf_counter() - started
+        seconds = perf_counter() - started
         if protocol == "grpc":
             self.success_grpc.inc()
             self.request_seconds_grpc.observe(seconds)

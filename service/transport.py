@@ -45,11 +45,11 @@ import collections
 import contextvars
 import logging
 import resource
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from time import monotonic
 from typing import Any, ClassVar, Protocol
 
 import httptools
@@ -126,7 +126,7 @@ class ConnectionGuard:
         """One connection closed on its client; a warning at most once per reason every NOTICE_EVERY_S."""
         self.count(reason)
         self._unnoticed[reason] = self._unnoticed.get(reason, 0) + 1
-        now = time.monotonic()
+        now = monotonic()
         if now - self._last_notice.get(reason, -NOTICE_EVERY_S) >= NOTICE_EVERY_S:
             log.warning("closed a connection: %s (%d such since the last notice)", message, self._unnoticed[reason])
             self._last_notice[reason], self._unnoticed[reason] = now, 0

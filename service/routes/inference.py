@@ -13,10 +13,10 @@ import asyncio
 import functools
 import itertools
 import re
-import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from time import perf_counter
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -329,7 +329,7 @@ class InferenceCall:
                  "version")  # fmt: skip
 
     def __init__(self, state: ServiceState, model: str, version: str | None, headers: RequestHeaders) -> None:
-        self.started = time.perf_counter()
+        self.started = perf_counter()
         self.state, self.model, self.version, self.headers = state, model, version, headers
         self.served: ServedVersion | None = None
         self.request: InferRequest | None = None

@@ -3,3 +3,6 @@
 # same class.
 cdef class InferRequest:
     cdef public object feeds, id, outputs, rows, timeout_s
+
+cdef class RequestedOutput:
+    cdef public object binary, classification, name

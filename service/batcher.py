@@ -394,6 +394,8 @@ class Batcher:
         batch: list[_Request] = []
         rows = 0
         now = monotonic()
+        waits: list[float] = []  # of the requests taken, counted in the metrics once for the batch
+        dequeued = 0
         while self._queue:
             request = self._queue[0]
             if request.phase is not _Phase.QUEUED:
@@ -413,13 +415,18 @@ class Batcher:
                 self._queue.popleft()
                 continue
             self._queue.popleft()
-            self._dequeued(request)
+            self._queued -= 1  # _dequeued's, with the pending gauge counted down once below
+            self._queued_rows -= request.rows
+            dequeued += 1
             if request.future.done():  # the caller went away
                 continue
             request.phase = _Phase.RUNNING
-            self._metrics.queued(now - request.enqueued)
+            waits.append(now - request.enqueued)
             batch.append(request)
             rows += request.rows
+        if dequeued:
+            self._metrics.pending.dec(dequeued)
+        self._metrics.queued_all(waits)
         return batch
 
     async def _execute(self, batch: list[_Request]) -> None:

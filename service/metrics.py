@@ -9,6 +9,7 @@ its requests runs on the served graph, so its rows and batches also count in ``n
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import time
@@ -20,12 +21,31 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-__all__ = ["Duration", "Metrics", "ModelMetrics", "ModelState", "ModelStates", "Statistics"]
+__all__ = ["Duration", "Metrics", "ModelMetrics", "ModelState", "ModelStates", "Statistics", "observe_all"]
 
 # Worker processes (service.workers): every process's values go to files in this folder, and /metrics reads them all.
 MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def observe_all(histogram: Histogram, amounts: list[float]) -> None:
+    """``histogram.observe(amount)`` for each of ``amounts`` (one labelled child), in one update of its sum and
+    one of each bucket they fall in, where each observation takes a lock for the sum and one for its bucket.
+    prometheus_client keeps a histogram's buckets apart (each counts the observations up to its bound and
+    above the last: it adds them up when it exposes them); ``observe`` adds one to the first bucket whose
+    bound is at least the amount, as ``bisect_left`` finds it."""
+    if not amounts:
+        return
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1
+    histogram._sum.inc(sum(amounts))
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class Duration:
@@ -353,6 +373,12 @@ class ModelMetrics:
         """One request taken into a batch after ``seconds`` in the queue."""
         self.queue_seconds.observe(seconds)
         self.statistics.queue.add(seconds)
+
+    def queued_all(self, seconds: list[float]) -> None:
+        """The requests of one batch, taken into it after ``seconds`` each in the queue: ``queued`` for each,
+        in one update of each count."""
+        observe_all(self.queue_seconds, seconds)
+        self.statistics.queue.add(sum(seconds), len(seconds))
 
     def failure(self, reason: str, protocol: str = "http") -> None:
         child = self._failures.get((reason, protocol))

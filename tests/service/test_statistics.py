@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from google.protobuf import json_format
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from tritonclient.utils import InferenceServerException
 
 from bench.suite.servers import free_port
+from service.metrics import observe_all
 from tests.service.conftest import ServeFactory, infer_json
 
 ONE = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
@@ -117,3 +120,24 @@ def test_tritonclient_http_reads_the_statistics(serve: ServeFactory) -> None:
             client.close()
         (entry,) = stats["model_stats"]
         assert entry["inference_count"] == 1 and entry["inference_stats"]["success"]["count"] == 1
+
+
+@pytest.mark.parametrize("amounts", [[], [0.0], [0.25, 0.25, 0.5, 1.0, 3.0, 1e-9, 2.5], [0.5] * 64 + [0.125, 100.0]])
+def test_a_batchs_observations_at_once_expose_as_each_one_would(amounts: list[float]) -> None:
+    # The queue's histogram is updated once per batch (service.metrics.observe_all): /metrics must read as it
+    # would have with one observe() per request, at every bucket's edge too. (Binary fractions: their sums
+    # are exact in either order.)
+    exposed = []
+    for at_once in (False, True):
+        registry = CollectorRegistry()
+        family = Histogram("wait_seconds", "w", ["model"], buckets=(0.25, 0.5, 1.0, 2.5), registry=registry)
+        child = family.labels("m")
+        if at_once:
+            observe_all(child, amounts)
+        else:
+            for amount in amounts:
+                child.observe(amount)
+        text = generate_latest(registry).decode()
+        exposed.append("\n".join(line for line in text.splitlines() if "_created" not in line))  # when made
+    assert exposed[0] == exposed[1]
+    assert f'wait_seconds_count{{model="m"}} {float(len(amounts))}' in exposed[1]

@@ -11,4 +11,4 @@ cdef class Statistics:
 cdef class ModelMetrics:
     cdef public object _metrics, name, version, success, request_seconds, success_grpc, request_seconds_grpc
     cdef public object inferences, executions, batch_size, queue_seconds, compute_seconds, pending
-    cdef public object held_connections, statistics, _worker_inferences, _failures
+    cdef public object held_connections, statistics, _worker_inferences, _failures, _answered, _count_due

@@ -9,6 +9,7 @@ its requests runs on the served graph, so its rows and batches also count in ``n
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import contextlib
 import os
@@ -338,6 +339,10 @@ class ModelMetrics:
         # infer's rows per worker (the batchnorm endpoint's family has none: its rows count in infer's too)
         self._worker_inferences = getattr(metrics, "worker_inferences", None)
         self._failures: dict[tuple[str, str], Counter] = {}
+        # The seconds of the requests answered in this turn of the event loop, by protocol, counted at the next
+        # turn (``succeeded``); whether that count is due.
+        self._answered: dict[str, list[float]] = {"http": [], "grpc": []}
+        self._count_due = False
 
     def forget(self) -> None:
         """The version stopped serving (unloaded, or gone from the repository): its gauges leave /metrics.
@@ -390,12 +395,29 @@ class ModelMetrics:
         self.statistics.fail.add(0.0)
 
     def succeeded(self, started: float, protocol: str = "http") -> None:
-        """One request answered with 200 (gRPC: OK); ``started`` is its ``time.perf_counter()`` on arrival."""
-        seconds = perf_counter() - started
-        if protocol == "grpc":
-            self.success_grpc.inc()
-            self.request_seconds_grpc.observe(seconds)
-        else:
-            self.success.inc()
-            self.request_seconds.observe(seconds)
-        self.statistics.success.add(seconds)
+        """One request answered with 200 (gRPC: OK); ``started`` is its ``time.perf_counter()`` on arrival.
+
+        Counted with the others answered in the same turn of the event loop (a batch's answers go out in one)
+        at the start of the next, once for them all (``observe_all``): before anything the loop reads after
+        them, a scrape of /metrics or the statistics included, is served. Outside a running loop, at once."""
+        self._answered[protocol].append(perf_counter() - started)
+        if not self._count_due:
+            try:
+                asyncio.get_running_loop().call_soon(self.count_answered)
+            except RuntimeError:  # no loop runs: nothing would count them later
+                self.count_answered()
+                return
+            self._count_due = True
+
+    def count_answered(self) -> None:
+        """Count the requests ``succeeded`` has been told of since the last count."""
+        self._count_due = False
+        for protocol, success, histogram in (
+            ("http", self.success, self.request_seconds),
+            ("grpc", self.success_grpc, self.request_seconds_grpc),
+        ):
+            if answered := self._answered[protocol]:
+                self._answered[protocol] = []
+                success.inc(len(answered))
+                observe_all(histogram, answered)
+                self.statistics.success.add(sum(answered), len(answered))

@@ -3,6 +3,9 @@ shape tritonclient and perf_analyzer read."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from tritonclient.utils import InferenceServerException
 
 from bench.suite.servers import free_port
-from service.metrics import observe_all
+from service.metrics import Metrics, observe_all
 from tests.service.conftest import ServeFactory, infer_json
 
 ONE = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
@@ -141,3 +144,31 @@ def test_a_batchs_observations_at_once_expose_as_each_one_would(amounts: list[fl
         exposed.append("\n".join(line for line in text.splitlines() if "_created" not in line))  # when made
     assert exposed[0] == exposed[1]
     assert f'wait_seconds_count{{model="m"}} {float(len(amounts))}' in exposed[1]
+
+
+@pytest.mark.anyio
+async def test_the_requests_a_turn_of_the_loop_answers_are_counted_before_its_next_turn_serves_anything() -> None:
+    # A batch's answers go out in one turn of the event loop and are counted once at the start of the next
+    # (ModelMetrics.succeeded): whatever the loop serves after them, a scrape included, sees them.
+    metrics = Metrics()
+    version = metrics.model("m", "1")
+    started = time.perf_counter()
+    for _ in range(3):
+        version.succeeded(started)
+    version.succeeded(started, "grpc")
+    await asyncio.sleep(0)  # the next turn
+    text = generate_latest(metrics.registry).decode()
+    assert 'normserve_request_success_total{model="m",protocol="http",version="1"} 3.0' in text
+    assert 'normserve_request_success_total{model="m",protocol="grpc",version="1"} 1.0' in text
+    assert 'normserve_request_duration_seconds_count{model="m",protocol="http",version="1"} 3.0' in text
+    assert version.statistics.success.count == 4
+
+
+def test_outside_a_running_loop_a_request_answered_is_counted_at_once() -> None:
+    metrics = Metrics()
+    version = metrics.model("m", "1")
+    version.succeeded(time.perf_counter())
+    assert 'normserve_request_success_total{model="m",protocol="http",version="1"} 1.0' in (
+        generate_latest(metrics.registry).decode()
+    )
+    assert version.statistics.success.count == 1

@@ -108,14 +108,16 @@ class ConnectionGuard:
 
     ``admission`` is asked, for each POST whose head has arrived, for its model's intake (None: not an
     inference request) and whether the server refuses it now (a full queue): the ServeError to answer from
-    the head, or None to serve it as usual. ``refuse_early`` is False where inference needs an API key,
+    the head, or None to serve it as usual; and, where it let the request in, the model version it looked
+    up and admitted, which the connection hands to the request it answers itself (``Here.call``) so that it
+    is not looked up and admitted again in the same step. ``refuse_early`` is False where inference needs an API key,
     whose check a refusal from the head would skip. ``here`` is the app's side of the inference requests
     the connection answers itself (``AnsweredHere``); None sends every request through ASGI.
     """
 
     limits: ConnectionLimits
     count: Callable[[str], None]  # normserve_connections_closed_total{reason}
-    admission: Callable[[str], tuple[Intake | None, ServeError | None]] | None
+    admission: Callable[[str], tuple[Intake | None, ServeError | None, Any]] | None
     refuse_early: bool = True
     here: Here | None = None
     _last_notice: dict[str, float] = field(default_factory=dict)
@@ -215,9 +217,10 @@ class AnsweredHere:
         if self.disconnected and not self.submitted and self.call is not None:  # the body will never be whole
             self._fail(ClientDisconnected("the connection closed before the request body was complete"))
 
-    def begin(self, call: InferenceCall) -> None:
+    def begin(self, call: InferenceCall, admitted: Any = None) -> None:
+        """``admitted``: the model version the connection's admission let this request in to, in this step."""
         self.call = call
-        self.context.run(self._step, call.begin)
+        self.context.run(self._step, call.begin, admitted)
 
     def add(self, chunk: bytes) -> None:
         if self.call is not None and not self.response_started:
@@ -544,7 +547,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._heads += 1
         self._head_bytes = 0
         path = self._post_path()
-        intake, refusal = self._admission(path)
+        intake, refusal, admitted = self._admission(path)
         if intake is not None:
             intake.arrived()
         self._intakes.append(intake)
@@ -553,7 +556,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             expectation.met(arrived=expectation.intake is intake)  # or is freed: the client asked another model
         if refusal is not None and self.guard.refuse_early and self._answered_early(refusal, intake):
             return
-        if path is not None and self.guard.here is not None and self._answer_here(self.guard.here, path):
+        if path is not None and self.guard.here is not None and self._answer_here(self.guard.here, path, admitted):
             return
         self._scope()
         super().on_headers_complete()
@@ -595,7 +598,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # Answering here
-    def _answer_here(self, here: Here, path: str) -> bool:
+    def _answer_here(self, here: Here, path: str, admitted: Any) -> bool:
         """Answer this request on the connection itself, with no ASGI cycle (``AnsweredHere``), if it is an
         inference request with nothing else in flight on its connection and nothing of HTTP it needs ASGI for
         (Expect: 100-continue, an upgrade, a root path); whether it is."""
@@ -610,7 +613,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return True
         if call is None:
             return False
-        self._take_here().begin(call)
+        self._take_here().begin(call, admitted)
         return True
 
     def _take_here(self) -> AnsweredHere:
@@ -637,10 +640,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return None
         return path.decode("ascii")
 
-    def _admission(self, path: str | None) -> tuple[Intake | None, ServeError | None]:
-        """The intake and the refusal from its head of a POST (``ConnectionGuard.admission``)."""
+    def _admission(self, path: str | None) -> tuple[Intake | None, ServeError | None, Any]:
+        """The intake, the refusal from its head and the version admitted of a POST (``ConnectionGuard.admission``)."""
         if self.guard.admission is None or path is None:
-            return None, None
+            return None, None, None
         return self.guard.admission(path)
 
     def _answered_early(self, refusal: ServeError, intake: Intake | None) -> bool:

@@ -335,12 +335,16 @@ class InferenceCall:
         self.request: InferRequest | None = None
         self.reservation = Reservation(state.bodies)
 
-    def begin(self) -> None:
+    def begin(self, admitted: ServedVersion | None = None) -> None:
+        """``admitted``: the version ``InferenceEndpoint.admission`` looked up and admitted this request to, in
+        the same step (nothing can have changed since): not asked again."""
         request_id.set(self.headers.request_id or f"r{next(_ids)}")
         state = self.state
         # Refused before the body is read or parsed: an unknown model, or a full queue under overload.
-        self.served = state.registry.get(self.model, self.version)
-        self.served.batcher.admit(state.settings.request_timeout_ms / 1000)
+        if admitted is None:
+            admitted = state.registry.get(self.model, self.version)
+            admitted.batcher.admit(state.settings.request_timeout_ms / 1000)
+        self.served = admitted
         self.reader, self.encoding = request_body_reader(state, self.headers, self.reservation)
 
     def add(self, chunk: bytes) -> None:
@@ -451,24 +455,27 @@ class InferenceEndpoint:
             return None
         return self.route(scope["path"])
 
-    def admission(self, path: str) -> tuple[Intake | None, ServeError | None]:
+    def admission(self, path: str) -> tuple[Intake | None, ServeError | None, ServedVersion | None]:
         """For an inference request to ``path``, from its head alone, before its body is read: its model's
-        intake (``service.intake``: its requests in flight, and the connections held back for it), and the 503
+        intake (``service.intake``: its requests in flight, and the connections held back for it), the 503
         it gets now if its model's queue is full or would keep any request past ``DEADLINE_SHARE`` of the
-        longest deadline. (None, None) for any other path, an unknown model or a draining server: the request
-        goes the usual way, which also answers every other error."""
+        longest deadline, and the version it is admitted to (``InferenceCall.begin``'s lookup and admission,
+        made: None where it is refused or not looked up). (None, None, None) for any other path, an unknown
+        model or a draining server: the request goes the usual way, which also answers every other error."""
         found = self.route(path)
         if found is None or self.state.draining:
-            return None, None
+            return None, None, None
         try:
             served = self.state.registry.get(*found)
         except ServeError:
-            return None, None
+            return None, None, None
         refused = served.batcher.refusal(self.state.settings.request_timeout_ms / 1000)
+        if refused is None:
+            return served.batcher.intake, None, served
         if not isinstance(refused, Overloaded):
-            return served.batcher.intake, None
+            return served.batcher.intake, None, None
         served.metrics.failure(refused.reason)
-        return served.batcher.intake, refused
+        return served.batcher.intake, refused, None
 
     def call(self, path: str, headers: list[tuple[bytes, bytes]]) -> InferenceCall | None:
         """The inference call of a POST to ``path`` (not begun), for a connection that answers it itself

@@ -10,9 +10,8 @@ read and kept, as a rule the whole next request; anything more in the kernel's s
 ``service.transport.KEEP_BYTES``). Each answer releases the connection held longest, so held connections
 are read in the order they were held, and keeps a slot for its next request until its head arrives. A
 slot whose request has not come within EXPECT_S is given back, unless bytes of it wait unparsed (the loop
-is behind): its client is idle.
-Nothing is read and then dropped, and nothing parsed is half-done: a request is either not parsed at
-all, or read, queued and answered.
+is behind): its client is idle. Nothing is read and then dropped, and nothing parsed is half-done: a
+request is either not parsed at all, or read, queued and answered.
 
 What is not held: a new connection's first request (nothing tells which model it is for), a request on a
 connection that last asked something else, a connection whose client said ``Connection: close``. Those
@@ -133,7 +132,7 @@ class Intake:
 
     def _lapse(self) -> None:
         """The intake's one timer: forget the expectations met, give back the slots of those whose
-        connection sent nothing within EXPECT_S, keep those whose bytes wait unread (the loop is behind),
+        connection sent nothing within EXPECT_S, keep those whose bytes wait unparsed (the loop is behind),
         and run again while any is left."""
         self._lapse_timer = None
         now = monotonic()

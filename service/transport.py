@@ -109,10 +109,11 @@ class ConnectionGuard:
     ``admission`` is asked, for each POST whose head has arrived, for its model's intake (None: not an
     inference request) and whether the server refuses it now (a full queue): the ServeError to answer from
     the head, or None to serve it as usual; and, where it let the request in, the model version it looked
-    up and admitted, which the connection hands to the request it answers itself (``Here.call``) so that it
-    is not looked up and admitted again in the same step. ``refuse_early`` is False where inference needs an API key,
-    whose check a refusal from the head would skip. ``here`` is the app's side of the inference requests
-    the connection answers itself (``AnsweredHere``); None sends every request through ASGI.
+    up and admitted, which the connection hands to the request it answers itself (``InferenceCall.begin``)
+    so that it is not looked up and admitted again in the same step. ``refuse_early`` is False where
+    inference needs an API key, whose check a refusal from the head would skip. ``here`` is the app's side of
+    the inference requests the connection answers itself (``AnsweredHere``); None sends every request
+    through ASGI.
     """
 
     limits: ConnectionLimits
@@ -157,13 +158,13 @@ def _closing_response(status: int, message: str, headers: tuple[tuple[str, str],
 # they are answered (one read may bring a few hundred small requests at once); past PIPELINE_CLOSE, all from
 # reads already made, it is closed. A client that sends without reading its answers holds at most that.
 PIPELINE_PAUSE = 8
+PIPELINE_CLOSE = 1024
 # What a held connection's client sends is read as it comes and kept unparsed until the connection is
 # released, while it is one chunk of at most this many bytes (its next request, as a rule); past that,
 # reading stops and the rest waits in the kernel. Stopping on every hold cost a request past capacity two
 # more trips into the kernel (the event loop takes the socket out of epoll when its bytes come unread, and
 # puts it back when released).
 KEEP_BYTES = 16 * 1024
-PIPELINE_CLOSE = 1024
 
 
 # Where a connection is in its current request, for the deadlines.

@@ -310,6 +310,7 @@ class Batcher:
             return
         request.phase = _Phase.EXPIRED
         self._dequeued(request)
+        self._metrics.pending.dec()
         waited = monotonic() - request.enqueued
         if not request.future.done():
             request.future.set_exception(
@@ -319,9 +320,9 @@ class Batcher:
             )
 
     def _dequeued(self, request: _Request) -> None:
+        """Out of the queue's counts (its caller counts the pending gauge down: ``_take`` once for a batch)."""
         self._queued -= 1
         self._queued_rows -= request.rows
-        self._metrics.pending.dec()
 
     async def _work(self, wake: asyncio.Event) -> None:
         while True:
@@ -415,8 +416,7 @@ class Batcher:
                 self._queue.popleft()
                 continue
             self._queue.popleft()
-            self._queued -= 1  # _dequeued's, with the pending gauge counted down once below
-            self._queued_rows -= request.rows
+            self._dequeued(request)
             dequeued += 1
             if request.future.done():  # the caller went away
                 continue

@@ -9,15 +9,14 @@ declarations beside it (``transport.pxd``, say), the classes they name are built
 attributes are struct fields that compiled code reads directly, where a Python class's go through the type's
 and the instance's dictionaries on every access; from source they are the same classes, as Python ones
 (an extension type takes no attribute it does not declare, so each declares every attribute its class
-sets). A dependency's module is compiled
-from the source installed, and checked against it in the same way. Python would import an extension
-module in place of the source beside it, whatever that source says by now; so the built modules live
-apart, in ``service/_compiled/``, with the SHA-256 of the source (and declarations) each was built from
-(``manifest.json``),
-and ``service`` imports a module from there only while its source is unchanged and the module loads.
-Anything else, a module edited since, built for another Python, not built or refused by the dynamic
-loader, is imported from its source, and the start-up log says which and why. ``NORMSERVE_COMPILED=0``
-imports every module from source. ``NORMSERVE_COMPILED_DIR`` names another build directory.
+sets). A dependency's module is compiled from the source installed, and checked against it in the same
+way. Python would import an extension module in place of the source beside it, whatever that source says
+by now; so the built modules live apart, in ``service/_compiled/``, with the SHA-256 of the source (and
+declarations) each was built from (``manifest.json``), and ``service`` imports a module from there only
+while its source is unchanged and the module loads. Anything else, a module edited since, built for
+another Python, not built or refused by the dynamic loader, is imported from its source, and the start-up
+log says which and why. ``NORMSERVE_COMPILED=0`` imports every module from source.
+``NORMSERVE_COMPILED_DIR`` names another build directory.
 """
 
 from __future__ import annotations

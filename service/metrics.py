@@ -374,14 +374,9 @@ class ModelMetrics:
         self.compute_seconds.observe(input_s + infer_s)
         self.statistics.executed(rows, requests, input_s, infer_s, output_s)
 
-    def queued(self, seconds: float) -> None:
-        """One request taken into a batch after ``seconds`` in the queue."""
-        self.queue_seconds.observe(seconds)
-        self.statistics.queue.add(seconds)
-
     def queued_all(self, seconds: list[float]) -> None:
-        """The requests of one batch, taken into it after ``seconds`` each in the queue: ``queued`` for each,
-        in one update of each count."""
+        """The requests of one batch, taken into it after ``seconds`` each in the queue: one observation each
+        in the queue histogram and the statistics, in one update of each count."""
         observe_all(self.queue_seconds, seconds)
         self.statistics.queue.add(sum(seconds), len(seconds))
 

@@ -428,9 +428,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._phase is not _IDLE and self._deadline is None:
             timeout = self.guard.limits.head_timeout_s if self._phase is _HEAD else self.guard.limits.body_timeout_s
             self._deadline = self.loop.call_later(timeout, self._deadline_passed)
-        elif self._phase is _IDLE and self._idle_since is None and self._answered():
+        elif self._phase is _IDLE and self._answered():
             # Idle with every request answered (one answered early completes no response of uvicorn's).
-            self._keep_alive()
+            self._idle()
         self._hold_back()
 
     def on_response_complete(self) -> None:

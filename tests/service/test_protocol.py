@@ -171,6 +171,7 @@ def test_fp32_data_sent_flat_reads_as_the_same_data_sent_nested(values: list[Any
         ([1.0, 3.5e38], "outside FP32's range"),
         ([1.0, -1e300], "outside FP32's range"),
         ([1.0, "2"], "holds strings"),
+        ([1.0, "1.5"], "holds strings"),  # a string numpy would read as a number: refused, compiled or not
         ([1.0, None], "holds nulls"),
         ([1.0, 2.0, 3.0], "its shape [1, 2] needs 2"),
     ],

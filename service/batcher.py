@@ -124,7 +124,9 @@ class Batcher:
         self._running_rows = 0  # of the batch being run now
         self._last_batch_rows = 0  # of the last batch run
         self._arrivals = 0  # requests ever queued: tells the worker whether more are still coming in
-        self._wake: asyncio.Event | None = None
+        # The worker's, while it waits on an empty queue: the next request resolves it (an asyncio.Event's set()
+        # is Python code, run for every request).
+        self._waiting: asyncio.Future[None] | None = None
         self._full: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None  # the queue's one deadline timer (``_arm_expiry``)
         self._expiry_at = math.inf
@@ -141,6 +143,9 @@ class Batcher:
         self._mean_rows = 1.0  # rows per request, a moving average
         self.intake_batches = intake_batches if intake_batches is not None else (1.0 if cores == 1 else 2.0)
         self.intake = Intake(self.intake_limit())
+        # The pending gauge: read at scrape time in one process (None here), else set each time it changes.
+        self._pending_source = self._queued_now
+        self._pending_changed = metrics.watch_pending(self._pending_source)
         if self.intake.limit > 0:
             self.intake.changed = metrics.watch_held(lambda: len(self.intake.held))
 
@@ -157,17 +162,18 @@ class Batcher:
     def pending(self) -> int:
         return self._queued
 
+    def _queued_now(self) -> int:
+        return self._queued
+
     def start(self) -> None:
-        self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._work(self._wake), name=f"batcher {self.name}")
+        self._task = self._loop.create_task(self._work(), name=f"batcher {self.name}")
 
     async def stop(self) -> None:
         """Refuse new requests, run every request already accepted, then stop."""
         self._closing = True
         self.intake.close()
-        if self._wake is not None:
-            self._wake.set()
+        self._wake_worker()
         if self._full is not None:
             _resolve(self._full)  # a batch waiting out its delay runs now
         if self._task is not None:
@@ -177,6 +183,7 @@ class Batcher:
             self._expiry = None
         if self._thread is not None:
             self._thread.shutdown(wait=True)
+        self._metrics.unwatch_pending(self._pending_source)
 
     async def submit(self, feeds: Feeds, rows: int, deadline: float) -> Outputs:
         """Queue one request of ``rows`` rows and wait for its own rows of every output (with
@@ -226,9 +233,9 @@ class Batcher:
         self._arrivals += 1
         self._queued += 1
         self._queued_rows += rows
-        self._metrics.pending.inc()
-        assert self._wake is not None  # admit() refuses before start()
-        self._wake.set()
+        if self._pending_changed is not None:
+            self._pending_changed()
+        self._wake_worker()
         if self._full is not None and self._queued_rows >= self.max_batch_size and not self._full.done():
             self._full.set_result(None)
         return request.future
@@ -252,7 +259,7 @@ class Batcher:
         Returned, not raised: under overload refusals come by the thousand a second, and a raised exception's
         traceback holds its frames in a reference cycle that only the cyclic garbage collector frees.
         """
-        if self._closing or self._wake is None:
+        if self._closing or self._loop is None:
             return NotReady(f"model {self.name} is unloading or the server is shutting down; retry on another replica")
         if self._queued >= self.queue_limit:
             return Overloaded(
@@ -310,7 +317,8 @@ class Batcher:
             return
         request.phase = _Phase.EXPIRED
         self._dequeued(request)
-        self._metrics.pending.dec()
+        if self._pending_changed is not None:
+            self._pending_changed()
         waited = monotonic() - request.enqueued
         if not request.future.done():
             request.future.set_exception(
@@ -320,19 +328,28 @@ class Batcher:
             )
 
     def _dequeued(self, request: _Request) -> None:
-        """Out of the queue's counts (its caller counts the pending gauge down: ``_take`` once for a batch)."""
+        """Out of the queue's counts (its caller tells a pending gauge that is not read at scrape time: ``_take``
+        once for a batch)."""
         self._queued -= 1
         self._queued_rows -= request.rows
 
-    async def _work(self, wake: asyncio.Event) -> None:
+    def _wake_worker(self) -> None:
+        """The worker goes on if it waits on an empty queue."""
+        if (waiting := self._waiting) is not None:
+            self._waiting = None
+            _resolve(waiting)
+
+    async def _work(self) -> None:
+        loop = self._loop
+        assert loop is not None
         while True:
             while self._queue and self._queue[0].phase is not _Phase.QUEUED:
                 self._queue.popleft()  # expired while queued: already answered
             if not self._queue:
                 if self._closing:
                     return
-                wake.clear()
-                await wake.wait()
+                self._waiting = loop.create_future()
+                await self._waiting
                 continue
             if self.max_queue_delay_s > 0 and not self._closing:
                 await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
@@ -424,8 +441,8 @@ class Batcher:
             waits.append(now - request.enqueued)
             batch.append(request)
             rows += request.rows
-        if dequeued:
-            self._metrics.pending.dec(dequeued)
+        if dequeued and self._pending_changed is not None:
+            self._pending_changed()
         self._metrics.queued_all(waits)
         return batch
 

@@ -207,6 +207,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "normserve", worker: int = 0) -> None:
         self.registry = r = registry or CollectorRegistry(auto_describe=True)
         self._statistics: dict[tuple[str, str], Statistics] = {}
+        # What each version's queues hold, read for its pending gauge (``ModelMetrics.watch_pending``).
+        self.pending_sources: dict[tuple[str, str], list[Callable[[], int]]] = {}
         self._states: list[ModelStates] = []
         p = prefix
         what = "Inference" if p == "normserve" else "Batchnorm endpoint"
@@ -353,6 +355,25 @@ class ModelMetrics:
         for gauge in (self._metrics.pending, self._metrics.held_connections):
             with contextlib.suppress(KeyError):  # never bound
                 gauge.remove(self.name, self.version)
+
+    def watch_pending(self, pending: Callable[[], int]) -> Callable[[], None] | None:
+        """Count ``pending`` (what one queue of this version holds) in the version's pending gauge, with its
+        other queues (the batchnorm endpoint's has one of its own): the sum read at scrape time in one process,
+        at no cost to the hot path. With worker processes, the callable returned sets the gauge, to be called
+        each time the queue changes (as ``watch_held``). ``unwatch_pending`` once the queue is gone."""
+        sources = self._metrics.pending_sources.setdefault((self.name, self.version), [])
+        sources.append(pending)
+        if not MULTIPROCESS:
+            self.pending.set_function(lambda: sum(source() for source in sources))
+            return None
+        return lambda: self.pending.set(sum(source() for source in sources))
+
+    def unwatch_pending(self, pending: Callable[[], int]) -> None:
+        sources = self._metrics.pending_sources.get((self.name, self.version), [])
+        if pending in sources:
+            sources.remove(pending)
+        if MULTIPROCESS:
+            self.pending.set(sum(source() for source in sources))
 
     def watch_held(self, held: Callable[[], int]) -> Callable[[], None] | None:
         """The held-connections gauge from ``held``: read at scrape time in one process, at no cost to the hot

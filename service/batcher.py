@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Generator
 from time import monotonic, perf_counter
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -62,16 +63,26 @@ class _Phase(enum.Enum):
     EXPIRED = 3
 
 
+class Waiter(Protocol):
+    """Where a request's outputs (or its error) go: an asyncio future, or an object that answers at once when
+    told (``service.transport.AnsweredHere``, which spares a request the future, its callback's scheduling and
+    a loop pass). The batcher calls nothing else of it."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Outputs, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 class _Request:
-    """One queued request: its inputs and rows, the future its outputs go to, and the ``time.monotonic()``
+    """One queued request: its inputs and rows, the waiter its outputs go to, and the ``time.monotonic()``
     when it was queued and after which it must not run. (A plain class: batcher.pxd makes it an extension
     type when compiled, which a dataclass cannot be.)"""
 
     __slots__ = ("deadline", "enqueued", "feeds", "future", "phase", "rows")
 
-    def __init__(
-        self, feeds: Feeds, rows: int, future: asyncio.Future[Outputs], enqueued: float, deadline: float
-    ) -> None:
+    def __init__(self, feeds: Feeds, rows: int, future: Waiter, enqueued: float, deadline: float) -> None:
         self.feeds, self.rows, self.future, self.enqueued, self.deadline = feeds, rows, future, enqueued, deadline
         self.phase = _Phase.QUEUED
 
@@ -201,6 +212,13 @@ class Batcher:
         """``submit`` without the wait: queued (or refused) before this returns, with no await in between,
         so that a caller can queue on two batchers before a reload can retire either. Cancelling the
         future takes the request out of its batch."""
+        return cast("asyncio.Future[Outputs]", self._enqueue(feeds, rows, deadline, None))
+
+    def enqueue_to(self, feeds: Feeds, rows: int, deadline: float, waiter: Waiter) -> None:
+        """``enqueue``, with the outputs (or the error) handed to ``waiter`` rather than to a future."""
+        self._enqueue(feeds, rows, deadline, waiter)
+
+    def _enqueue(self, feeds: Feeds, rows: int, deadline: float, waiter: Waiter | None) -> Waiter:
         self.admit()
         now = monotonic()
         wait = self.expected_latency_s(rows)
@@ -223,7 +241,7 @@ class Batcher:
             )
         loop = self._loop
         assert loop is not None  # admit() refuses before start()
-        request = _Request(feeds, rows, loop.create_future(), now, deadline)
+        request = _Request(feeds, rows, waiter if waiter is not None else loop.create_future(), now, deadline)
         if self._expiry is None or deadline < self._expiry_at:
             self._arm_expiry(deadline)
         self._queue.append(request)

@@ -3,4 +3,4 @@
 # lookup. From source, the same class.
 cdef class AnsweredHere:
     cdef public object call, context, disconnected, keep_alive, protocol, response_complete, response_started
-    cdef public object submitted
+    cdef public object submitted, waited

@@ -59,7 +59,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.app import InferenceHere, NormserveApp
 from service.config import Settings
-from service.errors import ClientDisconnected, NotReady, ServeError, render
+from service.errors import ClientDisconnected, ServeError, render
 from service.intake import Expectation, Intake, waiting_bytes
 from service.routes.inference import InferenceCall, asgi_error, response_headers
 
@@ -192,8 +192,9 @@ class AnsweredHere:
     An inference request needs nothing of ASGI: its head, its body and one response. Through uvicorn it cost
     a scope, a cycle with its event, a task, the app's layers, a ``receive`` and two ``send`` calls, each
     response header checked against two patterns, and two writes; here the connection's parser callbacks
-    drive its ``InferenceCall`` directly (``begin`` at the head, ``add`` per chunk, ``submit`` at the end),
-    its batcher's future calls back with the outputs, and the answer leaves in one write. What uvicorn and
+    drive its ``InferenceCall`` directly (``begin`` at the head, ``add`` per chunk, ``submit_to`` at the end),
+    its batcher hands it the outputs as the batch is split (it is the request's waiter: no future), and the
+    answer leaves in one write. What uvicorn and
     this module read of a cycle (``response_started``, ``response_complete``, ``keep_alive``,
     ``disconnected``, ``message_event``) it keeps under the same names, so shutdown, draining, pipelining,
     holding back and the limits treat it as any other request. Each request runs in a context of its own,
@@ -201,13 +202,14 @@ class AnsweredHere:
     """
 
     __slots__ = ("call", "context", "disconnected", "keep_alive", "protocol", "response_complete",
-                 "response_started", "submitted")  # fmt: skip
+                 "response_started", "submitted", "waited")  # fmt: skip
 
     def __init__(self, protocol: LimitedHttpToolsProtocol, keep_alive: bool) -> None:
         self.protocol, self.keep_alive = protocol, keep_alive
         self.call: InferenceCall | None = None
         self.context = contextvars.copy_context()
         self.response_started = self.response_complete = self.disconnected = self.submitted = False
+        self.waited = False  # the batcher has handed it its outputs or its error
 
     @property
     def message_event(self) -> AnsweredHere:
@@ -241,19 +243,35 @@ class AnsweredHere:
 
     def _submit(self, call: InferenceCall) -> None:
         try:
-            future = call.submit()
+            call.submit_to(self)
         except Exception as e:
             self._fail(e)
-            return
-        future.add_done_callback(self._answer, context=self.context)
 
-    def _answer(self, future: asyncio.Future[list[Any]]) -> None:
+    # The batcher's waiter (``service.batcher.Waiter``): the outputs come straight from the batch, in the
+    # request's own context, with no future, no callback to schedule and no loop pass between.
+    def done(self) -> bool:
+        return self.waited
+
+    def set_result(self, outputs: list[Any]) -> None:
+        self.waited = True
+        self._guarded(self._answer, outputs)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.waited = True
+        self._guarded(self._fail, error)
+
+    def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
+        """Run an answer's step for the batcher, whose batch goes on whatever this one does."""
+        try:
+            self.context.run(step, arg)
+        except Exception:
+            log.exception("answering an inference request failed")
+
+    def _answer(self, outputs: list[Any]) -> None:
         call = self.call
         assert call is not None
         try:
-            if future.cancelled():
-                raise NotReady("the request was cancelled as the server stopped; retry on another replica")
-            body, header_length = call.answer(future.result())
+            body, header_length = call.answer(outputs)
         except Exception as e:
             self._fail(e)
             return

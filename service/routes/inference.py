@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.batcher import Waiter
 from service.bodies import Reservation
 from service.config import Settings
 from service.errors import (
@@ -352,6 +353,16 @@ class InferenceCall:
 
     def submit(self) -> asyncio.Future[list[np.ndarray]]:
         """Parse the whole body and queue it: the future of its rows of every output."""
+        served, request, deadline = self._parsed()
+        return served.batcher.enqueue(request.feeds, request.rows, deadline)
+
+    def submit_to(self, waiter: Waiter) -> None:
+        """``submit``, with the outputs (or the error) handed to ``waiter`` (``Batcher.enqueue_to``)."""
+        served, request, deadline = self._parsed()
+        served.batcher.enqueue_to(request.feeds, request.rows, deadline, waiter)
+
+    def _parsed(self) -> tuple[ServedVersion, InferRequest, float]:
+        """The whole body parsed and checked: the version that serves it, the request and its deadline."""
         state = self.state
         body = inflated(self.reader, self.encoding)
         # Looked up again, and no await from here to the queue: a reload cannot retire the version between
@@ -360,8 +371,7 @@ class InferenceCall:
         request = self.request = parse_infer_request(
             body, self.headers.header_length, served.config, served.batching.max_batch_size
         )
-        deadline = request.deadline(state.settings.request_timeout_ms / 1000)
-        return served.batcher.enqueue(request.feeds, request.rows, deadline)
+        return served, request, request.deadline(state.settings.request_timeout_ms / 1000)
 
     def answer(self, outputs: list[np.ndarray]) -> tuple[bytes, int | None]:
         served, request = self.served, self.request

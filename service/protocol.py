@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_NO_PARAMETERS: dict[str, Any] = {}  # what a request without parameters reads as its parameters: never written to
 
 
 class RequestedOutput:
@@ -280,7 +281,7 @@ def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_
     request_id = doc.get("id")
     if not (request_id is None or isinstance(request_id, str)):
         raise InvalidInput(f"'id' is {_short(request_id)}; expected a string")
-    parameters = doc.get("parameters") or {}
+    parameters = doc.get("parameters") or _NO_PARAMETERS
     if not isinstance(parameters, dict):
         raise InvalidInput(f"'parameters' is {_short(parameters)}; expected an object")
 
@@ -291,6 +292,7 @@ def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_
             + ", ".join(s.text for s in config.inputs)
         )
     specs = config.input_specs
+    batched = config.batched  # a property: read once, not per input
     feeds: dict[str, np.ndarray] = {}
     rows = 0
     offset = 0
@@ -311,8 +313,8 @@ def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_
             raise InvalidInput(f"input '{name}' is given twice")
         if tensor["datatype"] != spec.datatype:
             raise InvalidInput(f"input '{name}' has datatype {_short(tensor['datatype'])}; expected {spec.datatype}")
-        shape = _check_shape(name, tensor["shape"], spec, max_batch_size, config.batched)
-        tensor_parameters = tensor.get("parameters") or {}
+        shape = _check_shape(name, tensor["shape"], spec, max_batch_size, batched)
+        tensor_parameters = tensor.get("parameters") or _NO_PARAMETERS
         if not isinstance(tensor_parameters, dict):
             raise InvalidInput(f"input '{name}' parameters must be an object")
         size = tensor_parameters.get("binary_data_size")
@@ -325,14 +327,14 @@ def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_
             if "data" not in tensor:
                 raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
             feeds[name] = _from_json(name, tensor["data"], shape, spec.datatype)
-        if not config.batched:
+        if not batched:
             rows = 1  # the request is one run of the model, and counts as one
         elif rows not in (0, shape[0]):
             raise InvalidInput(f"input '{name}' has {shape[0]} rows but another input has {rows}; expected equal")
         else:
             rows = shape[0]
-    missing = [s for s in config.inputs if s.name not in feeds]
-    if missing:
+    if len(feeds) != len(specs):  # every name in feeds is one of the specs', given once
+        missing = [s for s in config.inputs if s.name not in feeds]
         raise InvalidInput("missing input " + ", ".join(s.text for s in missing))
     if offset != len(binary):
         raise InvalidInput(
@@ -347,7 +349,7 @@ def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: 
         raise InvalidInput(f"binary_data_output is {_short(binary_default)}; expected true or false")
     requested = doc.get("outputs")
     if requested is None:
-        return [RequestedOutput(s.name, binary_default) for s in config.outputs]
+        return _every_output(config, binary_default)
     specs = config.output_specs
     if not isinstance(requested, list):
         raise InvalidInput(f"'outputs' is {_short(requested)}; expected a list of {{'name': ...}}")
@@ -366,6 +368,24 @@ def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: 
             raise InvalidInput(f"output '{name}' binary_data is {_short(binary)}; expected true or false")
         outputs.append(RequestedOutput(str(name), binary, _classification(output_parameters, specs[name])))
     return outputs
+
+
+def _every_output(config: ModelConfig, binary: bool) -> list[RequestedOutput]:
+    """Each of the model's outputs, as a request that names none asks for them: made once per model and
+    encoding, and shared by its requests (none changes what it was asked for)."""
+    key = (id(config), binary)
+    kept = _EVERY_OUTPUT.get(key)
+    if kept is None or kept[0] is not config:
+        if len(_EVERY_OUTPUT) >= _EVERY_OUTPUT_KEPT:  # models reloaded many times over: start again
+            _EVERY_OUTPUT.clear()
+        kept = _EVERY_OUTPUT[key] = (config, [RequestedOutput(s.name, binary) for s in config.outputs])
+    return kept[1]
+
+
+# By the id of a model's config and binary_data_output: the config (so that an id reused by another is told
+# apart) and the outputs a request that names none asks for.
+_EVERY_OUTPUT: dict[tuple[int, bool], tuple[ModelConfig, list[RequestedOutput]]] = {}
+_EVERY_OUTPUT_KEPT = 256
 
 
 def _classification(parameters: dict[str, Any], spec: TensorSpec) -> int:

@@ -323,6 +323,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute that ``with_guard`` sets)."""
 
     guard: ClassVar[ConnectionGuard]
+    _max_head_bytes: ClassVar[int]  # guard.limits', as class attributes (``with_guard``)
+    _max_header_count: ClassVar[int]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -330,8 +332,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._heads = 0  # request heads completed on this connection
         self._head_bytes = 0  # of the current head, counted from the chunks fed while it was incomplete
-        self._header_bytes = 0  # of the current head's complete header fields
-        self._header_count = 0
+        self._header_bytes = 0  # of the current head: its framing, its URL and its complete header fields
         self._lingering = False
         self._skipping = False  # the body of a request answered early: read and dropped
         self._client = "unknown"  # the client's address, once connected
@@ -350,7 +351,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
-        return type(cls.__name__, (cls,), {"guard": guard})
+        limits = guard.limits
+        head = {"_max_head_bytes": limits.max_head_bytes, "_max_header_count": limits.max_header_count}
+        return type(cls.__name__, (cls,), {"guard": guard, **head})
 
     # Connections
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -524,25 +527,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.headers = []
         self._phase = _HEAD
         self._header_bytes = len(b"GET  HTTP/1.1\r\n\r\n")  # the request line's and the head's framing
-        self._header_count = 0
 
+    # The head's limits per URL piece and header field, from what the class was given (``with_guard``) and one
+    # running count of its bytes: a few attribute lookups each, for each header of each request.
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) + self._header_bytes > self.guard.limits.max_head_bytes:
-            raise self._head_too_large(len(self.url) + self._header_bytes)
+        self.url += url  # uvicorn's own, inline
+        self._header_bytes = size = self._header_bytes + len(url)
+        if size > self._max_head_bytes:
+            raise self._head_too_large(size)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
-        limits = self.guard.limits
-        if self._header_count > limits.max_header_count:
+        headers = self.headers
+        if len(headers) >= self._max_header_count:
             message = (
-                f"the request has more than {limits.max_header_count} header fields, the most this server "
+                f"the request has more than {self._max_header_count} header fields, the most this server "
                 "accepts (NORMSERVE_MAX_HEADER_COUNT)"
             )
             raise _Refusal(431, "too_many_headers", message)
-        if len(self.url) + self._header_bytes > limits.max_head_bytes:
-            raise self._head_too_large(len(self.url) + self._header_bytes)
+        self._header_bytes = size = self._header_bytes + len(name) + len(value) + 4  # ": " and CRLF
+        if size > self._max_head_bytes:
+            raise self._head_too_large(size)
         name = name.lower()
         if name == b"transfer-encoding" and [c.strip().lower() for c in value.split(b",")] != [b"chunked"]:
             # RFC 9112 6.1: a coding the server does not know gets 501; reading the body as if it were only
@@ -556,7 +560,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn's own, inline: a call less for each header of each request
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
-        self.headers.append((name, value))
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):  # a request line with none is 0.9

@@ -237,20 +237,34 @@ def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: l
             f"input '{name}' needs bytes {offset}..{offset + size} of the binary data after the JSON header, "
             f"but only {len(binary)} bytes follow it"
         )
-    array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
-    if array.dtype.kind == "b" and (bytes_ := array.view(np.uint8)).size and bytes_.max() > 1:
+    flat = np.frombuffer(binary[offset : offset + size], dtype=dtype)
+    if dtype.kind == "b" and (bytes_ := flat.view(np.uint8)).size and bytes_.max() > 1:
         first = int(np.flatnonzero(bytes_ > 1)[0])
         raise InvalidInput(
             f"input '{name}' holds byte {int(bytes_.flat[first])} at flat index {first}; a BOOL element is one byte, "
             "0 (false) or 1 (true)"
         )
-    if array.dtype.kind == "f" and not (finite := np.isfinite(array)).all():
-        first = int(np.flatnonzero(~finite)[0])
+    # FP32, the common case, checked by a C loop: numpy's isfinite and all() cost a microsecond each in calls.
+    finite = _fp32_finite(flat) if datatype == "FP32" else dtype.kind != "f" or bool(np.isfinite(flat).all())
+    if not finite:
+        finite_each = np.isfinite(flat)
+        first = int(np.flatnonzero(~finite_each)[0])
         raise InvalidInput(
-            f"input '{name}' holds {int((~finite).sum())} NaN or Infinity value(s), the first at flat index "
+            f"input '{name}' holds {int((~finite_each).sum())} NaN or Infinity value(s), the first at flat index "
             f"{first}; expected finite numbers, as JSON input must be too"
         )
-    return array
+    return flat.reshape(shape)
+
+
+def _fp32_finite(values: np.ndarray) -> bool:
+    """Whether every value of a flat FP32 array is finite (compiled, protocol.pxd: a C loop over its memory).
+    NaN fails both comparisons, and an infinity one of them."""
+    limit = _FP32_MAX
+    for i in range(len(values)):
+        x = values[i]
+        if not -limit <= x <= limit:
+            return False
+    return True
 
 
 def parse_infer_request(

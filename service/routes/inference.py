@@ -108,7 +108,23 @@ _FIELDS = {
 
 
 def _check_content_type(headers: RequestHeaders) -> str:
-    """The body's encoding, once the media type and encoding are known to be ones we read."""
+    """The body's encoding, once the media type and encoding are known to be ones we read. Clients send the
+    same few pairs of the two headers again and again: each pair accepted is worked out once."""
+    key = (headers.content_type, headers.content_encoding)
+    encoding = _ENCODINGS.get(key)
+    if encoding is None:
+        encoding = _content_encoding(headers)
+        if len(_ENCODINGS) >= _ENCODINGS_KEPT:
+            _ENCODINGS.clear()
+        _ENCODINGS[key] = encoding
+    return encoding
+
+
+_ENCODINGS: dict[tuple[str | None, str | None], str] = {}  # (Content-Type, Content-Encoding): the encoding
+_ENCODINGS_KEPT = 64
+
+
+def _content_encoding(headers: RequestHeaders) -> str:
     if headers.content_type is not None:
         media = headers.content_type.partition(";")[0].strip().lower()
         if media not in _ACCEPTED_TYPES:

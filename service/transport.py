@@ -194,11 +194,10 @@ class AnsweredHere:
     response header checked against two patterns, and two writes; here the connection's parser callbacks
     drive its ``InferenceCall`` directly (``begin`` at the head, ``add`` per chunk, ``submit_to`` at the end),
     its batcher hands it the outputs as the batch is split (it is the request's waiter: no future), and the
-    answer leaves in one write. What uvicorn and
-    this module read of a cycle (``response_started``, ``response_complete``, ``keep_alive``,
-    ``disconnected``, ``message_event``) it keeps under the same names, so shutdown, draining, pipelining,
-    holding back and the limits treat it as any other request. Each request runs in a context of its own,
-    as a task would: its request id stays its own in the log.
+    answer leaves in one write. What uvicorn and this module read of a cycle (``response_started``,
+    ``response_complete``, ``keep_alive``, ``disconnected``, ``message_event``) it keeps under the same names,
+    so shutdown, draining, pipelining, holding back and the limits treat it as any other request. Each request
+    runs in a context of its own, as a task would: its request id stays its own in the log.
     """
 
     __slots__ = ("call", "context", "disconnected", "keep_alive", "protocol", "response_complete",
@@ -323,7 +322,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute that ``with_guard`` sets)."""
 
     guard: ClassVar[ConnectionGuard]
-    _max_head_bytes: ClassVar[int]  # guard.limits', as class attributes (``with_guard``)
+    _max_head_bytes: ClassVar[int]  # two of guard.limits, as class attributes (``with_guard``)
     _max_header_count: ClassVar[int]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -361,19 +361,22 @@ class ModelMetrics:
         other queues (the batchnorm endpoint's has one of its own): the sum read at scrape time in one process,
         at no cost to the hot path. With worker processes, the callable returned sets the gauge, to be called
         each time the queue changes (as ``watch_held``). ``unwatch_pending`` once the queue is gone."""
-        sources = self._metrics.pending_sources.setdefault((self.name, self.version), [])
-        sources.append(pending)
+        self._metrics.pending_sources.setdefault((self.name, self.version), []).append(pending)
         if not MULTIPROCESS:
-            self.pending.set_function(lambda: sum(source() for source in sources))
+            self.pending.set_function(self._pending_now)
             return None
-        return lambda: self.pending.set(sum(source() for source in sources))
+        return lambda: self.pending.set(self._pending_now())
 
     def unwatch_pending(self, pending: Callable[[], int]) -> None:
         sources = self._metrics.pending_sources.get((self.name, self.version), [])
         if pending in sources:
             sources.remove(pending)
         if MULTIPROCESS:
-            self.pending.set(sum(source() for source in sources))
+            self.pending.set(self._pending_now())
+
+    def _pending_now(self) -> int:
+        """What the version's queues hold now, together."""
+        return sum(source() for source in self._metrics.pending_sources.get((self.name, self.version), ()))
 
     def watch_held(self, held: Callable[[], int]) -> Callable[[], None] | None:
         """The held-connections gauge from ``held``: read at scrape time in one process, at no cost to the hot

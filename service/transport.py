@@ -761,9 +761,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # Refusing
     def _head_too_large(self, size: int) -> _Refusal:
-        limit = self.guard.limits.max_head_bytes
         message = (
-            f"the request line and headers passed {size} bytes; this server accepts at most {limit} "
+            f"the request line and headers passed {size} bytes; this server accepts at most {self._max_head_bytes} "
             "(NORMSERVE_MAX_HEADER_BYTES): send large data in the body"
         )
         return _Refusal(431, "head_too_large", message)

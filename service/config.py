@@ -39,6 +39,7 @@ class BatchingSettings(BaseModel):
     max_queue_delay_s: float
     queue_limit: int
     intake_batches: float | None = 0.0  # None: the batcher's default for its cores
+    idle_spin_s: float = 0.0  # how long the worker polls for the next request before it sleeps
 
 
 class Settings(BaseSettings):
@@ -97,6 +98,15 @@ class Settings(BaseSettings):
         "it answers are read no further until it answers more: the kernel holds the excess, at no cost to the "
         "server (service/intake.py). Unset: 1 on one core (nothing overlaps), 2 on more (one batch computes while "
         "the next is parsed). 0: every connection is read, and past the queue limit refused with 503",
+    )
+    idle_spin_us: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="once a model's queue empties, how long its batcher keeps the event loop polling for the next "
+        "request before it sleeps: a request within it is read at once, without the wake-up of an idle core "
+        "(tens of µs on a virtual machine), at the cost of that much CPU after each burst of requests, which "
+        "CPU-based autoscaling counts as load. 0: sleep at once",
     )
     request_timeout_ms: float = Field(
         default=30_000,
@@ -244,6 +254,7 @@ class Settings(BaseSettings):
                 max_queue_delay_s=0.0,
                 queue_limit=self.queue_limit,
                 intake_batches=self.intake_batches,
+                idle_spin_s=self.idle_spin_us / 1e6,
             )
         override = self.models.get(model, ModelOverride())
         wanted = override.max_batch_size or self.max_batch_size or model_max_batch_size
@@ -253,4 +264,5 @@ class Settings(BaseSettings):
             max_queue_delay_s=delay_ms / 1000,
             queue_limit=self.queue_limit,
             intake_batches=self.intake_batches,
+            idle_spin_s=self.idle_spin_us / 1e6,
         )

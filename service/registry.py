@@ -433,6 +433,7 @@ class Registry:
             self.cores,
             max_requests=max_requests,
             intake_batches=batching.intake_batches,
+            idle_spin_s=batching.idle_spin_s,
         )
         return VersionEntry(
             version, Readiness.READY, served=ServedVersion(loaded, runtime, batcher, batching, metrics, batch_stats)

@@ -318,6 +318,21 @@ def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return _DEFAULT_HEADERS[1]  # type: ignore[no-any-return]
 
 
+_PATHS: dict[bytes, str | None] = {}  # a POST's URL: its path (``_path``)
+_PATHS_KEPT = 1024  # URLs whose path is remembered (the models' few, unless clients make up more)
+
+
+def _path(url: bytes) -> str | None:
+    """The path of a request's URL, where it needs no decoding; None where it does."""
+    # A plain origin-form path is its own; anything else (a query, an absolute URL) is parsed as uvicorn does.
+    # find, not ``in``: bytes' ``in`` first tries its operand as an int, and pays for the TypeError it raises.
+    plain = url[:1] == b"/" and url[:2] != b"//" and url.find(b"?") < 0 and url.find(b"#") < 0
+    path = url if plain else httptools.parse_url(url).path
+    if path.find(b"%") >= 0:  # uvicorn decodes it: the app routes what that gives, and answers it the usual way
+        return None
+    return path.decode("ascii")
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute that ``with_guard`` sets)."""
 
@@ -578,7 +593,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             expectation.met(arrived=expectation.intake is intake)  # or is freed: the client asked another model
         if refusal is not None and self.guard.refuse_early and self._answered_early(refusal, intake):
             return
-        if path is not None and self.guard.here is not None and self._answer_here(self.guard.here, path, admitted):
+        if (
+            path is not None
+            and self.guard.here is not None
+            and self._answer_here(self.guard.here, path, admitted, version)
+        ):
             return
         self._scope()
         super().on_headers_complete()
@@ -620,10 +639,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # Answering here
-    def _answer_here(self, here: Here, path: str, admitted: Any) -> bool:
+    def _answer_here(self, here: Here, path: str, admitted: Any, version: str) -> bool:
         """Answer this request on the connection itself, with no ASGI cycle (``AnsweredHere``), if it is an
         inference request with nothing else in flight on its connection and nothing of HTTP it needs ASGI for
-        (Expect: 100-continue, an upgrade, a root path); whether it is."""
+        (Expect: 100-continue, an upgrade, a root path); whether it is. ``version``: its HTTP version, as the
+        parser gave it to ``on_headers_complete`` (which the parser formats anew each time it is asked)."""
         if self.expect_100_continue or self.root_path or self.parser.should_upgrade():
             return False
         if self.cycle is not None and not self.cycle.response_complete:  # pipelined: uvicorn queues it
@@ -631,17 +651,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         try:
             call = here.call(path, self.headers)
         except Exception as e:  # refused from its head (the API key; a 500 for a bug): its body is read and dropped
-            self._take_here().respond(*asgi_error(e))
+            self._take_here(version).respond(*asgi_error(e))
             return True
         if call is None:
             return False
-        self._take_here().begin(call, admitted)
+        self._take_here(version).begin(call, admitted)
         return True
 
-    def _take_here(self) -> AnsweredHere:
+    def _take_here(self, version: str) -> AnsweredHere:
         """The request answered here, in the place of uvicorn's cycle: what uvicorn and this class read of a
         request's state, and what receives its body."""
-        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        keep_alive = version != "1.0" and self.parser.should_keep_alive()
         answered = self._here = AnsweredHere(self, keep_alive)
         self.cycle = answered  # type: ignore[assignment]
         return answered
@@ -651,17 +671,19 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
 
     def _post_path(self) -> str | None:
-        """The path of a POST, where it needs no decoding; None for any other request."""
+        """The path of a POST, where it needs no decoding; None for any other request. Clients send the same
+        few URLs again and again: each is worked out once (``_path``)."""
         if self.parser.get_method() != b"POST":
             return None
         url = self.url
-        # A plain origin-form path is its own; anything else (a query, an absolute URL) is parsed as uvicorn does.
-        # find, not ``in``: bytes' ``in`` first tries its operand as an int, and pays for the TypeError it raises.
-        plain = url[:1] == b"/" and url[:2] != b"//" and url.find(b"?") < 0 and url.find(b"#") < 0
-        path = url if plain else httptools.parse_url(url).path
-        if path.find(b"%") >= 0:  # uvicorn decodes it: the app routes what that gives, and answers it the usual way
-            return None
-        return path.decode("ascii")
+        try:
+            return _PATHS[url]
+        except KeyError:
+            pass
+        if len(_PATHS) >= _PATHS_KEPT:
+            _PATHS.clear()
+        path = _PATHS[url] = _path(url)
+        return path
 
     def _admission(self, path: str | None) -> tuple[Intake | None, ServeError | None, Any]:
         """The intake, the refusal from its head and the version admitted of a POST (``ConnectionGuard.admission``)."""

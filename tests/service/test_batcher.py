@@ -52,6 +52,7 @@ def make_batcher(model: FakeModel, **kwargs: float) -> Batcher:
         int(settings["queue_limit"]),
         Metrics().model("fake", "1"),
         int(settings["cores"]),
+        idle_spin_s=settings.get("idle_spin_s", 0.0),
     )
 
 
@@ -334,6 +335,24 @@ async def test_with_no_delay_requests_arriving_meanwhile_still_share_the_batch()
     await batcher.stop()
     assert [len(b) for b in model.batches] == [6]
     assert [out[0][0, 0] for out in results] == [2.0 * i for i in range(6)]
+
+
+async def test_an_idle_spin_serves_what_comes_within_it_then_lets_the_core_sleep() -> None:
+    model = FakeModel()
+    batcher = make_batcher(model, idle_spin_s=0.05)
+    batcher.start()
+    for i in range(3):  # each next request comes while the worker still polls after the last batch
+        (out,) = await batcher.submit(rows(i, 1), 1, later())
+        np.testing.assert_array_equal(out, [[2.0 * i]])
+        assert batcher._waiting is None  # polling: not asleep on the queue, as it would be at once without a spin
+    await asyncio.sleep(0.15)  # past the spin: the worker sleeps on the queue, as without one
+    assert batcher._waiting is not None
+    cpu = time.process_time()
+    await asyncio.sleep(0.4)
+    assert time.process_time() - cpu < 0.2  # asleep, not polling (polling would take the whole 0.4 s)
+    (out,) = await batcher.submit(rows(7, 1), 1, later())  # and the next request wakes it
+    np.testing.assert_array_equal(out, [[14.0]])
+    await asyncio.wait_for(batcher.stop(), timeout=5)  # a spinning worker stops too
 
 
 async def test_the_pending_gauge_counts_every_queue_of_a_model_version() -> None:

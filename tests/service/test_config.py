@@ -32,6 +32,14 @@ def test_per_model_batching_combines_override_default_and_the_verified_batch_siz
     assert settings.batching("small", model_max_batch_size=8).max_batch_size == 8  # never past what was verified
 
 
+def test_the_idle_spin_reaches_every_model_s_batching_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().batching("any", model_max_batch_size=8).idle_spin_s == 0.0  # off unless asked for
+    monkeypatch.setenv("NORMSERVE_IDLE_SPIN_US", "250")
+    settings = Settings()
+    assert settings.batching("any", model_max_batch_size=8).idle_spin_s == pytest.approx(250e-6)
+    assert settings.batching("fixed", model_max_batch_size=0).idle_spin_s == pytest.approx(250e-6)
+
+
 def test_a_model_without_a_batch_dimension_keeps_it_whatever_the_caps_say() -> None:
     settings = Settings(max_queue_delay_ms=2, max_batch_size=16, models={"fixed": {"max_batch_size": 4}})
     fixed = settings.batching("fixed", model_max_batch_size=0)
@@ -47,6 +55,8 @@ def test_a_model_without_a_batch_dimension_keeps_it_whatever_the_caps_say() -> N
         ("NORMSERVE_MODELS", '{"m": {"max_batch_size": 0}}', "max_batch_size"),
         ("NORMSERVE_MODELS", '{"m": {"batch": 4}}', "batch"),
         ("NORMSERVE_MAX_QUEUE_DELAY_MS", "-1", "max_queue_delay_ms"),
+        ("NORMSERVE_IDLE_SPIN_US", "-5", "idle_spin_us"),
+        ("NORMSERVE_IDLE_SPIN_US", "20000", "idle_spin_us"),  # past 10 ms it is a core burnt, not a wake-up saved
     ],
 )
 def test_a_bad_setting_is_refused_at_start_naming_it(

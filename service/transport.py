@@ -333,6 +333,72 @@ def _path(url: bytes) -> str | None:
     return path.decode("ascii")
 
 
+_FRAMING = len(b"GET  HTTP/1.1\r\n\r\n")  # a head's bytes besides its method, URL and header fields
+
+
+class HeadReader:
+    """What httptools' parser calls back with a request's head: its URL and header fields, kept for the
+    connection (under uvicorn's names: ``url``, ``headers``, ``expect_100_continue``) and counted against the
+    head's limits as they come, each URL piece and header field. An extension type when compiled
+    (transport.pxd): each header field of each request is counted in C struct fields rather than through the
+    connection's dictionary. The parser's other callbacks are the connection's own methods, which the parser
+    finds here under the same names."""
+
+    __slots__ = ("expect_100_continue", "header_bytes", "headers", "max_head_bytes", "max_header_count", "on_body",
+                 "on_headers_complete", "on_message_complete", "protocol", "url")  # fmt: skip
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol) -> None:
+        self.protocol = protocol
+        self.max_head_bytes, self.max_header_count = protocol._max_head_bytes, protocol._max_header_count
+        self.on_headers_complete = protocol.on_headers_complete
+        self.on_body = protocol.on_body
+        self.on_message_complete = protocol.on_message_complete
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.expect_100_continue = False
+        self.header_bytes = 0  # of the current head: its framing, its URL and its complete header fields
+
+    def on_message_begin(self) -> None:
+        # uvicorn's own, less the ASGI scope: a request answered here needs none (``_scope`` makes it for one
+        # that goes the ASGI way, before uvicorn's on_headers_complete reads it)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.header_bytes = _FRAMING
+        self.protocol._phase = _HEAD
+
+    # The head's limits per URL piece and header field, and one running count of its bytes.
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # uvicorn's own
+        self.header_bytes += len(url)
+        if self.header_bytes > self.max_head_bytes:
+            raise self.protocol._head_too_large(self.header_bytes)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self.max_header_count:
+            message = (
+                f"the request has more than {self.max_header_count} header fields, the most this server "
+                "accepts (NORMSERVE_MAX_HEADER_COUNT)"
+            )
+            raise _Refusal(431, "too_many_headers", message)
+        self.header_bytes += len(name) + len(value) + 4  # ": " and CRLF
+        if self.header_bytes > self.max_head_bytes:
+            raise self.protocol._head_too_large(self.header_bytes)
+        name = name.lower()
+        if name == b"transfer-encoding" and [c.strip().lower() for c in value.split(b",")] != [b"chunked"]:
+            # RFC 9112 6.1: a coding the server does not know gets 501; reading the body as if it were only
+            # chunked would hand the application bytes that are still gzip, say.
+            raise _Refusal(
+                501,
+                "transfer_coding",
+                f"Transfer-Encoding {value.decode('latin-1')[:100]!r} is not supported; send the body as it is "
+                "or chunked (a compressed body goes with Content-Encoding: gzip)",
+            )
+        if name == b"expect" and value.lower() == b"100-continue":  # uvicorn's own
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, held to ``guard.limits`` (the class attribute that ``with_guard`` sets)."""
 
@@ -341,12 +407,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     _max_header_count: ClassVar[int]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._head = HeadReader(self)  # first: uvicorn's __init__ sets the head's fields (the properties below)
         super().__init__(*args, **kwargs)
+        # The parser calls the head reader back, not the connection: uvicorn's parser is replaced, as it was set up.
+        self.parser = httptools.HttpRequestParser(self._head)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self._phase = _IDLE
         self._deadline: asyncio.TimerHandle | None = None
         self._heads = 0  # request heads completed on this connection
         self._head_bytes = 0  # of the current head, counted from the chunks fed while it was incomplete
-        self._header_bytes = 0  # of the current head: its framing, its URL and its complete header fields
         self._lingering = False
         self._skipping = False  # the body of a request answered early: read and dropped
         self._client = "unknown"  # the client's address, once connected
@@ -362,6 +431,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # outlives requests (``_keep_alive``); uvicorn sets and cancels a timer per request, 2 µs each time.
         self._idle_since: float | None = None
         self._lazy_timer = False  # timeout_keep_alive_task is that timer (not the new connection's head timer)
+
+    # uvicorn's per-request head state, which the head reader keeps: what uvicorn's own code reads and sets of it
+    @property
+    def url(self) -> bytes:
+        return self._head.url
+
+    @url.setter
+    def url(self, url: bytes) -> None:
+        self._head.url = url
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return self._head.headers
+
+    @headers.setter
+    def headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._head.headers = headers
+
+    @property
+    def expect_100_continue(self) -> bool:
+        return self._head.expect_100_continue
+
+    @expect_100_continue.setter
+    def expect_100_continue(self, expect: bool) -> None:
+        self._head.expect_100_continue = expect
 
     @classmethod
     def with_guard(cls, guard: ConnectionGuard) -> type[LimitedHttpToolsProtocol]:
@@ -533,49 +627,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         elif waiting >= PIPELINE_PAUSE:
             self.flow.pause_reading()
 
-    def on_message_begin(self) -> None:
-        # uvicorn's own, less the ASGI scope: a request answered here needs none (``_scope`` makes it for one
-        # that goes the ASGI way, before uvicorn's on_headers_complete reads it)
-        self.url = b""
-        self.expect_100_continue = False
-        self.headers = []
-        self._phase = _HEAD
-        self._header_bytes = len(b"GET  HTTP/1.1\r\n\r\n")  # the request line's and the head's framing
-
-    # The head's limits per URL piece and header field, from what the class was given (``with_guard``) and one
-    # running count of its bytes: a few attribute lookups each, for each header of each request.
-    def on_url(self, url: bytes) -> None:
-        self.url += url  # uvicorn's own, inline
-        self._header_bytes = size = self._header_bytes + len(url)
-        if size > self._max_head_bytes:
-            raise self._head_too_large(size)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        if len(headers) >= self._max_header_count:
-            message = (
-                f"the request has more than {self._max_header_count} header fields, the most this server "
-                "accepts (NORMSERVE_MAX_HEADER_COUNT)"
-            )
-            raise _Refusal(431, "too_many_headers", message)
-        self._header_bytes = size = self._header_bytes + len(name) + len(value) + 4  # ": " and CRLF
-        if size > self._max_head_bytes:
-            raise self._head_too_large(size)
-        name = name.lower()
-        if name == b"transfer-encoding" and [c.strip().lower() for c in value.split(b",")] != [b"chunked"]:
-            # RFC 9112 6.1: a coding the server does not know gets 501; reading the body as if it were only
-            # chunked would hand the application bytes that are still gzip, say.
-            raise _Refusal(
-                501,
-                "transfer_coding",
-                f"Transfer-Encoding {value.decode('latin-1')[:100]!r} is not supported; send the body as it is "
-                "or chunked (a compressed body goes with Content-Encoding: gzip)",
-            )
-        # uvicorn's own, inline: a call less for each header of each request
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         if (version := self.parser.get_http_version()) not in ("1.0", "1.1"):  # a request line with none is 0.9
             raise _Refusal(505, "http_version", f"HTTP version {version} is not supported; send HTTP/1.1")
@@ -613,7 +664,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             "client": self.client,
             "scheme": self.scheme,  # type: ignore[typeddict-item]
             "root_path": self.root_path,
-            "headers": self.headers,
+            "headers": self._head.headers,
             "state": self.app_state.copy(),
         }
 
@@ -644,12 +695,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         inference request with nothing else in flight on its connection and nothing of HTTP it needs ASGI for
         (Expect: 100-continue, an upgrade, a root path); whether it is. ``version``: its HTTP version, as the
         parser gave it to ``on_headers_complete`` (which the parser formats anew each time it is asked)."""
-        if self.expect_100_continue or self.root_path or self.parser.should_upgrade():
+        head = self._head
+        if head.expect_100_continue or self.root_path or self.parser.should_upgrade():
             return False
         if self.cycle is not None and not self.cycle.response_complete:  # pipelined: uvicorn queues it
             return False
         try:
-            call = here.call(path, self.headers)
+            call = here.call(path, head.headers)
         except Exception as e:  # refused from its head (the API key; a 500 for a bug): its body is read and dropped
             self._take_here(version).respond(*asgi_error(e))
             return True
@@ -675,7 +727,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         few URLs again and again: each is worked out once (``_path``)."""
         if self.parser.get_method() != b"POST":
             return None
-        url = self.url
+        url = self._head.url
         try:
             return _PATHS[url]
         except KeyError:
@@ -696,7 +748,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         then costs the parse of a head and one write. Its body is read and dropped, and the connection
         serves the next request. Only a plain keep-alive HTTP/1.1 POST with nothing else in flight on its
         connection is answered so; any other goes the usual way."""
-        if self.expect_100_continue or not self._answered():
+        if self._head.expect_100_continue or not self._answered():
             return False
         if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
             return False
@@ -727,7 +779,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # body and ASGI cycle) made the garbage collector's middle generation take twice as long, and every
         # request about 4 % more CPU at three times the capacity.
         self.cycle = self.scope = None  # type: ignore[assignment]  # as uvicorn's own before a first request
-        self.headers = []
+        self._head.headers = []
         return True
 
     def _keep(self, data: bytes) -> None:

@@ -276,15 +276,25 @@ def limit_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             )
         if one:
             (row,) = one
+            bound = f"p50 ≤ {LIMIT_P50}x (bare ASGI p50 + batch-1 onnxruntime) = {row['p50_bound_ms']:.3f} ms"
             out.append(
                 {
                     "target": "T9",
-                    "goal": f"tiny, {encoding}, 1 conn: p50 ≤ {LIMIT_P50}x (bare ASGI p50 + batch-1 onnxruntime) "
-                    f"= {row['p50_bound_ms']:.3f} ms",
+                    "goal": f"tiny, {encoding}, 1 conn: {bound}",
                     "measured": f"p50 {row['p50_ms']:.3f} ms",
                     "met": row["p50_ms"] <= row["p50_bound_ms"],
                 }
             )
+            if spin := r.get("tiny_spin"):  # the same bound, with the batcher polling between requests
+                p50 = _p(spin[encoding][0], "p50")
+                out.append(
+                    {
+                        "target": "T9",
+                        "goal": f"tiny, {encoding}, 1 conn, NORMSERVE_IDLE_SPIN_US={spin['idle_spin_us']}: {bound}",
+                        "measured": f"p50 {p50:.3f} ms",
+                        "met": p50 <= row["p50_bound_ms"],
+                    }
+                )
     large_top, ceiling = r["large_binary_batching"][-1], r["inprocess"]["large"]["best"]
     out.append(
         {

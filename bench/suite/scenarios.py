@@ -152,6 +152,9 @@ def _closed(levels: tuple[int, ...]) -> list[tuple[str, float]]:
     return [("concurrency", float(c)) for c in levels]
 
 
+IDLE_SPIN_US = 200  # NORMSERVE_IDLE_SPIN_US of the one-connection run with an idle spin
+
+
 def run_suite(suite: Suite) -> dict[str, Any]:
     plan, results = suite.plan, suite.results
     results["machine"] = machine() | {"server_cores": suite.server_cores, "generator_cores": suite.generator_cores}
@@ -213,6 +216,13 @@ def run_suite(suite: Suite) -> dict[str, Any]:
         results["large_binary_no_batching"] = suite.measure(
             server, suite.large, "binary", large_levels, config=large_config
         )
+
+    print("one connection, with an idle spin", file=sys.stderr)
+    with running(suite.normserve(NORMSERVE_IDLE_SPIN_US=str(IDLE_SPIN_US))) as server:
+        results["tiny_spin"] = {
+            "idle_spin_us": IDLE_SPIN_US,
+            **{encoding: suite.measure(server, suite.tiny, encoding, _closed((1,))) for encoding in ("json", "binary")},
+        }
 
     print("baselines", file=sys.stderr)
     model_file = suite.repository / suite.tiny / "1" / "model.onnx"

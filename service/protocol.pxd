@@ -9,6 +9,19 @@ cdef class InferRequest:
 cdef class RequestedOutput:
     cdef public object binary, classification, name
 
+# The request's checks, called from one another as C functions rather than through Python calls.
+cpdef object _json(object data, object what)
+cpdef tuple _split_body(object body, object header_length)
+cpdef list _check_shape(object name, object shape, object spec, object max_batch_size, object batched)
+cpdef object _from_json(object name, object data, object shape, object datatype)
+cpdef object _from_binary(object name, object size, object binary, object offset, object shape, object datatype)
+cpdef list _requested_outputs(object doc, object parameters, object config)
+cpdef list _every_output(object config, object binary)
+cpdef object _timeout(object parameters)
+
+@cython.locals(document=dict, fields=dict, feeds=dict)
+cpdef object check_infer_document(object doc, object binary, object config, object max_batch_size)
+
 # The flat FP32 path's loop in C: each item read as a double, checked and stored straight into the array.
 @cython.locals(n=Py_ssize_t, i=Py_ssize_t, x=double, limit=double, view=float[::1])
 cpdef object _fp32_flat(list data, list shape)

@@ -290,57 +290,61 @@ def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_
     """Check one inference request, as a JSON document (``doc``) and the binary tensors after it, against the
     model: what ``parse_infer_request`` does once the body is parsed, and what the gRPC service does with a
     request it has put in that form (``service.grpc_service``), so both protocols check alike and say alike."""
+    # Each object is named again once it is known to be a dict: compiled, the new name is typed as one
+    # (protocol.pxd), and its lookups are C calls rather than method calls.
     if not isinstance(doc, dict):
         raise InvalidInput(f"the request is a JSON {type(doc).__name__}; expected an object with 'inputs'")
-    request_id = doc.get("id")
+    document = doc
+    request_id = document.get("id")
     if not (request_id is None or isinstance(request_id, str)):
         raise InvalidInput(f"'id' is {_short(request_id)}; expected a string")
-    parameters = doc.get("parameters") or _NO_PARAMETERS
+    parameters = document.get("parameters") or _NO_PARAMETERS
     if not isinstance(parameters, dict):
         raise InvalidInput(f"'parameters' is {_short(parameters)}; expected an object")
 
-    inputs = doc.get("inputs")
+    inputs = document.get("inputs")
     if not (isinstance(inputs, list) and len(inputs) > 0):
         raise InvalidInput(
             f"'inputs' is {'missing' if inputs is None else _short(inputs)}; expected a list of tensors: "
-            + ", ".join(s.text for s in config.inputs)
+            + ", ".join([s.text for s in config.inputs])
         )
     specs = config.input_specs
-    batched = config.batched  # a property: read once, not per input
+    batched = config.max_batch_size > 0  # config.batched, without a call of its property's Python code
     feeds: dict[str, np.ndarray] = {}
     rows = 0
     offset = 0
     for tensor in inputs:
         if not isinstance(tensor, dict):
             raise InvalidInput(f"an input is {_short(tensor)}; expected an object with name, shape, datatype")
-        name = tensor.get("name")
+        fields = tensor
+        name = fields.get("name")
         for key in ("name", "shape", "datatype"):
-            if key not in tensor:
+            if key not in fields:
                 which = _short(name) if name is not None else f"#{len(feeds) + 1}"
                 raise InvalidInput(f"input {which} has no '{key}'")
         spec = specs.get(name) if isinstance(name, str) else None
         if spec is None:
-            expected = ", ".join(s.text for s in config.inputs)
+            expected = ", ".join([s.text for s in config.inputs])
             raise InvalidInput(f"model {config.name} has no input {_short(name)}; expected {expected}")
         name = spec.name
         if name in feeds:
             raise InvalidInput(f"input '{name}' is given twice")
-        if tensor["datatype"] != spec.datatype:
-            raise InvalidInput(f"input '{name}' has datatype {_short(tensor['datatype'])}; expected {spec.datatype}")
-        shape = _check_shape(name, tensor["shape"], spec, max_batch_size, batched)
-        tensor_parameters = tensor.get("parameters") or _NO_PARAMETERS
+        if fields["datatype"] != spec.datatype:
+            raise InvalidInput(f"input '{name}' has datatype {_short(fields['datatype'])}; expected {spec.datatype}")
+        shape = _check_shape(name, fields["shape"], spec, max_batch_size, batched)
+        tensor_parameters = fields.get("parameters") or _NO_PARAMETERS
         if not isinstance(tensor_parameters, dict):
             raise InvalidInput(f"input '{name}' parameters must be an object")
         size = tensor_parameters.get("binary_data_size")
         if size is not None:
-            if "data" in tensor:
+            if "data" in fields:
                 raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size; send one")
             feeds[name] = _from_binary(name, size, binary, offset, shape, spec.datatype)
             offset += size
         else:
-            if "data" not in tensor:
+            if "data" not in fields:
                 raise InvalidInput(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
-            feeds[name] = _from_json(name, tensor["data"], shape, spec.datatype)
+            feeds[name] = _from_json(name, fields["data"], shape, spec.datatype)
         if not batched:
             rows = 1  # the request is one run of the model, and counts as one
         elif rows not in (0, shape[0]):
@@ -349,12 +353,12 @@ def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_
             rows = shape[0]
     if len(feeds) != len(specs):  # every name in feeds is one of the specs', given once
         missing = [s for s in config.inputs if s.name not in feeds]
-        raise InvalidInput("missing input " + ", ".join(s.text for s in missing))
+        raise InvalidInput("missing input " + ", ".join([s.text for s in missing]))
     if offset != len(binary):
         raise InvalidInput(
             f"{len(binary) - offset} bytes follow the binary tensors; binary_data_size of the inputs sums to {offset}"
         )
-    return InferRequest(request_id, feeds, rows, _requested_outputs(doc, parameters, config), _timeout(parameters))
+    return InferRequest(request_id, feeds, rows, _requested_outputs(document, parameters, config), _timeout(parameters))
 
 
 def _requested_outputs(doc: dict[str, Any], parameters: dict[str, Any], config: ModelConfig) -> list[RequestedOutput]:

@@ -90,21 +90,21 @@ class RequestHeaders:
 
     @classmethod
     def from_raw(cls, raw: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
-        headers = cls()
+        # Compared name by name (compiled: a length test first, then the bytes), not looked up by name in a
+        # table and set by name: each of a request's headers is tried here.
+        content_type = content_length = content_encoding = header_length = request_id = None
         for key, value in raw:  # ASGI header names are lower-case
-            field = _FIELDS.get(key)
-            if field is not None:
-                setattr(headers, field, value.decode("latin-1"))
-        return headers
-
-
-_FIELDS = {
-    b"content-type": "content_type",
-    b"content-length": "content_length",
-    b"content-encoding": "content_encoding",
-    b"inference-header-content-length": "header_length",
-    b"x-request-id": "request_id",
-}
+            if key == b"content-type":
+                content_type = value.decode("latin-1")
+            elif key == b"content-length":
+                content_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                content_encoding = value.decode("latin-1")
+            elif key == b"inference-header-content-length":
+                header_length = value.decode("latin-1")
+            elif key == b"x-request-id":
+                request_id = value.decode("latin-1")
+        return cls(content_type, content_length, content_encoding, header_length, request_id)
 
 
 def _check_content_type(headers: RequestHeaders) -> str:

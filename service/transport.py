@@ -655,7 +655,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _scope(self) -> None:
         """The request's ASGI scope, as uvicorn's on_message_begin makes it (its headers are the list that
-        ``on_header`` fills)."""
+        ``HeadReader.on_header`` fills)."""
         self.scope = {  # type: ignore[typeddict-item]
             "type": "http",
             "asgi": {"version": self.asgi_version, "spec_version": "2.3"},

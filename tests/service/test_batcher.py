@@ -339,13 +339,13 @@ async def test_with_no_delay_requests_arriving_meanwhile_still_share_the_batch()
 
 async def test_an_idle_spin_serves_what_comes_within_it_then_lets_the_core_sleep() -> None:
     model = FakeModel()
-    batcher = make_batcher(model, idle_spin_s=0.05)
+    batcher = make_batcher(model, idle_spin_s=0.2)  # long enough that no stall of a loaded machine outlasts it
     batcher.start()
     for i in range(3):  # each next request comes while the worker still polls after the last batch
         (out,) = await batcher.submit(rows(i, 1), 1, later())
         np.testing.assert_array_equal(out, [[2.0 * i]])
         assert batcher._waiting is None  # polling: not asleep on the queue, as it would be at once without a spin
-    await asyncio.sleep(0.15)  # past the spin: the worker sleeps on the queue, as without one
+    await asyncio.sleep(0.5)  # past the spin: the worker sleeps on the queue, as without one
     assert batcher._waiting is not None
     cpu = time.process_time()
     await asyncio.sleep(0.4)

@@ -110,33 +110,22 @@ class RequestHeaders:
 def _check_content_type(headers: RequestHeaders) -> str:
     """The body's encoding, once the media type and encoding are known to be ones we read. Clients send the
     same few pairs of the two headers again and again: each pair accepted is worked out once."""
-    key = (headers.content_type, headers.content_encoding)
-    encoding = _ENCODINGS.get(key)
-    if encoding is None:
-        encoding = _content_encoding(headers)
-        if len(_ENCODINGS) >= _ENCODINGS_KEPT:
-            _ENCODINGS.clear()
-        _ENCODINGS[key] = encoding
-    return encoding
+    return _content_encoding(headers.content_type, headers.content_encoding)
 
 
-_ENCODINGS: dict[tuple[str | None, str | None], str] = {}  # (Content-Type, Content-Encoding): the encoding
-_ENCODINGS_KEPT = 64
-
-
-def _content_encoding(headers: RequestHeaders) -> str:
-    if headers.content_type is not None:
-        media = headers.content_type.partition(";")[0].strip().lower()
+@functools.lru_cache(maxsize=64)  # a refused pair raises, and is not kept
+def _content_encoding(content_type: str | None, content_encoding: str | None) -> str:
+    if content_type is not None:
+        media = content_type.partition(";")[0].strip().lower()
         if media not in _ACCEPTED_TYPES:
             raise UnsupportedMediaType(
-                f"Content-Type {headers.content_type!r} is not supported; send application/json "
+                f"Content-Type {content_type!r} is not supported; send application/json "
                 "(or application/octet-stream with Inference-Header-Content-Length for binary data)"
             )
-    encoding = (headers.content_encoding or "identity").strip().lower()
+    encoding = (content_encoding or "identity").strip().lower()
     if encoding not in _ACCEPTED_ENCODINGS:
         raise UnsupportedMediaType(
-            f"Content-Encoding {headers.content_encoding!r} is not supported; send the body uncompressed, "
-            "or as gzip or deflate"
+            f"Content-Encoding {content_encoding!r} is not supported; send the body uncompressed, or as gzip or deflate"
         )
     return encoding
 

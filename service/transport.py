@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 import logging
 import resource
 from collections import Counter
@@ -318,10 +319,7 @@ def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return _DEFAULT_HEADERS[1]  # type: ignore[no-any-return]
 
 
-_PATHS: dict[bytes, str | None] = {}  # a POST's URL: its path (``_path``)
-_PATHS_KEPT = 1024  # URLs whose path is remembered (the models' few, unless clients make up more)
-
-
+@functools.lru_cache(maxsize=1024)  # clients send the same few URLs again and again
 def _path(url: bytes) -> str | None:
     """The path of a request's URL, where it needs no decoding; None where it does."""
     # A plain origin-form path is its own; anything else (a query, an absolute URL) is parsed as uvicorn does.
@@ -642,7 +640,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._expectation is not None:  # after ``arrived``: the slot moves from expected to in flight
             expectation, self._expectation = self._expectation, None
             expectation.met(arrived=expectation.intake is intake)  # or is freed: the client asked another model
-        if refusal is not None and self.guard.refuse_early and self._answered_early(refusal, intake):
+        if refusal is not None and self.guard.refuse_early and self._answered_early(refusal, intake, version):
             return
         if (
             path is not None
@@ -727,15 +725,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         few URLs again and again: each is worked out once (``_path``)."""
         if self.parser.get_method() != b"POST":
             return None
-        url = self._head.url
-        try:
-            return _PATHS[url]
-        except KeyError:
-            pass
-        if len(_PATHS) >= _PATHS_KEPT:
-            _PATHS.clear()
-        path = _PATHS[url] = _path(url)
-        return path
+        return _path(self._head.url)
 
     def _admission(self, path: str | None) -> tuple[Intake | None, ServeError | None, Any]:
         """The intake, the refusal from its head and the version admitted of a POST (``ConnectionGuard.admission``)."""
@@ -743,14 +733,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return None, None, None
         return self.guard.admission(path)
 
-    def _answered_early(self, refusal: ServeError, intake: Intake | None) -> bool:
+    def _answered_early(self, refusal: ServeError, intake: Intake | None, version: str) -> bool:
         """Answer ``refusal`` from the request's head alone, with no ASGI request cycle: under overload it
         then costs the parse of a head and one write. Its body is read and dropped, and the connection
         serves the next request. Only a plain keep-alive HTTP/1.1 POST with nothing else in flight on its
         connection is answered so; any other goes the usual way."""
         if self._head.expect_100_continue or not self._answered():
             return False
-        if self.parser.get_http_version() != "1.1" or not self.parser.should_keep_alive():
+        if version != "1.1" or not self.parser.should_keep_alive():
             return False
         status, headers, body = render(refusal)
         self.transport.write(_response(status, body, headers.items(), close=False))

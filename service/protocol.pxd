@@ -9,6 +9,11 @@ cdef class InferRequest:
 cdef class RequestedOutput:
     cdef public object binary, classification, name
 
+cdef class _BinaryPlan:
+    cdef public object config, id, max_batch_size, outputs, rows, timeout_s
+    cdef public list inputs
+    cdef public Py_ssize_t size
+
 # The request's checks, called from one another as C functions rather than through Python calls.
 cpdef object _json(object data, object what)
 cpdef tuple _split_body(object body, object header_length)
@@ -18,6 +23,10 @@ cpdef object _from_binary(object name, object size, object binary, object offset
 cpdef list _requested_outputs(object doc, object parameters, object config)
 cpdef list _every_output(object config, object binary)
 cpdef object _timeout(object parameters)
+
+# A planned binary request's reading (``_planned``), its plan's fields read as struct fields.
+@cython.locals(plan=_BinaryPlan, feeds=dict)
+cpdef object _planned(bytes body, str header_length, object config, object max_batch_size)
 
 @cython.locals(document=dict, fields=dict, feeds=dict)
 cpdef object check_infer_document(object doc, object binary, object config, object max_batch_size)

@@ -25,7 +25,6 @@ from starlette.types import Receive, Scope, Send
 
 from service.batcher import Waiter
 from service.bodies import Reservation
-from service.config import Settings
 from service.errors import (
     ClientDisconnected,
     InvalidInput,
@@ -107,14 +106,8 @@ class RequestHeaders:
         return cls(content_type, content_length, content_encoding, header_length, request_id)
 
 
-def _check_content_type(headers: RequestHeaders) -> str:
-    """The body's encoding, once the media type and encoding are known to be ones we read. Clients send the
-    same few pairs of the two headers again and again: each pair accepted is worked out once."""
-    return _content_encoding(headers.content_type, headers.content_encoding)
-
-
-@functools.lru_cache(maxsize=64)  # a refused pair raises, and is not kept
 def _content_encoding(content_type: str | None, content_encoding: str | None) -> str:
+    """The body's encoding, once the media type and encoding are known to be ones we read (415 otherwise)."""
     if content_type is not None:
         media = content_type.partition(";")[0].strip().lower()
         if media not in _ACCEPTED_TYPES:
@@ -141,7 +134,7 @@ class BodyLimit:
 
 class BodyReader:
     """A request body as it arrives, refused with 413 as soon as it is known to exceed the limit: from its
-    Content-Length before any of it is read (``declare``), or while it streams in (``add``). With a
+    Content-Length before any of it is read (``request_body_reader``), or while it streams in (``add``). With a
     ``reservation``, its bytes are taken from the server's body budget first (503 past it)."""
 
     __slots__ = ("chunks", "limit", "reservation", "size")
@@ -150,21 +143,6 @@ class BodyReader:
         self.limit, self.reservation = limit, reservation
         self.chunks: list[bytes] = []
         self.size = 0
-
-    def declare(self, declared: str | None) -> None:
-        """The body's Content-Length, from the head (None: chunked, or none sent)."""
-        if declared is None:
-            return
-        limit = self.limit
-        if not (declared.isascii() and declared.isdigit()):
-            raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
-        if int(declared) > limit.bytes:
-            raise PayloadTooLarge(
-                f"the body is {declared} bytes; this server accepts at most {limit.bytes} ({limit.setting}): "
-                f"{limit.advice}"
-            )
-        if self.reservation is not None:
-            self.reservation.take(int(declared), whole=True)
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -205,18 +183,13 @@ def _decompress(body: bytes, encoding: str, limit: BodyLimit) -> bytes:
     return body
 
 
-def body_limit(settings: Settings, headers: RequestHeaders) -> BodyLimit:
+def _body_limit(max_body_bytes: int, max_json_bytes: int, binary: bool) -> BodyLimit:
     """A request with binary tensors may be NORMSERVE_MAX_BODY_BYTES; one all JSON only NORMSERVE_MAX_JSON_BYTES.
 
     The JSON parser runs on the event loop and holds it (and the GIL: a thread would not help) for
     about 20 ms a megabyte on one core, so one 60 MB JSON body would hold every other request, health
     checks included, for more than a second. Binary tensors are copied, not parsed.
     """
-    return _body_limit(settings.max_body_bytes, settings.max_json_bytes, headers.header_length is not None)
-
-
-@functools.lru_cache(maxsize=16)
-def _body_limit(max_body_bytes: int, max_json_bytes: int, binary: bool) -> BodyLimit:
     if binary or max_json_bytes >= max_body_bytes:
         return BodyLimit(max_body_bytes)
     return BodyLimit(
@@ -228,14 +201,16 @@ def _body_limit(max_body_bytes: int, max_json_bytes: int, binary: bool) -> BodyL
     )
 
 
-def check_json_header(settings: Settings, headers: RequestHeaders, encoding: str) -> None:
+def _check_json_header(
+    max_json_bytes: int, header_length: str | None, content_length: str | None, encoding: str
+) -> None:
     """The JSON part of a request with binary tensors is held to NORMSERVE_MAX_JSON_BYTES too, from its head.
 
     Its length is in Inference-Header-Content-Length before any of the body is read. Without this check a
     request claiming its whole body as its "header" would have a body-sized JSON document parsed on the
     event loop, which the JSON limit exists to prevent.
     """
-    value = headers.header_length
+    value = header_length
     if value is None:
         return
     if not (value.isascii() and value.isdigit() and int(value) > 0):
@@ -244,13 +219,13 @@ def check_json_header(settings: Settings, headers: RequestHeaders, encoding: str
             "at the start of the body"
         )
     size = int(value)
-    if size > settings.max_json_bytes:
+    if size > max_json_bytes:
         raise PayloadTooLarge(
             f"the JSON header is {size} bytes (Inference-Header-Content-Length); this server parses at most "
-            f"{settings.max_json_bytes} bytes of JSON (NORMSERVE_MAX_JSON_BYTES): send the tensors' values as the "
+            f"{max_json_bytes} bytes of JSON (NORMSERVE_MAX_JSON_BYTES): send the tensors' values as the "
             "binary data after the header, not in it"
         )
-    declared = headers.content_length
+    declared = content_length
     if encoding == "identity" and declared is not None and declared.isascii() and declared.isdigit():
         if size > int(declared):
             raise InvalidInput(
@@ -259,17 +234,57 @@ def check_json_header(settings: Settings, headers: RequestHeaders, encoding: str
             )
 
 
+def _declared_size(limit: BodyLimit, declared: str | None) -> int | None:
+    """The body's Content-Length (None: chunked, or none sent), refused with 413 past the limit."""
+    if declared is None:
+        return None
+    if not (declared.isascii() and declared.isdigit()):
+        raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
+    size = int(declared)
+    if size > limit.bytes:
+        raise PayloadTooLarge(
+            f"the body is {declared} bytes; this server accepts at most {limit.bytes} ({limit.setting}): {limit.advice}"
+        )
+    return size
+
+
+@functools.lru_cache(maxsize=512)  # a refused head raises, and is not kept
+def _head_checks(
+    max_body_bytes: int,
+    max_json_bytes: int,
+    content_type: str | None,
+    content_encoding: str | None,
+    content_length: str | None,
+    header_length: str | None,
+) -> tuple[BodyLimit, str, int | None]:
+    """What an inference request's head says of its body, checked: the body's limit, its encoding and its
+    declared size. It depends on these four headers alone, which a client sends the same again and again
+    (a body's length varies over a few hundred values at most): each combination is worked out once."""
+    encoding = _content_encoding(content_type, content_encoding)
+    _check_json_header(max_json_bytes, header_length, content_length, encoding)
+    limit = _body_limit(max_body_bytes, max_json_bytes, header_length is not None)
+    return limit, encoding, _declared_size(limit, content_length)
+
+
 def request_body_reader(
-    state: ServiceState, headers: RequestHeaders, reservation: Reservation
+    state: ServiceState, headers: RequestHeaders, reservation: Reservation | None
 ) -> tuple[BodyReader, str]:
     """From an inference request's head: the reader of its body, within the size limit, and its encoding.
     415 for a content type or encoding this server does not read, 413 or 400 for a Content-Length past
-    the limit or a JSON header over NORMSERVE_MAX_JSON_BYTES or past the body."""
-    encoding = _check_content_type(headers)
-    check_json_header(state.settings, headers, encoding)
-    reader = BodyReader(body_limit(state.settings, headers), reservation)
-    reader.declare(headers.content_length)
-    return reader, encoding
+    the limit or a JSON header over NORMSERVE_MAX_JSON_BYTES or past the body; 503 for a body that would pass
+    the server's budget of bodies held at once (``reservation``)."""
+    settings = state.settings
+    limit, encoding, declared = _head_checks(
+        settings.max_body_bytes,
+        settings.max_json_bytes,
+        headers.content_type,
+        headers.content_encoding,
+        headers.content_length,
+        headers.header_length,
+    )
+    if declared is not None and reservation is not None:
+        reservation.take(declared, whole=True)
+    return BodyReader(limit, reservation), encoding
 
 
 def inflated(reader: BodyReader, encoding: str) -> bytes:

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from repository import ModelConfig, TensorSpec
+from service import protocol
 from service.errors import InvalidInput
 from service.protocol import parse_infer_request
 from tests.service.conftest import AFFINE_CONFIG, infer_json
@@ -213,3 +214,86 @@ def test_flat_fp32_data_the_faster_way_does_not_take_is_refused_as_before(data: 
     with pytest.raises(InvalidInput) as refused:
         parse_infer_request(orjson.dumps(doc), None, config, 8)
     assert fragment in refused.value.message
+
+
+# A model of three binary inputs of different types, for a header sent again and again.
+MIXED = ModelConfig(
+    name="mixed",
+    max_batch_size=4,
+    inputs=[
+        TensorSpec(name="x", datatype="FP32", shape=[-1, 4]),
+        TensorSpec(name="n", datatype="INT64", shape=[-1, 2]),
+        TensorSpec(name="b", datatype="BOOL", shape=[-1, 3]),
+    ],
+    outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 1])],
+)
+
+
+def mixed_request(seed: int, **replaced: np.ndarray) -> tuple[dict[str, np.ndarray], bytes, str]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x": rng.standard_normal((2, 4)).astype(np.float32),
+        "n": rng.integers(-(2**40), 2**40, (2, 2)),
+        "b": rng.random((2, 3)) > 0.5,
+    } | replaced
+    types = {"x": "FP32", "n": "INT64", "b": "BOOL"}
+    body, header_length = binary_request({name: (types[name], array) for name, array in arrays.items()})
+    return arrays, body, header_length
+
+
+def test_a_binary_header_sent_again_gives_each_request_its_own_values_checked_as_the_first() -> None:
+    # The same JSON header with other bytes after it: what the header says is checked once and remembered
+    # (service.protocol._plan), what the bytes hold is read and checked for each request.
+    for seed in range(4):
+        arrays, body, header_length = mixed_request(seed)
+        parsed = parse_infer_request(body, header_length, MIXED, 4)
+        assert parsed.rows == 2 and [o.name for o in parsed.outputs] == ["y"]
+        for name, array in arrays.items():
+            assert parsed.feeds[name].dtype == array.dtype and parsed.feeds[name].shape == array.shape
+            np.testing.assert_array_equal(parsed.feeds[name], array)
+
+    x = np.array([[1, 2, np.nan, 3], [4, 5, 6, 7]], np.float32)
+    _, body, header_length = mixed_request(9, x=x)
+    with pytest.raises(InvalidInput, match=r"input 'x' holds 1 NaN or Infinity value\(s\), the first at flat index 2"):
+        parse_infer_request(body, header_length, MIXED, 4)
+    not_a_bool = np.array([[1, 0, 1], [0, 5, 1]], np.uint8).view(np.bool_)
+    _, body, header_length = mixed_request(9, b=not_a_bool)
+    with pytest.raises(InvalidInput, match=r"input 'b' holds byte 5 at flat index 4"):
+        parse_infer_request(body, header_length, MIXED, 4)
+    _, body, header_length = mixed_request(9)
+    with pytest.raises(InvalidInput, match=r"1 bytes follow the binary tensors"):
+        parse_infer_request(body + b"\0", header_length, MIXED, 4)
+    with pytest.raises(
+        InvalidInput, match=r"input 'b' needs bytes 64..70 of the binary data after the JSON header, but only 69"
+    ):
+        parse_infer_request(body[:-1], header_length, MIXED, 4)
+    # the same header to a model that takes fewer rows, or the same model with a smaller max batch size
+    smaller = ModelConfig(name="smaller", max_batch_size=1, inputs=MIXED.inputs, outputs=MIXED.outputs)
+    for config, max_batch_size in ((smaller, 1), (MIXED, 1)):
+        with pytest.raises(InvalidInput, match=r"input 'x' has 2 rows, more than this model's max batch size of 1"):
+            parse_infer_request(body, header_length, config, max_batch_size)
+    assert parse_infer_request(body, header_length, MIXED, 4).rows == 2
+
+
+def test_binary_requests_each_with_an_id_of_its_own_are_read_as_their_own() -> None:
+    # Clients that send a new id with each request send a new header each time: each is read as its own, and
+    # the headers remembered stay bounded.
+    x = np.ones((1, 1, 8, 8), np.float32)
+    config = CONFIGS["tiny-cnn-bn"]
+    for i in range(3 * protocol._PLANS_KEPT):
+        header = orjson.dumps(
+            {
+                "id": f"r{i}",
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, 1, 8, 8],
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+            }  # fmt: skip
+        )
+        parsed = parse_infer_request(header + (x * i).tobytes(), str(len(header)), config, 8)
+        assert parsed.id == f"r{i}" and parsed.feeds["input"][0, 0, 0, 0] == i
+    assert len(protocol._PLANS) <= protocol._PLANS_KEPT

@@ -4,13 +4,13 @@
 cimport cython
 
 cdef class InferRequest:
-    cdef public object feeds, id, outputs, rows, timeout_s
+    cdef public object feeds, id, outputs, plan, rows, timeout_s
 
 cdef class RequestedOutput:
     cdef public object binary, classification, name
 
 cdef class _BinaryPlan:
-    cdef public object config, id, max_batch_size, outputs, rows, timeout_s
+    cdef public object binary_outputs, config, id, max_batch_size, outputs, response, rows, timeout_s
     cdef public list inputs
     cdef public Py_ssize_t size
 

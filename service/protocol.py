@@ -70,7 +70,7 @@ class InferRequest:
     Triton's 'timeout' parameter in seconds (given in microseconds). (A plain class: protocol.pxd makes it an
     extension type when compiled, which a dataclass cannot be.)"""
 
-    __slots__ = ("feeds", "id", "outputs", "rows", "timeout_s")
+    __slots__ = ("feeds", "id", "outputs", "plan", "rows", "timeout_s")
 
     def __init__(
         self,
@@ -79,8 +79,10 @@ class InferRequest:
         rows: int,
         outputs: list[RequestedOutput],
         timeout_s: float | None,
+        plan: _BinaryPlan | None = None,
     ) -> None:
         self.id, self.feeds, self.rows, self.outputs, self.timeout_s = id, feeds, rows, outputs, timeout_s
+        self.plan = plan  # the plan of its binary header (``_plan``), which keeps its response's header too
 
     def deadline(self, server_timeout_s: float) -> float:
         """The ``time.monotonic()`` after which the request must not run: its own timeout, or the server's
@@ -298,7 +300,8 @@ class _BinaryPlan:
     whose header it has seen with its model's config from the plan, checking only its bytes. (A plain class:
     protocol.pxd makes it an extension type when compiled.)"""
 
-    __slots__ = ("config", "id", "inputs", "max_batch_size", "outputs", "rows", "size", "timeout_s")
+    __slots__ = ("binary_outputs", "config", "id", "inputs", "max_batch_size", "outputs", "response", "rows", "size",
+                 "timeout_s")  # fmt: skip
 
     def __init__(
         self,
@@ -310,6 +313,10 @@ class _BinaryPlan:
     ) -> None:
         self.config, self.max_batch_size, self.inputs, self.size = config, max_batch_size, inputs, size
         self.id, self.rows, self.outputs, self.timeout_s = request.id, request.rows, request.outputs, request.timeout_s
+        # Whether every output it asks for comes back as binary data, none as classes: the response's JSON header
+        # is then the same for each answer of the same shapes, and is kept (``encode_infer_response``).
+        self.binary_outputs = all([o.binary and not o.classification for o in request.outputs])
+        self.response: tuple[str, str, Mapping[str, str], list[tuple[int, ...]], bytes] | None = None
 
 
 # Each input's check of its bytes on a plan: none (integers), finite FP32 (a C loop), finite FP16 or FP64, and
@@ -350,7 +357,7 @@ def _plan(
         offset += size
     if len(_PLANS) >= _PLANS_KEPT:
         _PLANS.clear()
-    _PLANS[body[:header_size]] = _BinaryPlan(config, max_batch_size, request, inputs, len(body))
+    _PLANS[body[:header_size]] = request.plan = _BinaryPlan(config, max_batch_size, request, inputs, len(body))
 
 
 def _planned(body: bytes, header_length: str, config: ModelConfig, max_batch_size: int) -> InferRequest | None:
@@ -374,7 +381,7 @@ def _planned(body: bytes, header_length: str, config: ModelConfig, max_batch_siz
         elif check == _BOOL and flat.size and flat.view(np.uint8).max() > 1:
             return None
         feeds[name] = flat.reshape(shape)
-    return InferRequest(plan.id, feeds, plan.rows, plan.outputs, plan.timeout_s)
+    return InferRequest(plan.id, feeds, plan.rows, plan.outputs, plan.timeout_s, plan)
 
 
 def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_batch_size: int) -> InferRequest:
@@ -549,6 +556,9 @@ def encode_infer_response(
     labels: Sequence[str] = (),
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary tensors follow it (else None)."""
+    plan = request.plan
+    if plan is not None and plan.binary_outputs:
+        return _binary_response(model, version, plan, outputs, datatypes)
     tensors = []
     blobs = []
     for requested in request.outputs:
@@ -582,6 +592,32 @@ def encode_infer_response(
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def _binary_response(
+    model: str, version: str, plan: _BinaryPlan, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
+) -> tuple[bytes, int | None]:
+    """``encode_infer_response`` for a planned request whose every output comes back as binary data: its JSON
+    header made once for the plan and the outputs' shapes (the same for each answer of as many rows)."""
+    arrays = [outputs[requested.name] for requested in plan.outputs]
+    shapes = [array.shape for array in arrays]
+    kept = plan.response
+    if kept is None or not (kept[0] == model and kept[1] == version and kept[2] is datatypes and kept[3] == shapes):
+        tensors = [
+            {
+                "name": requested.name,
+                "datatype": datatypes[requested.name],
+                "shape": list(array.shape),
+                "parameters": {"binary_data_size": array.nbytes},
+            }
+            for requested, array in zip(plan.outputs, arrays, strict=True)
+        ]
+        response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": tensors}
+        if plan.id is not None:
+            response["id"] = plan.id
+        kept = plan.response = (model, version, datatypes, shapes, orjson.dumps(response, option=_JSON_OPTIONS))
+    header = kept[4]
+    return b"".join([header, *[np.ascontiguousarray(array).tobytes() for array in arrays]]), len(header)
 
 
 # Documentation only: the same format as pydantic schemas, for the OpenAPI page.

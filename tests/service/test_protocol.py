@@ -297,3 +297,33 @@ def test_binary_requests_each_with_an_id_of_its_own_are_read_as_their_own() -> N
         parsed = parse_infer_request(header + (x * i).tobytes(), str(len(header)), config, 8)
         assert parsed.id == f"r{i}" and parsed.feeds["input"][0, 0, 0, 0] == i
     assert len(protocol._PLANS) <= protocol._PLANS_KEPT
+
+
+def test_a_planned_binary_answer_is_the_one_its_request_read_afresh_gets() -> None:
+    # A planned request's binary response header is made once per shape and kept (service.protocol._plan): each
+    # answer must still be what the request, read without a plan, is answered with.
+    config, rng = CONFIGS["tiny-cnn-bn"], np.random.default_rng(0)
+    for rows, version in ((1, "1"), (1, "1"), (3, "1"), (1, "1"), (1, "2")):
+        header = orjson.dumps(
+            {
+                "id": "a",
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [rows, 1, 8, 8],
+                        "parameters": {"binary_data_size": rows * 256},
+                    }
+                ],  # fmt: skip
+                "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+            }
+        )
+        body = header + np.ones((rows, 1, 8, 8), np.float32).tobytes()
+        planned = parse_infer_request(body, str(len(header)), config, 8)
+        afresh = protocol.check_infer_document(orjson.loads(header), memoryview(body)[len(header) :], config, 8)
+        logits = {"logits": rng.standard_normal((rows, 10)).astype(np.float32)}
+        answer = protocol.encode_infer_response("tiny-cnn-bn", version, planned, logits, {"logits": "FP32"})
+        assert answer == protocol.encode_infer_response("tiny-cnn-bn", version, afresh, logits, {"logits": "FP32"})
+        response, header_length = answer
+        assert orjson.loads(response[:header_length])["outputs"][0]["shape"] == [rows, 10]
+        assert response[header_length:] == logits["logits"].tobytes()

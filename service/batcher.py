@@ -380,10 +380,12 @@ class Batcher:
             else:
                 await self._settle()
             self._drained()
-            batch = self._take()
+            batch, waits = self._take()
             self._taken(batch)
             if batch:
                 await self._execute(batch)
+            # counted once the batch is answered: its answers go out first (a lone request's waits on this)
+            self._metrics.queued_all(waits)
 
     async def _spin(self) -> bool:
         """Keep the event loop polling, a pass at a time, until a request arrives or ``idle_spin_s`` has
@@ -445,11 +447,12 @@ class Batcher:
             timer.cancel()
             self._full = None
 
-    def _take(self) -> list[_Request]:
+    def _take(self) -> tuple[list[_Request], list[float]]:
+        """The next batch, and how long each of its requests waited in the queue."""
         batch: list[_Request] = []
         rows = 0
         now = monotonic()
-        waits: list[float] = []  # of the requests taken, counted in the metrics once for the batch
+        waits: list[float] = []  # of the requests taken, counted in the metrics once for the batch, after it
         dequeued = 0
         while self._queue:
             request = self._queue[0]
@@ -480,8 +483,7 @@ class Batcher:
             rows += request.rows
         if dequeued and self._pending_changed is not None:
             self._pending_changed()
-        self._metrics.queued_all(waits)
-        return batch
+        return batch, waits
 
     async def _execute(self, batch: list[_Request]) -> None:
         rows = self._running_rows = self._last_batch_rows = sum(r.rows for r in batch)

@@ -36,6 +36,8 @@ class Plan:
     worker_counts: tuple[str, ...]  # NORMSERVE_WORKERS values measured
     fleet_rate: float  # requests a second through HAProxy during the rolling restart
     fleet_drain_s: float  # each replica's NORMSERVE_DRAIN_S
+    limit_rounds: int  # T9's side-by-side rounds: onnxruntime alone, then bare ASGI and normserve at each level
+    limit_s: float  # each level of a round, after its warm-up
 
 
 FULL = Plan(
@@ -61,6 +63,8 @@ FULL = Plan(
     worker_counts=("1", "2", "auto"),
     fleet_rate=400.0,
     fleet_drain_s=5.0,
+    limit_rounds=3,
+    limit_s=3.0,
 )
 SMOKE = Plan(
     window_s=0.25,
@@ -85,4 +89,6 @@ SMOKE = Plan(
     worker_counts=("1", "2"),
     fleet_rate=50.0,
     fleet_drain_s=1.0,
+    limit_rounds=1,
+    limit_s=0.25,
 )

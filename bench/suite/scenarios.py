@@ -235,6 +235,9 @@ def run_suite(suite: Suite) -> dict[str, Any]:
         results["bare_binary"] = suite.measure(bare, suite.tiny, "binary", tiny_levels, path="/")
         results["wrk"]["bare"] = wrk(suite, bare, suite.tiny, path="/")
 
+    print("the one-core limit, its parts side by side", file=sys.stderr)
+    results["limit"] = limit_part(suite)
+
     print("overload", file=sys.stderr)
     results["overload"] = [overload(suite, *size) for size in OVERLOAD_SIZES]
 
@@ -254,6 +257,43 @@ def run_suite(suite: Suite) -> dict[str, Any]:
     }
     results["graphs"] = graph_variants(suite)
     return results
+
+
+# -- the one-core limit, side by side -------------------------------------------------------------
+
+LIMIT_CONNECTIONS = (1, 16, 64)  # T9's levels: the p50 at one connection, the share of the limit at the others
+
+
+def limit_part(suite: Suite) -> dict[str, Any]:
+    """T9's three parts measured side by side: in each of ``plan.limit_rounds`` rounds, onnxruntime alone (the
+    tiny model at batch 1 and at its largest batch, on the server's core), then at each level and encoding the
+    bare ASGI app and normserve in turn, a few seconds each. A shared machine's speed drifts over minutes, and
+    the rest of the suite measures the three parts many minutes apart; within a round the drift falls on both
+    sides of each ratio alike. T9 judges the medians over the rounds."""
+    plan = suite.plan
+    config = suite.config(duration_s=plan.limit_s)
+    model_file = suite.repository / suite.tiny / "1" / "model.onnx"
+    largest = plan.tiny_batches[-1]
+    rounds = []
+    with running(suite.normserve()) as ours, running(suite.uvicorn("bare", "bench.bare_asgi:app")) as bare:
+        for _ in range(plan.limit_rounds):
+            alone = inprocess(suite, model_file, (1, largest))["batches"]
+            levels: dict[str, dict[str, Any]] = {}
+            for encoding in ("json", "binary"):
+                for conns in LIMIT_CONNECTIONS:
+                    level = [("concurrency", float(conns))]
+                    (floor,) = suite.measure(bare, suite.tiny, encoding, level, path="/", config=config)
+                    (served,) = suite.measure(ours, suite.tiny, encoding, level, config=config)
+                    levels.setdefault(encoding, {})[str(conns)] = {"bare": floor, "normserve": served}
+            rounds.append(
+                {
+                    "batch": largest,
+                    "row_us": alone[str(largest)]["row_us"],
+                    "batch1_ms": alone["1"]["batch_ms"],
+                    "levels": levels,
+                }
+            )
+    return {"rounds": rounds}
 
 
 # -- overload -------------------------------------------------------------------------------------

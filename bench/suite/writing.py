@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.loadgen.report import ms, plot
 from bench.perf_analyzer import MAX_TRIALS, tensors_label
-from bench.suite.judging import limit_rows, overload_targets, perf_targets, rate, targets
+from bench.suite.judging import apart_limit_rows, limit_rows, overload_targets, perf_targets, rate, targets
 
 __all__ = ["BEGIN", "END", "markdown", "overload_markdown", "perf_markdown", "write_report"]
 
@@ -597,39 +597,67 @@ def _limit_section(r: dict[str, Any]) -> list[str]:
     rows = limit_rows(r)
     if not rows:
         return []
-    return [
+    out = [
         "### The one-core limit",
         "",
         "What a server that added nothing would answer on the server's core: the bare ASGI app's cost per "
         "request at the same connections and encoding (1 / its throughput) plus onnxruntime's cost per row "
         "at the model's largest batch measured in-process (the ceilings above). T9 judges normserve against "
-        "it at 16 and 64 connections.",
-        "",
-        _table(
-            [
-                "encoding",
-                "conns",
-                "bare ASGI µs/request",
-                "onnxruntime µs/row",
-                "limit req/s",
-                "normserve req/s",
-                "share of the limit",
-            ],
-            [
-                [
-                    row["encoding"],
-                    row["conns"],
-                    f"{row['bare_us']:.1f}",
-                    f"{row['row_us']:.1f} (batch {row['batch']})",
-                    f"{row['limit']:,.0f}",
-                    f"{row['throughput']:,.0f}",
-                    f"{row['share']:.0%}",
-                ]
-                for row in rows
-            ],
-        ),  # fmt: skip
+        "it at 16 and 64 connections, and its p50 at one connection against 1.2x the bare app's p50 plus "
+        "onnxruntime's batch-1 time.",
         "",
     ]
+    if "shares" in rows[0]:
+        out += [
+            f"Measured side by side: {len(rows[0]['shares'])} rounds, each onnxruntime alone, then at each level "
+            "and encoding the bare app and normserve in turn, a few seconds each, so that the machine's drift "
+            "between minutes falls on both sides of each ratio; each figure is the median over the rounds, "
+            "each round's share in brackets.",
+            "",
+            _limit_table(rows, rounds=True),
+            "",
+        ]
+        if apart := apart_limit_rows(r):
+            out += [
+                "The same limit from the parts as the tables above measured them, minutes apart (not judged):",
+                "",
+                _limit_table(apart, rounds=False),
+                "",
+            ]
+        return out
+    return [*out, _limit_table(rows, rounds=False), ""]
+
+
+def _limit_table(rows: list[dict[str, Any]], rounds: bool) -> str:
+    def share(row: dict[str, Any]) -> str:
+        each = " (" + ", ".join(f"{s:.0%}" for s in row["shares"]) + ")" if rounds else ""
+        return f"{row['share']:.0%}{each}"
+
+    return _table(
+        [
+            "encoding",
+            "conns",
+            "bare ASGI µs/request",
+            "onnxruntime µs/row",
+            "limit req/s",
+            "normserve req/s",
+            "share of the limit",
+            "p50 ms (bound)",
+        ],
+        [
+            [
+                row["encoding"],
+                row["conns"],
+                f"{row['bare_us']:.1f}",
+                f"{row['row_us']:.1f} (batch {row['batch']})",
+                f"{row['limit']:,.0f}",
+                f"{row['throughput']:,.0f}",
+                share(row) if row["conns"] != 1 else "",
+                f"{row['p50_ms']:.3f} ({row['p50_bound_ms']:.3f})" if row["conns"] == 1 else "",
+            ]
+            for row in rows
+        ],
+    )
 
 
 def _wrk_section(wrk: dict[str, Any], r: dict[str, Any]) -> list[str]:

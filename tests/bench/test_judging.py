@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench.suite.judging import limit_rows, limit_targets
+from bench.suite.judging import apart_limit_rows, limit_rows, limit_targets
 
 
 def _level(conns: int, throughput: float, p50_ms: float) -> dict[str, Any]:
@@ -60,3 +60,37 @@ def test_t9_is_met_only_at_85_percent_of_the_limit_at_16_and_64_connections() ->
     missed = {t["goal"].split(":")[0]: t for t in limit_targets(_results(normserve_64=11_000))}
     assert missed["tiny, binary, 16 and 64 conns"]["met"] is False  # 11,000 is 82.5 %
     assert "82% at 64 (11,000 of 13,333 req/s)" in missed["tiny, binary, 16 and 64 conns"]["measured"]
+
+
+def _round(speed: float, ours_64: float) -> dict[str, Any]:
+    """One side-by-side round on a machine running at ``speed`` (1: as in ``_results``)."""
+    levels = {
+        "1": {"bare": _level(1, 10_000 * speed, 0.1 / speed), "normserve": _level(1, 2_500 * speed, 0.2 / speed)},
+        "16": {"bare": _level(16, 40_000 * speed, 0.4), "normserve": _level(16, 12_000 * speed, 1.3)},
+        "64": {"bare": _level(64, 40_000 * speed, 1.6), "normserve": _level(64, ours_64 * speed, 5.5)},
+    }
+    return {
+        "batch": 64,
+        "row_us": 50.0 / speed,
+        "batch1_ms": 0.06 / speed,
+        "levels": {"json": levels, "binary": levels},
+    }
+
+
+def test_side_by_side_rounds_judge_each_share_within_its_round_and_take_the_median() -> None:
+    # The machine slows down by a third in the second round: each round's share is the same, and so is the
+    # median, where figures taken minutes apart would mix a fast round's limit with a slow round's throughput.
+    results = _results(normserve_64=11_000) | {"limit": {"rounds": [_round(1.0, 11_500), _round(0.67, 11_500)]}}
+    results["limit"]["rounds"].append(_round(1.0, 10_000))  # a third round, below the goal
+    rows = {(r["encoding"], r["conns"]): r for r in limit_rows(results)}
+    top = rows[("json", 64)]
+    assert [round(s, 3) for s in top["shares"]] == [0.863, 0.863, 0.75]
+    assert top["share"] == pytest.approx(11_500 / (1 / (25e-6 + 50e-6)))  # the median round's
+    assert top["throughput"] == pytest.approx(10_000)  # each figure's own median: of 11,500, 7,705 and 10,000
+    judged = {t["goal"].split(":")[0]: t for t in limit_targets(results)}
+    loaded = judged["tiny, json, 16 and 64 conns"]
+    assert loaded["met"] is True and "the median of 3 side-by-side rounds" in loaded["goal"]
+    one = rows[("json", 1)]
+    assert one["p50_ms"] == pytest.approx(0.2) and one["p50_bound_ms"] == pytest.approx(1.2 * (0.1 + 0.06))
+    # the same figures measured apart (the suite's own levels) are still there to compare, but not judged
+    assert {r["conns"] for r in apart_limit_rows(results)} == {1, 16, 64}

@@ -213,21 +213,21 @@ def _check_json_header(
     value = header_length
     if value is None:
         return
-    if not (value.isascii() and value.isdigit() and int(value) > 0):
+    size = _count(value)
+    if not (size is not None and size > 0):
         raise InvalidInput(
             f"Inference-Header-Content-Length is {value[:40]!r}; expected the length in bytes of the JSON header "
             "at the start of the body"
         )
-    size = int(value)
     if size > max_json_bytes:
         raise PayloadTooLarge(
-            f"the JSON header is {size} bytes (Inference-Header-Content-Length); this server parses at most "
+            f"the JSON header is {_shown(value)} bytes (Inference-Header-Content-Length); this server parses at most "
             f"{max_json_bytes} bytes of JSON (NORMSERVE_MAX_JSON_BYTES): send the tensors' values as the "
             "binary data after the header, not in it"
         )
     declared = content_length
-    if encoding == "identity" and declared is not None and declared.isascii() and declared.isdigit():
-        if size > int(declared):
+    if encoding == "identity" and declared is not None and (declared_size := _count(declared)) is not None:
+        if size > declared_size:
             raise InvalidInput(
                 f"Inference-Header-Content-Length is {size}, more than the body's Content-Length of {declared}; "
                 "expected the length of the JSON header at the start of the body"
@@ -238,14 +238,34 @@ def _declared_size(limit: BodyLimit, declared: str | None) -> int | None:
     """The body's Content-Length (None: chunked, or none sent), refused with 413 past the limit."""
     if declared is None:
         return None
-    if not (declared.isascii() and declared.isdigit()):
-        raise InvalidInput(f"Content-Length is {declared!r}; expected a number of bytes")
-    size = int(declared)
+    size = _count(declared)
+    if size is None:
+        raise InvalidInput(f"Content-Length is {declared[:40]!r}; expected a number of bytes")
     if size > limit.bytes:
         raise PayloadTooLarge(
-            f"the body is {declared} bytes; this server accepts at most {limit.bytes} ({limit.setting}): {limit.advice}"
+            f"the body is {_shown(declared)} bytes; this server accepts at most {limit.bytes} ({limit.setting}): "
+            f"{limit.advice}"
         )
     return size
+
+
+_COUNT_DIGITS = 18  # a count of more digits is past every limit (and Python refuses int() past 4,300 digits)
+
+
+def _count(value: str) -> int | None:
+    """A header's count of bytes (decimal digits only), or None where it is not one; a count longer than
+    ``_COUNT_DIGITS`` digits reads as 10**18, past every limit, without converting it."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value) <= _COUNT_DIGITS else 10**_COUNT_DIGITS
+
+
+def _shown(count: str) -> str:
+    """A count the client sent, as an error message shows it: cut at 40 digits."""
+    return count if len(count) <= 40 else f"{count[:40]}... ({len(count)} digits)"
+
+
+_KEPT_HEAD_CHARS = 256  # Content-Type and Content-Encoding together, in a head whose checks are kept
 
 
 @functools.lru_cache(maxsize=512)  # a refused head raises, and is not kept
@@ -274,7 +294,10 @@ def request_body_reader(
     the limit or a JSON header over NORMSERVE_MAX_JSON_BYTES or past the body; 503 for a body that would pass
     the server's budget of bodies held at once (``reservation``)."""
     settings = state.settings
-    limit, encoding, declared = _head_checks(
+    # Only heads of the usual size are kept: a client sending a new long Content-Type with each request would
+    # otherwise have the cache hold 512 of them.
+    short = len(headers.content_type or "") + len(headers.content_encoding or "") <= _KEPT_HEAD_CHARS
+    limit, encoding, declared = (_head_checks if short else _head_checks.__wrapped__)(
         settings.max_body_bytes,
         settings.max_json_bytes,
         headers.content_type,

@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -20,6 +21,8 @@ import numpy as np
 import pytest
 
 from bench.suite.servers import metric_samples
+from service.config import Settings
+from service.routes import inference
 from tests.service.conftest import RunningServer, ServeFactory, affine_expected, infer_json
 from tests.service.malformed import GOOD_INPUT, GOOD_X, PARSE_CASES, Req, with_token, x_input
 
@@ -240,21 +243,39 @@ def json_limited_server(serve: ServeFactory) -> Iterator[RunningServer]:
         yield running
 
 
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (str(10**7), str(10**7)),
+        ("9" * 5000, "9" * 40 + "... (5000 digits)"),  # past the 4,300 digits Python's int() converts: still a 413
+    ],
+)
 def test_a_json_header_over_the_json_limit_is_refused_413_before_the_body_is_sent(
-    json_limited_server: RunningServer,
+    json_limited_server: RunningServer, size: str, shown: str
 ) -> None:
     """Claiming the whole body as the "header" does not get a body-sized JSON document parsed."""
-    size = 10**7
     head = (
         f"POST /v2/models/affine/infer HTTP/1.1\r\nHost: {json_limited_server.host}\r\n"
-        f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {10**7}\r\n"
         f"Inference-Header-Content-Length: {size}\r\n\r\n"
     )
     status, body = head_and_a_little(json_limited_server, head)
     assert status == 413, body
-    assert f"the JSON header is {size} bytes" in body["error"] and "NORMSERVE_MAX_JSON_BYTES" in body["error"]
+    assert f"the JSON header is {shown} bytes" in body["error"] and "NORMSERVE_MAX_JSON_BYTES" in body["error"]
     assert failures(json_limited_server, "affine", "too_large") == 1
     assert_still_serves(json_limited_server)
+
+
+def test_heads_with_a_new_long_content_type_each_are_checked_each_time_and_not_kept() -> None:
+    # An inference head's body checks are kept per combination of its headers (routes.inference._head_checks):
+    # a client sending a new long Content-Type with each request must not fill that cache with them.
+    kept = inference._head_checks.cache_info().currsize
+    state = SimpleNamespace(settings=Settings())
+    for i in range(600):
+        headers = inference.RequestHeaders(content_type=f"application/json; q={'x' * 300}{i}", content_length="10")
+        reader, encoding = inference.request_body_reader(state, headers, None)  # type: ignore[arg-type]
+        assert encoding == "identity" and reader.limit.bytes == Settings().max_json_bytes
+    assert inference._head_checks.cache_info().currsize == kept
 
 
 def test_a_json_header_longer_than_the_body_is_refused_400(json_limited_server: RunningServer) -> None:

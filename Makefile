@@ -79,7 +79,7 @@ image: models  ## the CPU image normserve:cpu, with the default models (podman; 
 image-gpu: models  ## the GPU image normserve:gpu (about 2.8 GB: CUDA 13 and cuDNN 9 wheels)
 	PYTHON=$(BIN)/python docker/build-image.sh gpu normserve:gpu $(REPOSITORY)
 
-bench: models compiled perf-analyzer  ## the benchmark suite (about 8 minutes): rewrites docs/benchmarks.md and docs/bench/
+bench: models compiled perf-analyzer  ## the benchmark suite (about 25 minutes): rewrites docs/benchmarks.md and docs/bench/
 	$(BIN)/python -m bench.suite
 
 experiments: models  ## measure every normalization claim (about 15 minutes; cached): writes docs/batchnorm.md

@@ -35,6 +35,9 @@ cpdef object check_infer_document(object doc, object binary, object config, obje
 @cython.locals(n=Py_ssize_t, i=Py_ssize_t, x=double, limit=double, view=float[::1])
 cpdef object _fp32_flat(list data, list shape)
 
+# What binary data may hold, checked for each binary input (``_from_binary``, ``_planned``) as a C call.
+cpdef bint _binary_values_ok(object flat, object datatype)
+
 # The binary FP32 path's finiteness check in C, over the tensor's memory (read-only: the request's bytes).
 @cython.locals(i=Py_ssize_t, x=float, limit=float)
 cpdef bint _fp32_finite(const float[::1] values)

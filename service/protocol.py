@@ -240,22 +240,33 @@ def _from_binary(name: str, size: Any, binary: memoryview, offset: int, shape: l
             f"but only {len(binary)} bytes follow it"
         )
     flat = np.frombuffer(binary[offset : offset + size], dtype=dtype)
-    if dtype.kind == "b" and (bytes_ := flat.view(np.uint8)).size and bytes_.max() > 1:
+    if _binary_values_ok(flat, datatype):
+        return flat.reshape(shape)
+    if dtype.kind == "b":
+        bytes_ = flat.view(np.uint8)
         first = int(np.flatnonzero(bytes_ > 1)[0])
         raise InvalidInput(
             f"input '{name}' holds byte {int(bytes_.flat[first])} at flat index {first}; a BOOL element is one byte, "
             "0 (false) or 1 (true)"
         )
-    # FP32, the common case, checked by a C loop: numpy's isfinite and all() cost a microsecond each in calls.
-    finite = _fp32_finite(flat) if datatype == "FP32" else dtype.kind != "f" or bool(np.isfinite(flat).all())
-    if not finite:
-        finite_each = np.isfinite(flat)
-        first = int(np.flatnonzero(~finite_each)[0])
-        raise InvalidInput(
-            f"input '{name}' holds {int((~finite_each).sum())} NaN or Infinity value(s), the first at flat index "
-            f"{first}; expected finite numbers, as JSON input must be too"
-        )
-    return flat.reshape(shape)
+    finite_each = np.isfinite(flat)
+    first = int(np.flatnonzero(~finite_each)[0])
+    raise InvalidInput(
+        f"input '{name}' holds {int((~finite_each).sum())} NaN or Infinity value(s), the first at flat index "
+        f"{first}; expected finite numbers, as JSON input must be too"
+    )
+
+
+def _binary_values_ok(flat: np.ndarray, datatype: str) -> bool:
+    """Whether binary tensor data holds only what its datatype allows: a BOOL element one byte of 0 or 1, a
+    floating-point value finite (FP32, the common case, by a C loop: numpy's isfinite and all() cost a
+    microsecond each in calls)."""
+    kind = flat.dtype.kind
+    if kind == "b":
+        return not (flat.size and flat.view(np.uint8).max() > 1)
+    if kind == "f":
+        return _fp32_finite(flat) if datatype == "FP32" else bool(np.isfinite(flat).all())
+    return True
 
 
 def _fp32_finite(values: np.ndarray) -> bool:
@@ -308,7 +319,7 @@ class _BinaryPlan:
         config: ModelConfig,
         max_batch_size: int,
         request: InferRequest,
-        inputs: list[tuple[str, np.dtype[Any], int, int, tuple[int, ...], int]],
+        inputs: list[tuple[str, np.dtype[Any], int, int, tuple[int, ...], str]],
         size: int,
     ) -> None:
         self.config, self.max_batch_size, self.inputs, self.size = config, max_batch_size, inputs, size
@@ -319,9 +330,6 @@ class _BinaryPlan:
         self.response: tuple[str, str, Mapping[str, str], list[tuple[int, ...]], bytes] | None = None
 
 
-# Each input's check of its bytes on a plan: none (integers), finite FP32 (a C loop), finite FP16 or FP64, and
-# BOOL's one byte of 0 or 1.
-_ANY, _FINITE_FP32, _FINITE, _BOOL = 0, 1, 2, 3
 _PLANS: dict[bytes, _BinaryPlan] = {}  # by the JSON header's bytes
 _PLANS_KEPT = 256  # headers planned at once: clients that send a new id with each request start them again
 _PLAN_HEADER_BYTES = 4096  # a longer header is parsed each time
@@ -346,14 +354,9 @@ def _plan(
             return
         array = request.feeds[tensor["name"]]
         dtype = array.dtype
-        check = (
-            _BOOL
-            if dtype.kind == "b"
-            else (_FINITE_FP32 if dtype == np.float32 else _FINITE)
-            if dtype.kind == "f"
-            else _ANY
+        inputs.append(
+            (tensor["name"], dtype, size // dtype.itemsize, header_size + offset, array.shape, tensor["datatype"])
         )
-        inputs.append((tensor["name"], dtype, size // dtype.itemsize, header_size + offset, array.shape, check))
         offset += size
     if len(_PLANS) >= _PLANS_KEPT:
         _PLANS.clear()
@@ -370,15 +373,9 @@ def _planned(body: bytes, header_length: str, config: ModelConfig, max_batch_siz
     if plan is None or plan.config is not config or plan.max_batch_size != max_batch_size or plan.size != len(body):
         return None
     feeds = {}
-    for name, dtype, count, offset, shape, check in plan.inputs:
+    for name, dtype, count, offset, shape, datatype in plan.inputs:
         flat = _frombuffer(body, dtype, count, offset)
-        if check == _FINITE_FP32:
-            if not _fp32_finite(flat):
-                return None
-        elif check == _FINITE:
-            if not np.isfinite(flat).all():
-                return None
-        elif check == _BOOL and flat.size and flat.view(np.uint8).max() > 1:
+        if not _binary_values_ok(flat, datatype):
             return None
         feeds[name] = flat.reshape(shape)
     return InferRequest(plan.id, feeds, plan.rows, plan.outputs, plan.timeout_s, plan)

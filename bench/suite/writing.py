@@ -614,23 +614,23 @@ def _limit_section(r: dict[str, Any]) -> list[str]:
             "between minutes falls on both sides of each ratio; each figure is the median over the rounds, "
             "each round's share in brackets.",
             "",
-            _limit_table(rows, rounds=True),
+            _limit_table(rows),
             "",
         ]
         if apart := apart_limit_rows(r):
             out += [
                 "The same limit from the parts as the tables above measured them, minutes apart (not judged):",
                 "",
-                _limit_table(apart, rounds=False),
+                _limit_table(apart),
                 "",
             ]
         return out
-    return [*out, _limit_table(rows, rounds=False), ""]
+    return [*out, _limit_table(rows), ""]
 
 
-def _limit_table(rows: list[dict[str, Any]], rounds: bool) -> str:
-    def share(row: dict[str, Any]) -> str:
-        each = " (" + ", ".join(f"{s:.0%}" for s in row["shares"]) + ")" if rounds else ""
+def _limit_table(rows: list[dict[str, Any]]) -> str:
+    def share(row: dict[str, Any]) -> str:  # with each round's, where measured side by side
+        each = " (" + ", ".join(f"{s:.0%}" for s in row["shares"]) + ")" if "shares" in row else ""
         return f"{row['share']:.0%}{each}"
 
     return _table(

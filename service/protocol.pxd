@@ -9,8 +9,8 @@ cdef class InferRequest:
 cdef class RequestedOutput:
     cdef public object binary, classification, name
 
-cdef class _BinaryPlan:
-    cdef public object binary_outputs, config, id, max_batch_size, outputs, response, rows, timeout_s
+cdef class _Plan:
+    cdef public object binary_outputs, config, id, json_outputs, max_batch_size, outputs, response, rows, timeout_s
     cdef public list inputs
     cdef public Py_ssize_t size
 
@@ -24,9 +24,25 @@ cpdef list _requested_outputs(object doc, object parameters, object config)
 cpdef list _every_output(object config, object binary)
 cpdef object _timeout(object parameters)
 
-# A planned binary request's reading (``_planned``), its plan's fields read as struct fields.
-@cython.locals(plan=_BinaryPlan, feeds=dict)
+# A planned request's reading (``_planned``, ``_planned_json``), its plan's fields read as struct fields.
+@cython.locals(plan=_Plan, feeds=dict)
 cpdef object _planned(bytes body, str header_length, object config, object max_batch_size)
+
+@cython.locals(plan=_Plan, count=Py_ssize_t)
+cpdef object _planned_json(bytes body, Py_ssize_t start, Py_ssize_t end, tuple key, object config)
+
+# Where a JSON request's values start, found by C loops over its bytes.
+@cython.locals(at=Py_ssize_t, i=Py_ssize_t)
+cpdef Py_ssize_t _data_start(bytes body)
+
+cpdef Py_ssize_t _past_space(bytes text, Py_ssize_t i)
+
+# A planned JSON request's numbers read by a C loop over its bytes, each stored straight into the array.
+@cython.locals(n=Py_ssize_t, length=Py_ssize_t, i=Py_ssize_t, k=Py_ssize_t, _j=Py_ssize_t, negative=bint,
+               integral=bint, mantissa=cython.longlong, exact_mantissa=cython.longlong, most=cython.longlong,
+               exponent=int, sign=int, power=int, x=double, first=double, second=double, low=float, near=double,
+               limit=double)
+cpdef Py_ssize_t _fp32_text(const unsigned char[::1] text, Py_ssize_t start, float[::1] values)
 
 @cython.locals(document=dict, fields=dict, feeds=dict)
 cpdef object check_infer_document(object doc, object binary, object config, object max_batch_size)

@@ -79,10 +79,10 @@ class InferRequest:
         rows: int,
         outputs: list[RequestedOutput],
         timeout_s: float | None,
-        plan: _BinaryPlan | None = None,
+        plan: _Plan | None = None,
     ) -> None:
         self.id, self.feeds, self.rows, self.outputs, self.timeout_s = id, feeds, rows, outputs, timeout_s
-        self.plan = plan  # the plan of its binary header (``_plan``), which keeps its response's header too
+        self.plan = plan  # the plan of its JSON (``_plan``, ``_plan_json``), which keeps its response's header too
 
     def deadline(self, server_timeout_s: float) -> float:
         """The ``time.monotonic()`` after which the request must not run: its own timeout, or the server's
@@ -295,24 +295,39 @@ def parse_infer_request(
     Raises:
         InvalidInput: naming what was wrong and what was expected.
     """
-    if header_length is not None and (planned := _planned(body, header_length, config, max_batch_size)) is not None:
+    key = None  # a JSON request's plan's
+    if header_length is None:
+        start = _data_start(body)
+        end = body.find(b"]", start) if start >= 0 else -1  # where a flat list of values would end
+        if end >= 0 and start + len(body) - end <= _PLAN_HEADER_BYTES:
+            key = (body[:start], body[end:], id(config), max_batch_size)
+            if (planned := _planned_json(body, start, end, key, config)) is not None:
+                return planned
+    elif (planned := _planned(body, header_length, config, max_batch_size)) is not None:
         return planned
     doc, binary = _split_body(body, header_length)
     request = check_infer_document(doc, binary, config, max_batch_size)
     if header_length is not None:
         _plan(body, int(header_length), doc, request, config, max_batch_size)
+    elif key is not None:
+        _plan_json(body, start, end, key, doc, request, config, max_batch_size)
     return request
 
 
-class _BinaryPlan:
-    """What a binary request's JSON header says, checked (``check_infer_document``): where each input's bytes
-    lie after it and what they are, and the rest of the request. A client sends the same header again and
-    again (the same inputs, shapes and outputs; only the tensors' bytes differ): ``_planned`` reads a request
-    whose header it has seen with its model's config from the plan, checking only its bytes. (A plain class:
-    protocol.pxd makes it an extension type when compiled.)"""
+class _Plan:
+    """What a request's JSON says, checked (``check_infer_document``), apart from its tensors' values: where
+    each input's values lie in the body and what they are, and the rest of the request. A client sends the
+    same JSON again and again (the same inputs, shapes and outputs; only the values differ): a request whose
+    JSON has been planned with its model's config is read from the plan, its values alone read and checked.
 
-    __slots__ = ("binary_outputs", "config", "id", "inputs", "max_batch_size", "outputs", "response", "rows", "size",
-                 "timeout_s")  # fmt: skip
+    A binary request's plan (``_plan``, ``_planned``) is keyed by its JSON header, and its inputs' bytes lie
+    at fixed offsets in a body of ``size`` bytes. A JSON request's (``_plan_json``, ``_planned_json``) is keyed
+    by the text before and after its one input's ``data`` values; ``inputs`` holds that input alone (its offset,
+    where the values' text starts, and ``size`` are not used). (A plain class: protocol.pxd makes it an
+    extension type when compiled.)"""
+
+    __slots__ = ("binary_outputs", "config", "id", "inputs", "json_outputs", "max_batch_size", "outputs", "response",
+                 "rows", "size", "timeout_s")  # fmt: skip
 
     def __init__(
         self,
@@ -324,13 +339,15 @@ class _BinaryPlan:
     ) -> None:
         self.config, self.max_batch_size, self.inputs, self.size = config, max_batch_size, inputs, size
         self.id, self.rows, self.outputs, self.timeout_s = request.id, request.rows, request.outputs, request.timeout_s
-        # Whether every output it asks for comes back as binary data, none as classes: the response's JSON header
-        # is then the same for each answer of the same shapes, and is kept (``encode_infer_response``).
+        # Whether every output it asks for comes back as binary data, or every one as JSON numbers, none as
+        # classes: the response's JSON is then the same for each answer of the same shapes but for the outputs'
+        # values, and is kept (``encode_infer_response``).
         self.binary_outputs = all([o.binary and not o.classification for o in request.outputs])
-        self.response: tuple[str, str, Mapping[str, str], list[tuple[int, ...]], bytes] | None = None
+        self.json_outputs = all([not o.binary and not o.classification for o in request.outputs])
+        self.response: tuple[str, str, Mapping[str, str], list[tuple[int, ...]], Any] | None = None
 
 
-_PLANS: dict[bytes, _BinaryPlan] = {}  # by the JSON header's bytes
+_PLANS: dict[bytes, _Plan] = {}  # by the JSON header's bytes
 _PLANS_KEPT = 256  # headers planned at once: clients that send a new id with each request start them again
 _PLAN_HEADER_BYTES = 4096  # a longer header is parsed each time
 
@@ -360,7 +377,7 @@ def _plan(
         offset += size
     if len(_PLANS) >= _PLANS_KEPT:
         _PLANS.clear()
-    _PLANS[body[:header_size]] = request.plan = _BinaryPlan(config, max_batch_size, request, inputs, len(body))
+    _PLANS[body[:header_size]] = request.plan = _Plan(config, max_batch_size, request, inputs, len(body))
 
 
 def _planned(body: bytes, header_length: str, config: ModelConfig, max_batch_size: int) -> InferRequest | None:
@@ -379,6 +396,210 @@ def _planned(body: bytes, header_length: str, config: ModelConfig, max_batch_siz
             return None
         feeds[name] = flat.reshape(shape)
     return InferRequest(plan.id, feeds, plan.rows, plan.outputs, plan.timeout_s, plan)
+
+
+# By the text before the values and after them, the model's config (its identity: a plan holds it, so no other
+# config can take its id while the plan is kept) and max batch size: two models may well be sent the same text.
+_JSON_PLANS: dict[tuple[bytes, bytes, int, int], _Plan] = {}
+_JSON_SEEN: dict[tuple[bytes, bytes, int, int], int] = {}  # those not planned: 1 seen once, 2 tried, not plannable
+_DATA_KEY = b'"data"'
+
+
+def _data_start(body: bytes) -> int:
+    """Where the values of the body's first ``"data": [`` start (just past its bracket); -1 where there is none."""
+    at = body.find(_DATA_KEY)
+    while at >= 0:
+        i = _past_space(body, at + 6)
+        if i < len(body) and body[i] == 58:  # ':'
+            i = _past_space(body, i + 1)
+            if i < len(body) and body[i] == 91:  # '['
+                return i + 1
+        at = body.find(_DATA_KEY, at + 6)
+    return -1
+
+
+def _past_space(text: bytes, i: int) -> int:
+    """The first index from ``i`` on that is not JSON's white space."""
+    while i < len(text) and (text[i] == 32 or text[i] == 10 or text[i] == 13 or text[i] == 9):
+        i += 1
+    return i
+
+
+def _plan_json(
+    body: bytes,
+    start: int,
+    end: int,
+    key: tuple[bytes, bytes, int, int],
+    doc: dict[str, Any],
+    request: InferRequest,
+    config: ModelConfig,
+    max_batch_size: int,
+) -> None:
+    """Remember a JSON request's checked text around its values (``body[start:end]``), under ``key``, the second
+    time that text is seen (a client that sends a new id with each request would be planned for nothing): a
+    request of one FP32 input whose ``data`` is a flat list, as clients send it. The plan is proved before it is
+    kept: the same text with other values in their place must parse as the same request with those values, and
+    the plan must read this request's values as they were read. A client whose numbers the plan's reading leaves
+    to the general parser (more than 18 digits, ``_fp32_text``) is not planned, nor tried again."""
+    if (seen := _JSON_SEEN.get(key, 0)) != 1:
+        if seen == 0:
+            if len(_JSON_SEEN) >= _PLANS_KEPT:
+                _JSON_SEEN.clear()
+            _JSON_SEEN[key] = 1
+        return
+    _JSON_SEEN[key] = 2  # tried now, once
+    if len(request.feeds) != 1:
+        return
+    tensor = doc["inputs"][0]  # checked: the one input, an object
+    data = tensor.get("data")
+    values = request.feeds[tensor["name"]]
+    if tensor["datatype"] != "FP32" or type(data) is not list or len(data) != values.size or not values.size:
+        return  # binary, nested or another datatype: parsed each time
+    other = 2 if data != [2] * len(data) else 3
+    try:
+        proof = orjson.loads(key[0] + b",".join([b"%d" % other] * len(data)) + key[1])
+    except orjson.JSONDecodeError:
+        return
+    if proof != {**doc, "inputs": [{**tensor, "data": [other] * len(data)}]}:
+        return
+    read = _empty(values.size, dtype=_FP32)
+    if _fp32_text(body, start, read) != end or read.tobytes() != values.tobytes():
+        return
+    if len(_JSON_PLANS) >= _PLANS_KEPT:
+        _JSON_PLANS.clear()
+    inputs = [(tensor["name"], values.dtype, values.size, start, values.shape, "FP32")]
+    _JSON_PLANS[key] = request.plan = _Plan(config, max_batch_size, request, inputs, -1)
+
+
+def _planned_json(
+    body: bytes, start: int, end: int, key: tuple[bytes, bytes, int, int], config: ModelConfig
+) -> InferRequest | None:
+    """A JSON request whose text around its values (``body[start:end]``) was planned for this model
+    (``_plan_json``, under ``key``), its values read from the text; None where there is no plan, or where the
+    values are not a flat list of as many numbers of the kind the plan reads (the request is then parsed the
+    usual way, which refuses what is wrong)."""
+    plan = _JSON_PLANS.get(key)
+    if plan is None or plan.config is not config:
+        return None
+    name, dtype, count, offset, shape, datatype = plan.inputs[0]
+    values = _empty(count, dtype=_FP32)
+    if _fp32_text(body, start, values) != end:
+        return None
+    return InferRequest(plan.id, {name: values.reshape(shape)}, plan.rows, plan.outputs, plan.timeout_s, plan)
+
+
+_EXACT_MANTISSA = 2**53  # digits up to this are exact as a double
+_MOST_DIGITS = 922_337_203_685_477_579  # a mantissa at most this, times 10 plus a digit, fits in 63 bits
+_NEAR = 2.0**-45  # relative: how close to a rounded value every number it may stand for lies (see _fp32_text)
+
+
+def _fp32_text(text: bytes, start: int, values: np.ndarray) -> int:
+    """Read a JSON array's numbers from ``text[start:]`` into ``values`` (FP32), up to its closing bracket;
+    where that bracket is, or -1 where the text is not a list of exactly ``len(values)`` JSON numbers, each
+    within FP32's range, that this reading takes (compiled: a C loop over the bytes). Each value is stored as
+    ``_fp32_flat`` stores the double a correctly rounded parser (orjson, Python's float) reads from the text:
+    the FP32 nearest to that double.
+
+    A number of at most 18 digits (without the decimal point) and a power of ten within 44 is read as its
+    digits, an integer, scaled by the power. Where the digits fit in 2**53 and the power is within 22, both
+    are exact as doubles and the one multiplication or division rounds once: the double is the parser's.
+    Otherwise the double read is within 4 units in its last place of the parser's (each of at most three
+    operations rounds once), and it is stored only where every value within ``_NEAR`` of it, far wider, rounds
+    to the same FP32, and lies within FP32's range: the parser's double then stores as the same FP32. The rest
+    (more digits, a power past 44, a value that near a tie between two FP32s) is left to the parser: -1. As
+    orjson reads them, ``-0`` is the integer 0 and ``-0.0`` is negative zero."""
+    n = len(values)
+    length = len(text)
+    limit = _FP32_MAX
+    exact_mantissa = _EXACT_MANTISSA
+    most = _MOST_DIGITS
+    near = _NEAR
+    i = start
+    k = 0
+    while True:  # at a number, after the bracket or a comma
+        while i < length and (text[i] == 32 or text[i] == 10 or text[i] == 13 or text[i] == 9):
+            i += 1
+        if i >= length:
+            return -1
+        negative = text[i] == 45  # '-'
+        if negative:
+            i += 1
+        if i >= length:
+            return -1
+        mantissa = 0
+        exponent = 0
+        integral = True
+        if text[i] == 48:  # '0': no more digits before the point
+            i += 1
+        elif 49 <= text[i] <= 57:
+            while i < length and 48 <= text[i] <= 57:
+                if mantissa > most:
+                    return -1
+                mantissa = mantissa * 10 + (text[i] - 48)
+                i += 1
+        else:
+            return -1
+        if i < length and text[i] == 46:  # '.'
+            integral = False
+            i += 1
+            if not (i < length and 48 <= text[i] <= 57):
+                return -1
+            while i < length and 48 <= text[i] <= 57:
+                if mantissa > most:
+                    return -1
+                mantissa = mantissa * 10 + (text[i] - 48)
+                exponent -= 1
+                i += 1
+        if i < length and (text[i] == 101 or text[i] == 69):  # 'e', 'E'
+            integral = False
+            i += 1
+            sign = 1
+            if i < length and (text[i] == 43 or text[i] == 45):  # '+', '-'
+                sign = 1 if text[i] == 43 else -1
+                i += 1
+            if not (i < length and 48 <= text[i] <= 57):
+                return -1
+            power = 0
+            while i < length and 48 <= text[i] <= 57:
+                if power < 1000:
+                    power = power * 10 + (text[i] - 48)
+                i += 1
+            exponent += sign * power
+        if mantissa == 0:
+            x = 0.0
+        else:
+            if not -44 <= exponent <= 44:
+                return -1
+            # the power of ten as two exact doubles: every power up to 1e22 is one
+            first = 1.0
+            for _j in range(min(exponent if exponent > 0 else -exponent, 22)):
+                first *= 10.0
+            second = 1.0
+            for _j in range((exponent if exponent > 0 else -exponent) - 22):
+                second *= 10.0
+            x = mantissa * first * second if exponent >= 0 else mantissa / first / second
+            if mantissa > exact_mantissa or second != 1.0:  # rounded more than once
+                if x * (1.0 + near) > limit:
+                    return -1
+                values[k] = x * (1.0 - near)
+                low = values[k]
+                values[k] = x * (1.0 + near)
+                if values[k] != low:
+                    return -1
+        if negative and not (integral and mantissa == 0):
+            x = -x
+        if not -limit <= x <= limit:
+            return -1
+        values[k] = x
+        k += 1
+        while i < length and (text[i] == 32 or text[i] == 10 or text[i] == 13 or text[i] == 9):
+            i += 1
+        if i < length and text[i] == 44 and k < n:  # ','
+            i += 1
+        elif i < length and text[i] == 93 and k == n:  # ']'
+            return i
+        else:
+            return -1
 
 
 def check_infer_document(doc: Any, binary: memoryview, config: ModelConfig, max_batch_size: int) -> InferRequest:
@@ -554,8 +775,11 @@ def encode_infer_response(
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary tensors follow it (else None)."""
     plan = request.plan
-    if plan is not None and plan.binary_outputs:
-        return _binary_response(model, version, plan, outputs, datatypes)
+    if plan is not None:
+        if plan.binary_outputs:
+            return _binary_response(model, version, plan, outputs, datatypes)
+        if plan.json_outputs:
+            return _json_response(model, version, plan, outputs, datatypes), None
     tensors = []
     blobs = []
     for requested in request.outputs:
@@ -592,7 +816,7 @@ def encode_infer_response(
 
 
 def _binary_response(
-    model: str, version: str, plan: _BinaryPlan, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
+    model: str, version: str, plan: _Plan, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
 ) -> tuple[bytes, int | None]:
     """``encode_infer_response`` for a planned request whose every output comes back as binary data: its JSON
     header made once for the plan and the outputs' shapes (the same for each answer of as many rows)."""
@@ -615,6 +839,32 @@ def _binary_response(
         kept = plan.response = (model, version, datatypes, shapes, orjson.dumps(response, option=_JSON_OPTIONS))
     header = kept[4]
     return b"".join([header, *[np.ascontiguousarray(array).tobytes() for array in arrays]]), len(header)
+
+
+def _json_response(
+    model: str, version: str, plan: _Plan, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
+) -> bytes:
+    """``encode_infer_response`` for a planned request whose every output comes back as JSON numbers: the text
+    around the outputs' values made once for the plan and the outputs' shapes, as orjson writes the response
+    whole (the same keys in the same order, no spaces), each answer's values written into it."""
+    arrays = [outputs[requested.name] for requested in plan.outputs]
+    shapes = [array.shape for array in arrays]
+    kept = plan.response
+    if kept is None or not (kept[0] == model and kept[1] == version and kept[2] is datatypes and kept[3] == shapes):
+        pieces = [b'{"model_name":' + orjson.dumps(model) + b',"model_version":' + orjson.dumps(version)]
+        between = b',"outputs":['
+        for requested, array in zip(plan.outputs, arrays, strict=True):
+            tensor = {"name": requested.name, "datatype": datatypes[requested.name], "shape": list(array.shape)}
+            pieces.append(between + orjson.dumps(tensor)[:-1] + b',"data":')
+            between = b"},"
+        pieces.append(b"}]" + (b',"id":' + orjson.dumps(plan.id) if plan.id is not None else b"") + b"}")
+        kept = plan.response = (model, version, datatypes, shapes, pieces)
+    pieces = kept[4]
+    parts = [pieces[0]]
+    for piece, array in zip(pieces[1:-1], arrays, strict=True):
+        parts += [piece, orjson.dumps(array.ravel(), option=_JSON_OPTIONS)]
+    parts.append(pieces[-1])
+    return b"".join(parts)
 
 
 # Documentation only: the same format as pydantic schemas, for the OpenAPI page.

@@ -327,3 +327,138 @@ def test_a_planned_binary_answer_is_the_one_its_request_read_afresh_gets() -> No
         response, header_length = answer
         assert orjson.loads(response[:header_length])["outputs"][0]["shape"] == [rows, 10]
         assert response[header_length:] == logits["logits"].tobytes()
+
+
+def json_request(values: list[str], rows: int = 1, before: str = "", after: str = "", separator: str = ",") -> bytes:
+    """A JSON request to tiny-cnn-bn whose data is written as the client wrote ``values``, text and all."""
+    tensor = f'{{"name":"input","datatype":"FP32","shape":[{rows},1,8,8],"data":[{separator.join(values)}]}}'
+    return f'{{{before}"inputs":[{tensor}]{after}}}'.encode()
+
+
+def read_afresh(body: bytes, config: ModelConfig = CONFIGS["tiny-cnn-bn"]) -> protocol.InferRequest:
+    return protocol.check_infer_document(orjson.loads(body), memoryview(b""), config, MAX_BATCH_SIZE)
+
+
+# How clients write FP32 values: short decimals, Python's repr of an FP32 read as a double (17 digits),
+# exponents, integers, the two zeros, and numbers near a tie between two FP32s.
+NUMBER_FORMS = [
+    lambda v: f"{v:.4f}",
+    lambda v: repr(float(np.float32(v))),
+    lambda v: f"{v:.6e}",
+    lambda v: f"{v * 1e-30:.17g}",
+    lambda v: str(int(v * 1000)),
+    lambda v: "-0" if v > 0 else "-0.0",
+    lambda v: f"{(float(np.float32(v)) + float(np.nextafter(np.float32(v), np.float32(9)))) / 2:.17g}",
+]
+
+
+def test_json_requests_sent_again_are_each_read_as_the_general_parser_reads_them() -> None:
+    # The same JSON text around other values (service.protocol._plan_json): after the first two, the values alone
+    # are read from the text (_fp32_text), and must be bit for bit what orjson and the general checks make of them.
+    rng = np.random.default_rng(0)
+    config = CONFIGS["tiny-cnn-bn"]
+    read_from_plan = 0
+    for form in NUMBER_FORMS:
+        for separator in (",", ", ", " ,\n "):
+            for _ in range(4):
+                body = json_request([form(v) for v in rng.uniform(-3, 3, 64)], separator=separator)
+                parsed = parse_infer_request(body, None, config, MAX_BATCH_SIZE)
+                afresh = read_afresh(body)
+                assert parsed.feeds["input"].shape == (1, 1, 8, 8) and parsed.rows == 1
+                assert parsed.feeds["input"].tobytes() == afresh.feeds["input"].tobytes(), body
+                read_from_plan += parsed.plan is not None
+    assert read_from_plan >= 2 * len(NUMBER_FORMS) * 3  # each text planned from its second request on
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("NaN", "is not valid JSON"),
+        ("1e400", "is not valid JSON"),
+        ("3.5e38", "outside FP32's range"),
+        ('"1.5"', "holds strings"),
+        ("null", "holds nulls"),
+        ("01", "is not valid JSON"),
+        ("1.", "is not valid JSON"),
+        ("[1]", "is not a rectangular array"),
+    ],
+)
+def test_a_planned_json_request_with_a_value_the_plan_cannot_read_is_refused_as_before(
+    value: str, fragment: str
+) -> None:
+    config = CONFIGS["tiny-cnn-bn"]
+    good = ["0.5"] * 64
+    for _ in range(3):  # planned
+        assert parse_infer_request(json_request(good), None, config, MAX_BATCH_SIZE).plan is not None
+    with pytest.raises(InvalidInput) as refused:
+        parse_infer_request(json_request([*good[:63], value]), None, config, MAX_BATCH_SIZE)
+    assert fragment in refused.value.message
+    with pytest.raises(InvalidInput, match=r"input 'input' has 63 values; its shape \[1, 1, 8, 8\] needs 64"):
+        parse_infer_request(json_request(good[:63]), None, config, MAX_BATCH_SIZE)
+    with pytest.raises(InvalidInput, match=r"input 'input' has 65 values; its shape \[1, 1, 8, 8\] needs 64"):
+        parse_infer_request(json_request([*good, "1"]), None, config, MAX_BATCH_SIZE)
+
+
+def test_a_data_key_that_is_not_the_input_s_values_is_never_read_as_them() -> None:
+    # The first '"data": [' of the text is where a plan reads the values: text where it is something else (a
+    # parameter, an input named data) is proved not to be planned, and is read the general way every time.
+    decoy = ModelConfig(
+        name="decoy",
+        max_batch_size=8,
+        inputs=[TensorSpec(name="data", datatype="FP32", shape=[-1, 2])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 1])],
+    )
+    tensor = b'{"name":"data","datatype":"FP32","shape":[1,2],"data":[%d.5,1]}'
+    for i in range(4):
+        body = b'{"parameters":{"data":[7,7]},"inputs":[' + tensor % i + b"]}"
+        parsed = parse_infer_request(body, None, decoy, MAX_BATCH_SIZE)
+        assert parsed.feeds["data"].tolist() == [[i + 0.5, 1.0]] and parsed.plan is None
+        body = b'{"inputs":[{"name":"data","datatype":"FP32","shape":[1,2],"data" : [ %d.5 , 2 ] }]}'
+        parsed = parse_infer_request(body % i, None, decoy, MAX_BATCH_SIZE)
+        assert parsed.feeds["data"].tolist() == [[i + 0.5, 2.0]]
+    assert parsed.plan is not None  # the input named data, once seen, is planned all the same
+
+
+def test_the_same_json_text_to_two_models_is_read_against_each_model() -> None:
+    tiny = CONFIGS["tiny-cnn-bn"]
+    smaller = ModelConfig(name="smaller", max_batch_size=1, inputs=tiny.inputs, outputs=tiny.outputs)
+    body = json_request(["0.25"] * 128, rows=2)
+    for _ in range(3):
+        assert parse_infer_request(body, None, tiny, MAX_BATCH_SIZE).rows == 2
+        with pytest.raises(InvalidInput, match=r"input 'input' has 2 rows, more than this model's max batch size of 1"):
+            parse_infer_request(body, None, smaller, 1)
+
+
+def test_json_requests_each_with_an_id_of_their_own_are_read_as_their_own() -> None:
+    config = CONFIGS["tiny-cnn-bn"]
+    for i in range(3 * protocol._PLANS_KEPT):
+        parsed = parse_infer_request(json_request([str(i)] * 64, after=f',"id":"r{i}"'), None, config, MAX_BATCH_SIZE)
+        assert parsed.id == f"r{i}" and parsed.feeds["input"][0, 0, 0, 0] == i
+    assert len(protocol._JSON_PLANS) <= protocol._PLANS_KEPT and len(protocol._JSON_SEEN) <= protocol._PLANS_KEPT
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [None, [{"name": "logits"}], [{"name": "logits", "parameters": {"binary_data": True}}]],
+    ids=["every-output", "json", "binary"],
+)
+def test_a_planned_json_answer_is_the_one_its_request_read_afresh_gets(outputs: list[Any] | None) -> None:
+    # A planned request's response is written into text made once per shape (service.protocol._json_response):
+    # each answer must still be, byte for byte, what the request read without a plan is answered with.
+    config, rng = CONFIGS["tiny-cnn-bn"], np.random.default_rng(0)
+    for rows, version, request_id in ((1, "1", None), (1, "1", None), (3, "1", 'a "quoted" id'), (1, "2", None)):
+        doc: dict[str, Any] = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 1, 8, 8]}]}
+        doc["inputs"][0]["data"] = [0.5] * 64 * rows
+        if request_id is not None:
+            doc["id"] = request_id
+        if outputs is not None:
+            doc["outputs"] = outputs
+        body = orjson.dumps(doc)
+        for _ in range(3):
+            planned = parse_infer_request(body, None, config, MAX_BATCH_SIZE)
+        assert planned.plan is not None
+        afresh = read_afresh(body)
+        for _ in range(2):
+            logits = {"logits": rng.standard_normal((rows, 10)).astype(np.float32)}
+            answer = protocol.encode_infer_response("tiny-cnn-bn", version, planned, logits, {"logits": "FP32"})
+            assert answer == protocol.encode_infer_response("tiny-cnn-bn", version, afresh, logits, {"logits": "FP32"})

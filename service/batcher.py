@@ -104,7 +104,7 @@ class Batcher:
             connections are held back (``intake``, ``service.intake``); 0: never held; None: 1 on one core,
             where nothing overlaps, 2 on more, where one batch computes while the next is read and parsed.
         idle_spin_s: once the queue empties, how long the worker keeps the event loop polling for the next
-            request before it sleeps (``_spin``); 0: it sleeps at once.
+            request before it sleeps (``_spin``), while requests come that close together; 0: it sleeps at once.
     """
 
     def __init__(
@@ -132,6 +132,8 @@ class Batcher:
         self._estimate = estimate
         self._loop_budget_s = OVERLAP_BUDGET_S if cores > 1 else LOOP_BLOCK_BUDGET_S
         self.idle_spin_s = idle_spin_s
+        # Whether the last wait on an empty queue ended within idle_spin_s: only then does the next one spin (``_work``)
+        self._spin_pays = True
         self._metrics = metrics
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # requests in the queue that are still waiting (not expired)
@@ -370,10 +372,14 @@ class Batcher:
             if not self._queue:
                 if self._closing:
                     return
-                if self.idle_spin_s > 0 and await self._spin():
-                    continue
+                if self.idle_spin_s > 0 and self._spin_pays:
+                    if await self._spin():
+                        continue
+                    self._spin_pays = False  # nothing came within it: sleep, until requests come that close again
                 self._waiting = loop.create_future()
+                asleep = monotonic()
                 await self._waiting
+                self._spin_pays = monotonic() - asleep <= self.idle_spin_s
                 continue
             if self.max_queue_delay_s > 0 and not self._closing:
                 await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
@@ -392,7 +398,10 @@ class Batcher:
         passed; whether one arrived. Each pass asks the kernel what is ready without waiting, so a request that
         comes within it is read at once: a loop that sleeps instead is woken by the kernel, which on an idle core
         (of a virtual machine above all) costs tens of microseconds before its first instruction runs, and it
-        then runs with cold caches. The price is the core's time while it polls, after each burst of requests."""
+        then runs with cold caches. The price is the core's time while it polls: ``_work`` spins only while the
+        last wait on an empty queue ended within the spin (a client that sends its next request as soon as it has
+        its answer), and once a spin ends with nothing, sleeps until requests come that close again, so that a
+        server whose requests come further apart spends nothing on it."""
         arrivals, until = self._arrivals, monotonic() + self.idle_spin_s
         while self._arrivals == arrivals and not self._closing:
             if monotonic() >= until:

@@ -100,13 +100,15 @@ class Settings(BaseSettings):
         "the next is parsed). 0: every connection is read, and past the queue limit refused with 503",
     )
     idle_spin_us: float = Field(
-        default=0.0,
+        default=200.0,
         ge=0,
         le=10_000,
         description="once a model's queue empties, how long its batcher keeps the event loop polling for the next "
         "request before it sleeps: a request within it is read at once, without the wake-up of an idle core "
-        "(tens of µs on a virtual machine), at the cost of that much CPU after each burst of requests, which "
-        "CPU-based autoscaling counts as load. 0: sleep at once",
+        "(tens of µs on a virtual machine, and caches gone cold). It spins only while the last wait ended within "
+        "it (a client that sends its next request as soon as it has its answer), when the core would have slept "
+        "for less anyway; once a spin ends with nothing, it sleeps until requests come that close again. 0: sleep "
+        "at once",
     )
     request_timeout_ms: float = Field(
         default=30_000,

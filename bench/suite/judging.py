@@ -342,7 +342,7 @@ def limit_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": row["p50_ms"] <= row["p50_bound_ms"],
                 }
             )
-            if spin := r.get("tiny_spin"):  # the same bound, with the batcher polling between requests
+            if spin := r.get("tiny_spin"):  # the same bound, with the idle spin set otherwise (off)
                 p50 = _p(spin[encoding][0], "p50")
                 out.append(
                     {

@@ -355,6 +355,29 @@ async def test_an_idle_spin_serves_what_comes_within_it_then_lets_the_core_sleep
     await asyncio.wait_for(batcher.stop(), timeout=5)  # a spinning worker stops too
 
 
+async def test_an_idle_spin_is_spent_only_while_requests_come_within_it() -> None:
+    # A server whose requests come further apart than the spin spends no core on it: once a spin ends with nothing,
+    # the worker sleeps at once after each batch, until a request comes within the spin again.
+    model = FakeModel()
+    batcher = make_batcher(model, idle_spin_s=0.2)
+    batcher.start()
+    await batcher.submit(rows(1, 1), 1, later())
+    await asyncio.sleep(0.5)  # the spin after it ends with nothing
+    cpu = time.process_time()
+    for i in range(3):  # requests 0.5 s apart: after each, asleep at once
+        (out,) = await batcher.submit(rows(i, 1), 1, later())
+        np.testing.assert_array_equal(out, [[2.0 * i]])
+        await asyncio.sleep(0)  # the worker's turn after the answer
+        assert batcher._waiting is not None
+        await asyncio.sleep(0.5)
+    assert time.process_time() - cpu < 0.5  # a spin after each would have polled for 0.6 s of the 1.5 s
+    for i in range(3):  # requests back to back: the first comes within the spin of the sleep before it
+        await batcher.submit(rows(i, 1), 1, later())
+    await asyncio.sleep(0)
+    assert batcher._waiting is None  # polling again
+    await asyncio.wait_for(batcher.stop(), timeout=5)
+
+
 async def test_the_pending_gauge_counts_every_queue_of_a_model_version() -> None:
     """The batchnorm endpoint's running-statistics queue counts in its model version's infer metrics: two
     batchers share one ``normserve_pending_requests`` series, which is the sum of what both hold queued."""

@@ -33,7 +33,9 @@ def test_per_model_batching_combines_override_default_and_the_verified_batch_siz
 
 
 def test_the_idle_spin_reaches_every_model_s_batching_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().batching("any", model_max_batch_size=8).idle_spin_s == 0.0  # off unless asked for
+    assert Settings().batching("any", model_max_batch_size=8).idle_spin_s == pytest.approx(200e-6)
+    monkeypatch.setenv("NORMSERVE_IDLE_SPIN_US", "0")
+    assert Settings().batching("any", model_max_batch_size=8).idle_spin_s == 0.0
     monkeypatch.setenv("NORMSERVE_IDLE_SPIN_US", "250")
     settings = Settings()
     assert settings.batching("any", model_max_batch_size=8).idle_spin_s == pytest.approx(250e-6)

@@ -10,7 +10,7 @@ cdef class RequestedOutput:
     cdef public object binary, classification, name
 
 cdef class _Plan:
-    cdef public object binary_outputs, config, id, json_outputs, max_batch_size, outputs, response, rows, timeout_s
+    cdef public object binary_outputs, config, id, max_batch_size, outputs, response, rows, timeout_s
     cdef public list inputs
     cdef public Py_ssize_t size
 

@@ -326,8 +326,8 @@ class _Plan:
     where the values' text starts, and ``size`` are not used). (A plain class: protocol.pxd makes it an
     extension type when compiled.)"""
 
-    __slots__ = ("binary_outputs", "config", "id", "inputs", "json_outputs", "max_batch_size", "outputs", "response",
-                 "rows", "size", "timeout_s")  # fmt: skip
+    __slots__ = ("binary_outputs", "config", "id", "inputs", "max_batch_size", "outputs", "response", "rows", "size",
+                 "timeout_s")  # fmt: skip
 
     def __init__(
         self,
@@ -339,12 +339,10 @@ class _Plan:
     ) -> None:
         self.config, self.max_batch_size, self.inputs, self.size = config, max_batch_size, inputs, size
         self.id, self.rows, self.outputs, self.timeout_s = request.id, request.rows, request.outputs, request.timeout_s
-        # Whether every output it asks for comes back as binary data, or every one as JSON numbers, none as
-        # classes: the response's JSON is then the same for each answer of the same shapes but for the outputs'
-        # values, and is kept (``encode_infer_response``).
+        # Whether every output it asks for comes back as binary data, none as classes: the response's JSON header
+        # is then the same for each answer of the same shapes, and is kept (``encode_infer_response``).
         self.binary_outputs = all([o.binary and not o.classification for o in request.outputs])
-        self.json_outputs = all([not o.binary and not o.classification for o in request.outputs])
-        self.response: tuple[str, str, Mapping[str, str], list[tuple[int, ...]], Any] | None = None
+        self.response: tuple[str, str, Mapping[str, str], list[tuple[int, ...]], bytes] | None = None
 
 
 _PLANS: dict[bytes, _Plan] = {}  # by the JSON header's bytes
@@ -775,11 +773,8 @@ def encode_infer_response(
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary tensors follow it (else None)."""
     plan = request.plan
-    if plan is not None:
-        if plan.binary_outputs:
-            return _binary_response(model, version, plan, outputs, datatypes)
-        if plan.json_outputs:
-            return _json_response(model, version, plan, outputs, datatypes), None
+    if plan is not None and plan.binary_outputs:
+        return _binary_response(model, version, plan, outputs, datatypes)
     tensors = []
     blobs = []
     for requested in request.outputs:
@@ -839,32 +834,6 @@ def _binary_response(
         kept = plan.response = (model, version, datatypes, shapes, orjson.dumps(response, option=_JSON_OPTIONS))
     header = kept[4]
     return b"".join([header, *[np.ascontiguousarray(array).tobytes() for array in arrays]]), len(header)
-
-
-def _json_response(
-    model: str, version: str, plan: _Plan, outputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
-) -> bytes:
-    """``encode_infer_response`` for a planned request whose every output comes back as JSON numbers: the text
-    around the outputs' values made once for the plan and the outputs' shapes, as orjson writes the response
-    whole (the same keys in the same order, no spaces), each answer's values written into it."""
-    arrays = [outputs[requested.name] for requested in plan.outputs]
-    shapes = [array.shape for array in arrays]
-    kept = plan.response
-    if kept is None or not (kept[0] == model and kept[1] == version and kept[2] is datatypes and kept[3] == shapes):
-        pieces = [b'{"model_name":' + orjson.dumps(model) + b',"model_version":' + orjson.dumps(version)]
-        between = b',"outputs":['
-        for requested, array in zip(plan.outputs, arrays, strict=True):
-            tensor = {"name": requested.name, "datatype": datatypes[requested.name], "shape": list(array.shape)}
-            pieces.append(between + orjson.dumps(tensor)[:-1] + b',"data":')
-            between = b"},"
-        pieces.append(b"}]" + (b',"id":' + orjson.dumps(plan.id) if plan.id is not None else b"") + b"}")
-        kept = plan.response = (model, version, datatypes, shapes, pieces)
-    pieces = kept[4]
-    parts = [pieces[0]]
-    for piece, array in zip(pieces[1:-1], arrays, strict=True):
-        parts += [piece, orjson.dumps(array.ravel(), option=_JSON_OPTIONS)]
-    parts.append(pieces[-1])
-    return b"".join(parts)
 
 
 # Documentation only: the same format as pydantic schemas, for the OpenAPI page.

@@ -443,8 +443,8 @@ def test_json_requests_each_with_an_id_of_their_own_are_read_as_their_own() -> N
     ids=["every-output", "json", "binary"],
 )
 def test_a_planned_json_answer_is_the_one_its_request_read_afresh_gets(outputs: list[Any] | None) -> None:
-    # A planned request's response is written into text made once per shape (service.protocol._json_response):
-    # each answer must still be, byte for byte, what the request read without a plan is answered with.
+    # A planned request keeps its response's JSON header where its outputs come back as binary data: each answer
+    # must still be, byte for byte, what the request read without a plan is answered with.
     config, rng = CONFIGS["tiny-cnn-bn"], np.random.default_rng(0)
     for rows, version, request_id in ((1, "1", None), (1, "1", None), (3, "1", 'a "quoted" id'), (1, "2", None)):
         doc: dict[str, Any] = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 1, 8, 8]}]}

@@ -140,6 +140,7 @@ class Batcher:
         self._queued_rows = 0
         self._running_rows = 0  # of the batch being run now
         self._last_batch_rows = 0  # of the last batch run
+        self._last_requests = 0  # in the last batch run
         self._arrivals = 0  # requests ever queued: tells the worker whether more are still coming in
         # The worker's, while it waits on an empty queue: the next request resolves it (an asyncio.Event's set()
         # is Python code, run for every request).
@@ -366,6 +367,7 @@ class Batcher:
     async def _work(self) -> None:
         loop = self._loop
         assert loop is not None
+        arrived = False  # whether the queue was empty before the request at its head came
         while True:
             while self._queue and self._queue[0].phase is not _Phase.QUEUED:
                 self._queue.popleft()  # expired while queued: already answered
@@ -374,17 +376,22 @@ class Batcher:
                     return
                 if self.idle_spin_s > 0 and self._spin_pays:
                     if await self._spin():
+                        arrived = True
                         continue
                     self._spin_pays = False  # nothing came within it: sleep, until requests come that close again
                 self._waiting = loop.create_future()
                 asleep = monotonic()
                 await self._waiting
                 self._spin_pays = monotonic() - asleep <= self.idle_spin_s
+                arrived = True
                 continue
             if self.max_queue_delay_s > 0 and not self._closing:
                 await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
-            else:
+            elif not (arrived and self._last_requests == 1 and self._queued == 1):
+                # A lone request to an empty queue, after a batch of one request, runs at once: the load has
+                # been a request at a time, and the passes would only delay it (a batch of more settles again).
                 await self._settle()
+            arrived = False
             self._drained()
             batch, waits = self._take()
             self._taken(batch)
@@ -426,8 +433,9 @@ class Batcher:
 
         Requests whose bytes have already reached the server are parsed by other tasks within a
         loop pass or two; letting them join makes the batch as large as the load allows, at the
-        cost of a few loop passes for a lone request. It also lets timers, health checks and
-        refusals run between batches that run on the loop.
+        cost of a few loop passes for a lone request (``_work`` spares them a lone request that comes
+        to an empty queue after a batch of one). It also lets timers, health checks and refusals run
+        between batches that run on the loop.
         """
         quiet = passes = 0
         while quiet < _QUIET_PASSES and passes < _MAX_PASSES and self._queued_rows < self.max_batch_size:
@@ -496,6 +504,7 @@ class Batcher:
 
     async def _execute(self, batch: list[_Request]) -> None:
         rows = self._running_rows = self._last_batch_rows = sum(r.rows for r in batch)
+        self._last_requests = len(batch)
         try:
             await self._execute_rows(batch, rows)
         finally:

@@ -378,6 +378,39 @@ async def test_an_idle_spin_is_spent_only_while_requests_come_within_it() -> Non
     await asyncio.wait_for(batcher.stop(), timeout=5)
 
 
+async def passes_to_answer(batcher: Batcher, start: int) -> int:
+    """How many passes of the event loop a lone request takes from its submission to its answer."""
+    loop, passes, answered = asyncio.get_running_loop(), [0], False
+
+    def count() -> None:
+        if not answered:
+            passes[0] += 1
+            loop.call_soon(count)
+
+    loop.call_soon(count)
+    (out,) = await batcher.submit(rows(start, 1), 1, later())
+    answered = True
+    np.testing.assert_array_equal(out, [[2.0 * start]])
+    return passes[0]
+
+
+@pytest.mark.parametrize("idle_spin_s", [0.0, 0.2])
+async def test_a_lone_request_after_a_batch_of_one_runs_without_waiting_for_others(idle_spin_s: float) -> None:
+    # A client at a time: its request comes to an empty queue after a batch of one, and runs at once rather than
+    # after loop passes for others to join. Requests that come together still make one batch.
+    model = FakeModel()
+    batcher = make_batcher(model, idle_spin_s=idle_spin_s)
+    batcher.start()
+    await asyncio.gather(*(batcher.submit(rows(i, 1), 1, later()) for i in range(2)))  # a batch of two
+    after_two = await passes_to_answer(batcher, 5)  # settles: others could be on their way
+    after_one = await passes_to_answer(batcher, 6)
+    assert after_one < after_two
+    model.batches.clear()
+    await asyncio.gather(*(batcher.submit(rows(10 + i, 1), 1, later()) for i in range(4)))
+    assert [len(b) for b in model.batches] == [4]
+    await asyncio.wait_for(batcher.stop(), timeout=5)
+
+
 async def test_the_pending_gauge_counts_every_queue_of_a_model_version() -> None:
     """The batchnorm endpoint's running-statistics queue counts in its model version's infer metrics: two
     batchers share one ``normserve_pending_requests`` series, which is the sum of what both hold queued."""

@@ -438,7 +438,7 @@ def _plan_json(
     request of one FP32 input whose ``data`` is a flat list, as clients send it. The plan is proved before it is
     kept: the same text with other values in their place must parse as the same request with those values, and
     the plan must read this request's values as they were read. A client whose numbers the plan's reading leaves
-    to the general parser (more than 18 digits, ``_fp32_text``) is not planned, nor tried again."""
+    to the general parser (too many digits, ``_fp32_text``) is not planned, nor tried again."""
     if (seen := _JSON_SEEN.get(key, 0)) != 1:
         if seen == 0:
             if len(_JSON_SEEN) >= _PLANS_KEPT:
@@ -498,9 +498,10 @@ def _fp32_text(text: bytes, start: int, values: np.ndarray) -> int:
     ``_fp32_flat`` stores the double a correctly rounded parser (orjson, Python's float) reads from the text:
     the FP32 nearest to that double.
 
-    A number of at most 18 digits (without the decimal point) and a power of ten within 44 is read as its
-    digits, an integer, scaled by the power. Where the digits fit in 2**53 and the power is within 22, both
-    are exact as doubles and the one multiplication or division rounds once: the double is the parser's.
+    A number whose digits (without the decimal point) make an integer below 9.2 * 10**18 (18 digits at least)
+    and whose power of ten is within 44 is read as that integer scaled by the power. Where the digits fit in
+    2**53 and the power is within 22, both are exact as doubles and the one multiplication or division rounds
+    once: the double is the parser's.
     Otherwise the double read is within 4 units in its last place of the parser's (each of at most three
     operations rounds once), and it is stored only where every value within ``_NEAR`` of it, far wider, rounds
     to the same FP32, and lies within FP32's range: the parser's double then stores as the same FP32. The rest

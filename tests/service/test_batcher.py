@@ -371,7 +371,7 @@ async def test_an_idle_spin_is_spent_only_while_requests_come_within_it() -> Non
         assert batcher._waiting is not None
         await asyncio.sleep(0.5)
     assert time.process_time() - cpu < 0.5  # a spin after each would have polled for 0.6 s of the 1.5 s
-    for i in range(3):  # requests back to back: the first comes within the spin of the sleep before it
+    for i in range(3):  # requests back to back: from the second on, each comes within the spin of the wait before it
         await batcher.submit(rows(i, 1), 1, later())
     await asyncio.sleep(0)
     assert batcher._waiting is None  # polling again

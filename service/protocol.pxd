@@ -42,7 +42,7 @@ cpdef Py_ssize_t _past_space(bytes text, Py_ssize_t i)
                integral=bint, mantissa=cython.longlong, exact_mantissa=cython.longlong, most=cython.longlong,
                exponent=int, sign=int, power=int, x=double, first=double, second=double, low=float, near=double,
                limit=double)
-cpdef Py_ssize_t _fp32_text(const unsigned char[::1] text, Py_ssize_t start, float[::1] values)
+cpdef Py_ssize_t _fp32_text(bytes text, Py_ssize_t start, float[::1] values)
 
 @cython.locals(document=dict, fields=dict, feeds=dict)
 cpdef object check_infer_document(object doc, object binary, object config, object max_batch_size)

@@ -516,8 +516,7 @@ def _fp32_text(text: bytes, start: int, values: np.ndarray) -> int:
     i = start
     k = 0
     while True:  # at a number, after the bracket or a comma
-        while i < length and (text[i] == 32 or text[i] == 10 or text[i] == 13 or text[i] == 9):
-            i += 1
+        i = _past_space(text, i)
         if i >= length:
             return -1
         negative = text[i] == 45  # '-'
@@ -591,8 +590,7 @@ def _fp32_text(text: bytes, start: int, values: np.ndarray) -> int:
             return -1
         values[k] = x
         k += 1
-        while i < length and (text[i] == 32 or text[i] == 10 or text[i] == 13 or text[i] == 9):
-            i += 1
+        i = _past_space(text, i)
         if i < length and text[i] == 44 and k < n:  # ','
             i += 1
         elif i < length and text[i] == 93 and k == n:  # ']'

@@ -243,28 +243,28 @@ def limit_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def side_by_side_limit_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``limit_rows`` from side-by-side rounds: each round's limit from its own onnxruntime and bare ASGI
-    figures, normserve's share of it in the same round; the median of each figure over the rounds (``shares``:
-    each round's share, in order)."""
+    """``limit_rows`` from side-by-side rounds: each level's limit from its own onnxruntime and bare ASGI
+    figures (onnxruntime's from the round where a round measured it once), normserve's share of it in the
+    same round; the median of each figure over the rounds (``shares``: each round's share, in order)."""
     out = []
     for encoding, levels in rounds[0]["levels"].items():
         for conns in sorted(levels, key=int):
             each = []
             for measured in rounds:
-                floor, ours = (
-                    measured["levels"][encoding][conns]["bare"],
-                    measured["levels"][encoding][conns]["normserve"],
-                )
-                limit = 1 / (1 / rate(floor) + measured["row_us"] / 1e6)
+                level = measured["levels"][encoding][conns]
+                floor, ours = level["bare"], level["normserve"]
+                alone = level if "row_us" in level else measured  # around the level, or once in the round
+                row_us, batch1_ms = float(alone["row_us"]), float(alone["batch1_ms"])
+                limit = 1 / (1 / rate(floor) + row_us / 1e6)
                 each.append(
                     {
                         "bare_us": 1e6 / rate(floor),
-                        "row_us": float(measured["row_us"]),
+                        "row_us": row_us,
                         "limit": limit,
                         "throughput": rate(ours),
                         "share": rate(ours) / limit,
                         "p50_ms": _p(ours, "p50"),
-                        "p50_bound_ms": LIMIT_P50 * (_p(floor, "p50") + float(measured["batch1_ms"])),
+                        "p50_bound_ms": LIMIT_P50 * (_p(floor, "p50") + batch1_ms),
                     }
                 )
             row: dict[str, Any] = {"encoding": encoding, "conns": int(conns), "batch": rounds[0]["batch"]}

@@ -265,34 +265,38 @@ LIMIT_CONNECTIONS = (1, 16, 64)  # T9's levels: the p50 at one connection, the s
 
 
 def limit_part(suite: Suite) -> dict[str, Any]:
-    """T9's three parts measured side by side: in each of ``plan.limit_rounds`` rounds, onnxruntime alone (the
-    tiny model at batch 1 and at its largest batch, on the server's core), then at each level and encoding the
-    bare ASGI app and normserve in turn, a few seconds each. A shared machine's speed drifts over minutes, and
-    the rest of the suite measures the three parts many minutes apart; within a round the drift falls on both
-    sides of each ratio alike. T9 judges the medians over the rounds."""
+    """T9's three parts measured side by side: in each of ``plan.limit_rounds`` rounds, at each level and
+    encoding, the bare ASGI app and normserve in turn, a few seconds each, with onnxruntime alone (the tiny
+    model at batch 1 and at its largest batch, on the server's core) measured before the level and again after
+    it. A shared machine's speed drifts over minutes, and the rest of the suite measures the three parts many
+    minutes apart; within a level the drift falls on both sides of each ratio alike: its onnxruntime figures
+    are the mean of the two taken around it, and the pair's order alternates from round to round, so that
+    neither side is always measured first. T9 judges the medians over the rounds."""
     plan = suite.plan
     config = suite.config(duration_s=plan.limit_s)
     model_file = suite.repository / suite.tiny / "1" / "model.onnx"
     largest = plan.tiny_batches[-1]
     rounds = []
     with running(suite.normserve()) as ours, running(suite.uvicorn("bare", "bench.bare_asgi:app")) as bare:
-        for _ in range(plan.limit_rounds):
-            alone = inprocess(suite, model_file, (1, largest))["batches"]
+        alone = inprocess(suite, model_file, (1, largest))["batches"]
+        for index in range(plan.limit_rounds):
             levels: dict[str, dict[str, Any]] = {}
             for encoding in ("json", "binary"):
                 for conns in LIMIT_CONNECTIONS:
                     level = [("concurrency", float(conns))]
-                    (floor,) = suite.measure(bare, suite.tiny, encoding, level, path="/", config=config)
-                    (served,) = suite.measure(ours, suite.tiny, encoding, level, config=config)
-                    levels.setdefault(encoding, {})[str(conns)] = {"bare": floor, "normserve": served}
-            rounds.append(
-                {
-                    "batch": largest,
-                    "row_us": alone[str(largest)]["row_us"],
-                    "batch1_ms": alone["1"]["batch_ms"],
-                    "levels": levels,
-                }
-            )
+                    order = ("bare", "normserve") if index % 2 == 0 else ("normserve", "bare")
+                    measured: dict[str, Any] = {}
+                    for name in order:
+                        server, path = (bare, "/") if name == "bare" else (ours, None)
+                        (measured[name],) = suite.measure(server, suite.tiny, encoding, level, path, config)
+                    after = inprocess(suite, model_file, (1, largest))["batches"]
+                    levels.setdefault(encoding, {})[str(conns)] = measured | {
+                        "row_us": (alone[str(largest)]["row_us"] + after[str(largest)]["row_us"]) / 2,
+                        "batch1_ms": (alone["1"]["batch_ms"] + after["1"]["batch_ms"]) / 2,
+                        "first": order[0],
+                    }
+                    alone = after
+            rounds.append({"batch": largest, "levels": levels})
     return {"rounds": rounds}
 
 

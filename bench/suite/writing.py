@@ -609,10 +609,11 @@ def _limit_section(r: dict[str, Any]) -> list[str]:
     ]
     if "shares" in rows[0]:
         out += [
-            f"Measured side by side: {len(rows[0]['shares'])} rounds, each onnxruntime alone, then at each level "
-            "and encoding the bare app and normserve in turn, a few seconds each, so that the machine's drift "
-            "between minutes falls on both sides of each ratio; each figure is the median over the rounds, "
-            "each round's share in brackets.",
+            f"Measured side by side: {len(rows[0]['shares'])} rounds, each at each level and encoding the bare "
+            "app and normserve in turn, a few seconds each (bare first in odd rounds, normserve first in even "
+            "ones), with onnxruntime alone measured before each level and after it (the level's figure is the "
+            "mean of the two), so that the machine's drift between minutes falls on both sides of each ratio; "
+            "each figure is the median over the rounds, each round's share in brackets.",
             "",
             _limit_table(rows),
             "",

@@ -77,6 +77,27 @@ def _round(speed: float, ours_64: float) -> dict[str, Any]:
     }
 
 
+def test_a_level_is_judged_against_onnxruntime_measured_around_it_where_the_round_did_so() -> None:
+    # The machine slows by a fifth between the round's start and its 64-connection level: normserve's
+    # throughput there is judged against onnxruntime's time around that level, not the round's first.
+    slowed = _round(1.0, 11_500 * 0.8)
+    slowed["levels"]["json"] = dict(slowed["levels"]["json"])  # binary's stays as it was: slowed, the round's
+    slowed["levels"]["json"]["64"] = {
+        "bare": _level(64, 40_000 * 0.8, 1.6),
+        "normserve": _level(64, 11_500 * 0.8, 5.5),
+        "row_us": 50.0 / 0.8,
+        "batch1_ms": 0.06 / 0.8,
+    }
+    rows = {
+        (r["encoding"], r["conns"]): r
+        for r in limit_rows(_results(normserve_64=11_000) | {"limit": {"rounds": [slowed]}})
+    }
+    assert rows[("json", 64)]["share"] == pytest.approx(11_500 / (1 / (25e-6 + 50e-6)))  # 86 %, as unslowed
+    assert rows[("json", 64)]["row_us"] == pytest.approx(62.5)
+    assert rows[("binary", 64)]["share"] == pytest.approx(11_500 * 0.8 / (1 / (25e-6 + 50e-6)))  # truly slower
+    assert rows[("json", 1)]["p50_bound_ms"] == pytest.approx(1.2 * (0.1 + 0.06))  # the round's, as measured
+
+
 def test_side_by_side_rounds_judge_each_share_within_its_round_and_take_the_median() -> None:
     # The machine slows down by a third in the second round: each round's share is the same, and so is the
     # median, where figures taken minutes apart would mix a fast round's limit with a slow round's throughput.

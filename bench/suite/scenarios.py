@@ -293,7 +293,6 @@ def limit_part(suite: Suite) -> dict[str, Any]:
                     levels.setdefault(encoding, {})[str(conns)] = measured | {
                         "row_us": (alone[str(largest)]["row_us"] + after[str(largest)]["row_us"]) / 2,
                         "batch1_ms": (alone["1"]["batch_ms"] + after["1"]["batch_ms"]) / 2,
-                        "first": order[0],
                     }
                     alone = after
             rounds.append({"batch": largest, "levels": levels})

@@ -134,6 +134,9 @@ class Batcher:
         self.idle_spin_s = idle_spin_s
         # Whether the last wait on an empty queue ended within idle_spin_s: only then does the next one spin (``_work``)
         self._spin_pays = True
+        # Whether the worker waits on an empty queue (spinning or asleep), with no batch since it began to:
+        # a lone request that comes then runs as it is queued (``_enqueue``)
+        self._idle = False
         self._metrics = metrics
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # requests in the queue that are still waiting (not expired)
@@ -142,6 +145,7 @@ class Batcher:
         self._last_batch_rows = 0  # of the last batch run
         self._last_requests = 0  # in the last batch run
         self._arrivals = 0  # requests ever queued: tells the worker whether more are still coming in
+        self._last_arrival = 0.0  # the ``time.monotonic()`` when the last of them was queued
         # The worker's, while it waits on an empty queue: the next request resolves it (an asyncio.Event's set()
         # is Python code, run for every request).
         self._waiting: asyncio.Future[None] | None = None
@@ -256,14 +260,44 @@ class Batcher:
             self._mean_rows += _ROWS_WEIGHT * (rows - self._mean_rows)
             self.intake.limit = self.intake_limit()
         self._arrivals += 1
+        self._last_arrival = now
         self._queued += 1
         self._queued_rows += rows
         if self._pending_changed is not None:
             self._pending_changed()
+        if self._idle and self._last_requests == 1 and self._queued == 1 and self._runs_now(rows):
+            self._run_lone()
         self._wake_worker()
         if self._full is not None and self._queued_rows >= self.max_batch_size and not self._full.done():
             self._full.set_result(None)
         return request.future
+
+    def _runs_now(self, rows: int) -> bool:
+        """Whether a lone request of ``rows`` rows, queued while the worker waits on an empty queue after a
+        batch of one request, runs as it is queued (``_run_lone``): with no queue delay, on the loop."""
+        return self.max_queue_delay_s <= 0 and not self._closing and self._estimate(rows) <= self._loop_budget_s
+
+    def _run_lone(self) -> None:
+        """Run the one request queued, now, in its caller's step: the batch the worker would take at its next
+        pass (``_work``: a lone request to an empty queue after a batch of one runs at once), without the pass.
+        The load has been a request at a time; a request that comes before the worker's next pass queues as
+        usual, and the worker takes it then, with any others, as it would have."""
+        self._idle = False
+        self._drained()
+        batch, waits = self._take()
+        self._taken(batch)
+        if batch:
+            rows = self._running_rows = self._last_batch_rows = batch[0].rows
+            start = perf_counter()
+            try:
+                outputs = self._run(batch[0].feeds)
+            except Exception as e:
+                self._failed(batch, rows, e)
+            else:
+                self._hand_out(batch, rows, outputs, start, start)
+            finally:
+                self._running_rows = 0
+        self._metrics.queued_all(waits)
 
     def admit(self, longest_wait_s: float | None = None) -> None:
         """Raise what ``refusal`` returns."""
@@ -374,16 +408,18 @@ class Batcher:
             if not self._queue:
                 if self._closing:
                     return
+                self._idle = True
                 if self.idle_spin_s > 0 and self._spin_pays:
                     if await self._spin():
-                        arrived = True
+                        self._idle, arrived = False, True
                         continue
                     self._spin_pays = False  # nothing came within it: sleep, until requests come that close again
                 self._waiting = loop.create_future()
                 asleep = monotonic()
                 await self._waiting
-                self._spin_pays = monotonic() - asleep <= self.idle_spin_s
-                arrived = True
+                # from the request that woke it: the worker's turn may come after that request ran (``_run_lone``)
+                self._spin_pays = self._last_arrival - asleep <= self.idle_spin_s
+                self._idle, arrived = False, True
                 continue
             if self.max_queue_delay_s > 0 and not self._closing:
                 await self._wait_for_rows(self._queue[0].enqueued + self.max_queue_delay_s)
@@ -530,15 +566,24 @@ class Batcher:
                     if not request.future.done():
                         await self._execute_rows([request], request.rows)
                 return
-            if isinstance(e, ServeError):  # the runtime says the model refused this request's values
-                error: ServeError = e
-            else:  # inputs the protocol layer validated were refused: a bug, but the worker goes on
-                log.exception("model %s failed to run a batch of %d rows", self.name, rows)
-                error = BatchFailed(f"model {self.name} failed to run a batch of {rows} rows: {e}")
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+            self._failed(batch, rows, e)
             return
+        self._hand_out(batch, rows, outputs, start, put_together)
+
+    def _failed(self, batch: list[_Request], rows: int, e: Exception) -> None:
+        """Each request of a batch that failed gets the error (called while ``e`` is handled)."""
+        if isinstance(e, ServeError):  # the runtime says the model refused this request's values
+            error: ServeError = e
+        else:  # inputs the protocol layer validated were refused: a bug, but the worker goes on
+            log.exception("model %s failed to run a batch of %d rows", self.name, rows)
+            error = BatchFailed(f"model {self.name} failed to run a batch of {rows} rows: {e}")
+        for request in batch:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    def _hand_out(self, batch: list[_Request], rows: int, outputs: Outputs, start: float, put_together: float) -> None:
+        """Each request of a batch that ran gets its outputs, then the batch is counted. ``start`` and
+        ``put_together``: the ``perf_counter()`` when the batch began and when its inputs were put together."""
         ran = perf_counter()
         if self.max_requests == 1:  # whole: a graph whose outputs hold per-batch values (statistics) keeps them
             if not batch[0].future.done():

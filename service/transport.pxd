@@ -10,4 +10,4 @@ cdef class HeadReader:
 
 cdef class AnsweredHere:
     cdef public object call, context, disconnected, keep_alive, protocol, response_complete, response_started
-    cdef public object submitted, waited
+    cdef public object inside, submitted, waited

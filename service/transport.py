@@ -201,7 +201,7 @@ class AnsweredHere:
     runs in a context of its own, as a task would: its request id stays its own in the log.
     """
 
-    __slots__ = ("call", "context", "disconnected", "keep_alive", "protocol", "response_complete",
+    __slots__ = ("call", "context", "disconnected", "inside", "keep_alive", "protocol", "response_complete",
                  "response_started", "submitted", "waited")  # fmt: skip
 
     def __init__(self, protocol: LimitedHttpToolsProtocol, keep_alive: bool) -> None:
@@ -210,6 +210,7 @@ class AnsweredHere:
         self.context = contextvars.copy_context()
         self.response_started = self.response_complete = self.disconnected = self.submitted = False
         self.waited = False  # the batcher has handed it its outputs or its error
+        self.inside = False  # in its context now (``_submit``)
 
     @property
     def message_event(self) -> AnsweredHere:
@@ -242,10 +243,13 @@ class AnsweredHere:
             self._fail(e)
 
     def _submit(self, call: InferenceCall) -> None:
+        self.inside = True
         try:
             call.submit_to(self)
         except Exception as e:
             self._fail(e)
+        finally:
+            self.inside = False
 
     # The batcher's waiter (``service.batcher.Waiter``): the outputs come straight from the batch, in the
     # request's own context, with no future, no callback to schedule and no loop pass between.
@@ -261,9 +265,13 @@ class AnsweredHere:
         self._guarded(self._fail, error)
 
     def _guarded(self, step: Callable[[Any], None], arg: Any) -> None:
-        """Run an answer's step for the batcher, whose batch goes on whatever this one does."""
+        """Run an answer's step for the batcher, whose batch goes on whatever this one does: in the request's
+        context, which it is in already when its batch ran as it was queued (``Batcher._run_lone``)."""
         try:
-            self.context.run(step, arg)
+            if self.inside:
+                step(arg)
+            else:
+                self.context.run(step, arg)
         except Exception:
             log.exception("answering an inference request failed")
 

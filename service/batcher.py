@@ -615,7 +615,12 @@ def _assemble(batch: list[_Request]) -> Feeds:
 
 
 def _split(batch: list[_Request], outputs: Outputs) -> None:
-    """Each request of the batch gets its own rows of every output (a view: nothing is copied)."""
+    """Each request of the batch gets its own rows of every output (a view: nothing is copied); a batch of one
+    request, the outputs as they are."""
+    if len(batch) == 1:
+        if not batch[0].future.done():
+            batch[0].future.set_result(outputs)
+        return
     offset = 0
     for request in batch:
         end = offset + request.rows

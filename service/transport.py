@@ -279,13 +279,16 @@ class AnsweredHere:
         call = self.call
         assert call is not None
         try:
-            body, header_length = call.answer(outputs)
+            body, header_length = call.encode(outputs)
         except Exception as e:
             self._fail(e)
             return
-        call.end()
         self.call = None
-        self.respond(200, response_headers(body, header_length), body)
+        try:
+            self.respond(200, response_headers(body, header_length), body)
+        finally:  # counted, and its body's budget given back, once the answer is on its way
+            call.succeeded()
+            call.end()
 
     def _fail(self, error: Exception) -> None:
         if self.call is not None:

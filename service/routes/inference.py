@@ -417,9 +417,16 @@ class InferenceCall:
         return served, request, request.deadline(state.settings.request_timeout_ms / 1000)
 
     def answer(self, outputs: list[np.ndarray]) -> tuple[bytes, int | None]:
+        """The response (``encode``), counted as a success."""
+        response = self.encode(outputs)
+        self.succeeded()
+        return response
+
+    def encode(self, outputs: list[np.ndarray]) -> tuple[bytes, int | None]:
+        """The response body of ``outputs``, and the length of its JSON header when binary tensors follow it."""
         served, request = self.served, self.request
         assert served is not None and request is not None
-        response = encode_infer_response(
+        return encode_infer_response(
             self.model,
             served.version.number,
             request,
@@ -427,8 +434,10 @@ class InferenceCall:
             served.output_datatypes,
             served.config.labels,
         )
-        served.metrics.succeeded(self.started)
-        return response
+
+    def succeeded(self) -> None:
+        assert self.served is not None
+        self.served.metrics.succeeded(self.started)
 
     def fail(self, error: BaseException) -> None:
         """Count it: a ServeError by its reason, any other exception as internal (a cancelled wait is not

@@ -166,7 +166,8 @@ def perf_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         ratios = [(c, g["Inferences/Second"] / h["Inferences/Second"]) for c, g, h in pairs]
         _, first_grpc, first_http = pairs[0]
-        p50 = first_grpc["p50 latency"] / first_http["p50 latency"]
+        # None where perf_analyzer printed no latency for either (its windows never agreed: ``_last_window``)
+        p50 = _ratio(first_grpc["p50 latency"], first_http["p50 latency"])
         out.append(
             {
                 "target": "T8",
@@ -174,11 +175,12 @@ def perf_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                 f"and core), p50 at concurrency {pairs[0][0]} within 10 % of it",
                 "measured": "gRPC ÷ HTTP binary throughput: "
                 + ", ".join(f"{ratio:.2f}x at {c}" for c, ratio in ratios)
-                + f"; p50 at {pairs[0][0]}: {p50:.2f}x"
+                + f"; p50 at {pairs[0][0]}: "
+                + (f"{p50:.2f}x" if p50 is not None else "not measured (perf_analyzer printed no latency)")
                 + (f"; not measured at {', '.join(map(str, unmeasured))}" if unmeasured else "")
                 + _streamed(streams, pairs)
                 + _floor(r, model, pairs),
-                "met": all(ratio >= 1 for _, ratio in ratios) and p50 <= 1.1,
+                "met": all(ratio >= 1 for _, ratio in ratios) and p50 is not None and p50 <= 1.1,
             }
         )
     return out
@@ -211,12 +213,15 @@ def _streamed(streams: dict[int, dict[str, Any]], pairs: list[tuple[int, Any, An
     if not ratios:
         return ""
     first = pairs[0]
-    p50 = (
-        f"; p50 at {first[0]}: {streams[first[0]]['p50 latency'] / first[2]['p50 latency']:.2f}x"
-        if first[0] in streams
-        else ""
-    )
+    ratio = _ratio(streams[first[0]]["p50 latency"], first[2]["p50 latency"]) if first[0] in streams else None
+    p50 = f"; p50 at {first[0]}: {ratio:.2f}x" if ratio is not None else ""
     return " (on gRPC streams instead: " + ", ".join(ratios) + p50 + ")"
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, None where either is no figure (perf_analyzer's 0 for a latency it did not
+    print)."""
+    return numerator / denominator if numerator and denominator else None
 
 
 LIMIT_SHARE = 0.85  # of the one-core limit, at 16 and 64 connections

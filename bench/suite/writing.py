@@ -233,8 +233,8 @@ def _perf_section(r: dict[str, Any]) -> list[str]:
             f"{row['protocol']}, {tensors_label(row)}",
             int(row["Concurrency"]),
             f"{row['Inferences/Second']:,.0f}",
-            f"{row['p50 latency'] / 1000:.3f}",
-            f"{row['p99 latency'] / 1000:.3f}",
+            f"{row['p50 latency'] / 1000:.3f}" if row["p50 latency"] else "-",  # 0: perf_analyzer printed none
+            f"{row['p99 latency'] / 1000:.3f}" if row["p99 latency"] else "-",
             int(row["Server Queue"]),
             int(row["Server Compute Input"]),
             int(row["Server Compute Infer"]),

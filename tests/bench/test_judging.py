@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench.suite.judging import apart_limit_rows, limit_rows, limit_targets
+from bench.suite.judging import apart_limit_rows, limit_rows, limit_targets, perf_targets
 
 
 def _level(conns: int, throughput: float, p50_ms: float) -> dict[str, Any]:
@@ -116,3 +116,34 @@ def test_side_by_side_rounds_judge_each_share_within_its_round_and_take_the_medi
     assert one["p50_ms"] == pytest.approx(0.2) and one["p50_bound_ms"] == pytest.approx(1.2 * (0.1 + 0.06))
     # the same figures measured apart (the suite's own levels) are still there to compare, but not judged
     assert {r["conns"] for r in apart_limit_rows(results)} == {1, 16, 64}
+
+
+def _perf_row(protocol: str, conns: int, throughput: float, p50_us: float, streaming: bool = False) -> dict[str, Any]:
+    return {
+        "model": "cnn-bn",
+        "protocol": protocol,
+        "json": False,
+        "streaming": streaming,
+        "Concurrency": float(conns),
+        "Inferences/Second": throughput,
+        "p50 latency": p50_us,
+    }
+
+
+def test_t8_says_so_where_perf_analyzer_printed_no_latency_for_a_level() -> None:
+    # perf_analyzer's windows never agreed at HTTP binary's first level, and its last window's output held a
+    # throughput but no latency (0): the report is still written, and the p50 at that level is not judged met.
+    rows = [
+        _perf_row("http", 1, 3_300.0, 0.0),
+        _perf_row("grpc", 1, 1_200.0, 734.0),
+        _perf_row("grpc", 1, 1_900.0, 468.0, streaming=True),
+        _perf_row("http", 16, 9_000.0, 1_700.0),
+        _perf_row("grpc", 16, 9_500.0, 1_600.0),
+    ]
+    (t8,) = perf_targets({"perf_analyzer": {"rows": rows}})
+    assert "p50 at 1: not measured" in t8["measured"] and not t8["met"]
+    assert "0.36x at 1" in t8["measured"] and "1.06x at 16" in t8["measured"]
+    # with its latency there, the same level is judged: gRPC's p50 within 10 % of HTTP's
+    rows[0]["p50 latency"] = 700.0
+    (t8,) = perf_targets({"perf_analyzer": {"rows": rows}})
+    assert "p50 at 1: 1.05x" in t8["measured"] and "p50 at 1: 0.67x" in t8["measured"]  # calls, then streams

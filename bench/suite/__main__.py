@@ -15,7 +15,7 @@ from pathlib import Path
 import bench.suite
 from bench.suite.plan import FULL, ROOT, SMOKE
 from bench.suite.scenarios import OVERLOAD_SIZES, Suite, overload, perf_analyzer_part, run_suite
-from bench.suite.writing import overload_markdown, perf_markdown, write_report
+from bench.suite.writing import git_commit, overload_markdown, perf_markdown, write_report
 
 __all__ = ["main"]
 
@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         args.artifacts.resolve(),
         args.server_cores,
         args.generator_cores,
-        {"command": " ".join(["python -m bench.suite", *(argv if argv is not None else sys.argv[1:])])},
+        {
+            "command": " ".join(["python -m bench.suite", *(argv if argv is not None else sys.argv[1:])]),
+            "commit": git_commit(),  # what was measured, as it was when the run began
+        },
     )
     started = time.perf_counter()
     if args.only == "overload":

@@ -15,7 +15,7 @@ from bench.loadgen.report import ms, plot
 from bench.perf_analyzer import MAX_TRIALS, tensors_label
 from bench.suite.judging import apart_limit_rows, limit_rows, overload_targets, perf_targets, rate, targets
 
-__all__ = ["BEGIN", "END", "markdown", "overload_markdown", "perf_markdown", "write_report"]
+__all__ = ["BEGIN", "END", "git_commit", "markdown", "overload_markdown", "perf_markdown", "write_report"]
 
 BEGIN = "<!-- bench:begin: written by `make bench`; edit outside these markers -->"
 END = "<!-- bench:end -->"
@@ -337,7 +337,8 @@ def _graph_rows(graphs: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The commit checked out, and whether the code (outside docs/) differs from it."""
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         code_only = ["--", ".", ":!docs"]  # the document itself is expected to differ
@@ -367,7 +368,8 @@ def markdown(r: dict[str, Any], images: dict[str, str], smoke: bool = False) -> 
         "",
         "**This was a smoke run: windows of a fraction of a second. Its figures mean nothing.**\n" if smoke else "",
         f"- **Machine:** {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['platform']}.",
-        f"- **Commit:** {_git_commit()}. **Command:** `{r['command']}`, {r['suite_seconds']:.0f} s in all.",
+        f"- **Commit:** {r.get('commit') or git_commit()}. **Command:** `{r['command']}`, "
+        f"{r['suite_seconds']:.0f} s in all.",
         f"- **Pinning:** {pinning}. Provider: {r['provider']}.",
         f"- **normserve's request path:** {r.get('compiled', 'not recorded')}.",
         "- **Load generator:** `python -m bench.loadgen` (closed loop: latency from the send; open loop: from the "

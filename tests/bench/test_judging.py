@@ -1,5 +1,6 @@
 """The suite's judgement of per-request overhead (T9): the one-core limit from the same run's bare ASGI app
-and in-process onnxruntime, and normserve held against it."""
+and in-process onnxruntime, and normserve held against it; and of gRPC against HTTP (T8) where perf_analyzer
+left a figure out."""
 
 from __future__ import annotations
 

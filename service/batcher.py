@@ -585,11 +585,7 @@ class Batcher:
         """Each request of a batch that ran gets its outputs, then the batch is counted. ``start`` and
         ``put_together``: the ``perf_counter()`` when the batch began and when its inputs were put together."""
         ran = perf_counter()
-        if self.max_requests == 1:  # whole: a graph whose outputs hold per-batch values (statistics) keeps them
-            if not batch[0].future.done():
-                batch[0].future.set_result(outputs)
-        else:
-            _split(batch, outputs)
+        _split(batch, outputs)
         self._metrics.executed(rows, len(batch), put_together - start, ran - put_together, perf_counter() - ran)
 
 
@@ -616,7 +612,8 @@ def _assemble(batch: list[_Request]) -> Feeds:
 
 def _split(batch: list[_Request], outputs: Outputs) -> None:
     """Each request of the batch gets its own rows of every output (a view: nothing is copied); a batch of one
-    request, the outputs as they are."""
+    request, the outputs as they are (with ``max_requests=1``, each batch: a graph whose outputs hold per-batch
+    values, statistics, keeps them whole)."""
     if len(batch) == 1:
         if not batch[0].future.done():
             batch[0].future.set_result(outputs)

@@ -283,9 +283,7 @@ class Batcher:
         The load has been a request at a time; a request that comes before the worker's next pass queues as
         usual, and the worker takes it then, with any others, as it would have."""
         self._idle = False
-        self._drained()
-        batch, waits = self._take()
-        self._taken(batch)
+        batch, waits = self._next_batch()
         if batch:
             rows = self._running_rows = self._last_batch_rows = batch[0].rows
             start = perf_counter()
@@ -428,9 +426,7 @@ class Batcher:
                 # been a request at a time, and the passes would only delay it (a batch of more settles again).
                 await self._settle()
             arrived = False
-            self._drained()
-            batch, waits = self._take()
-            self._taken(batch)
+            batch, waits = self._next_batch()
             if batch:
                 await self._execute(batch)
             # counted once the batch is answered: its answers go out first (a lone request's waits on this)
@@ -451,6 +447,13 @@ class Batcher:
                 return False
             await _PASS
         return True
+
+    def _next_batch(self) -> tuple[list[_Request], list[float]]:
+        """``_take``, with the drain rate measured before it and the take's time and rows kept after it."""
+        self._drained()
+        batch, waits = self._take()
+        self._taken(batch)
+        return batch, waits
 
     def _drained(self) -> None:
         """Measure the drain rate, before the next take (which uses it): the time from one batch's take to

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import logging
@@ -34,6 +35,26 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         onnx_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Keep the cyclic garbage collector from running inside the export.
+
+    The exporter parses the source of every torchlib function (``ast.parse``) on each export, and Python 3.11's
+    ``ast.parse`` is not re-entrant: a collection that starts inside a parse runs finalizers, and one that formats a
+    traceback parses again (3.11's traceback parses the failing line to place its carets; logging an exception does
+    it, as does pytest's hook for errors in finalizers). The outer parse then fails with "SystemError: AST
+    constructor recursion depth mismatch". Paused, the collector runs after the export, whatever garbage the
+    process holds.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _batch_axes(model: nn.Module, count: int, batch: Any) -> tuple[Any, ...]:
@@ -74,7 +95,7 @@ def export_onnx(
             f"example batch must have at least 2 rows to keep the batch dynamic, got {examples[0].shape[0]}"
         )
     batch = torch.export.Dim("batch", min=1)
-    with _quiet_exporter():
+    with _quiet_exporter(), _collector_paused():
         program = torch.onnx.export(
             model.eval(),
             examples,

@@ -1,4 +1,6 @@
+import gc
 import json
+import traceback
 from dataclasses import replace
 
 import onnx
@@ -48,6 +50,29 @@ def test_a_failed_check_writes_nothing_to_the_repository(tiny, tmp_path, monkeyp
         export_model(model, meta, tmp_path, "1")
     assert not (tmp_path / "tiny-cnn-bn").exists()
     assert e.value.report["checks"]["parity"]["passed"] is False
+
+
+def test_an_export_survives_a_process_whose_finalizers_format_tracebacks() -> None:
+    """A collection inside the exporter's parse of torchlib's source that formats a traceback (a finalizer that
+    logs an exception, pytest's hook for errors in finalizers) parses again, and Python 3.11's parse is not
+    re-entrant: the export failed with "AST constructor recursion depth mismatch". Every collection here formats
+    one, as such a finalizer would."""
+    try:
+        [1][0] + {}["missing"]  # a line whose traceback 3.11 parses, to place its carets
+    except KeyError as e:
+        error = e
+
+    def format_a_traceback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            traceback.format_exception(error)
+
+    gc.callbacks.append(format_a_traceback)
+    try:
+        proto = export_onnx(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), torch.randn(2, 4))
+    finally:
+        gc.callbacks.remove(format_a_traceback)
+    assert [node.op_type for node in proto.graph.node] == ["Gemm"]
+    assert gc.isenabled()  # the collector runs again after the export
 
 
 @pytest.mark.slow  # trains through the CLI

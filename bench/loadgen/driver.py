@@ -336,9 +336,13 @@ class Load:
         return self.outstanding == 0
 
     def close(self) -> None:
+        """Close every connection, and give up those still being opened to replace lost ones. The sockets close on
+        the loop's next pass (``run_level`` gives it one)."""
         self.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
         connections, self.connections = self.connections, set()
         for connection in connections:
             if connection.transport is not None:

@@ -154,6 +154,7 @@ async def run_level(target: Target, requests: list[bytes], mode: str, level: flo
     finally:
         bar.close()
         load.close()
+        await asyncio.sleep(0)  # the loop's pass that closes their sockets, before a caller's loop may end
     bounded = config.requests is not None or config.duration_s is not None
     reported = windows if bounded else windows[-STABLE_WINDOWS:]
     rss = None

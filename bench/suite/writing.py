@@ -615,7 +615,9 @@ def _limit_section(r: dict[str, Any]) -> list[str]:
             "app and normserve in turn, a few seconds each (bare first in odd rounds, normserve first in even "
             "ones), with onnxruntime alone measured before each level and after it (the level's figure is the "
             "mean of the two), so that the machine's drift between minutes falls on both sides of each ratio; "
-            "each figure is the median over the rounds, each round's share in brackets.",
+            "each figure is the median over the rounds, each round's share in brackets. The p50 at one "
+            "connection is judged as the shares are: each round's p50 against that round's bound, the median of "
+            "those ratios (each round's after the figures).",
             "",
             _limit_table(rows),
             "",
@@ -635,6 +637,12 @@ def _limit_table(rows: list[dict[str, Any]]) -> str:
     def share(row: dict[str, Any]) -> str:  # with each round's, where measured side by side
         each = " (" + ", ".join(f"{s:.0%}" for s in row["shares"]) + ")" if "shares" in row else ""
         return f"{row['share']:.0%}{each}"
+
+    def p50(row: dict[str, Any]) -> str:  # with each round's p50 against its own bound, where side by side
+        figures = f"{row['p50_ms']:.3f} ({row['p50_bound_ms']:.3f})"
+        if "p50_ratios" not in row:
+            return figures
+        return f"{figures}; {row['p50_ratio']:.2f}x (" + ", ".join(f"{r:.2f}x" for r in row["p50_ratios"]) + ")"
 
     return _table(
         [
@@ -656,7 +664,7 @@ def _limit_table(rows: list[dict[str, Any]]) -> str:
                 f"{row['limit']:,.0f}",
                 f"{row['throughput']:,.0f}",
                 share(row) if row["conns"] != 1 else "",
-                f"{row['p50_ms']:.3f} ({row['p50_bound_ms']:.3f})" if row["conns"] == 1 else "",
+                p50(row) if row["conns"] == 1 else "",
             ]
             for row in rows
         ],

@@ -13,7 +13,15 @@ from typing import Any
 
 from bench.loadgen.report import ms, plot
 from bench.perf_analyzer import MAX_TRIALS, tensors_label
-from bench.suite.judging import apart_limit_rows, limit_rows, overload_targets, perf_targets, rate, targets
+from bench.suite.judging import (
+    apart_limit_rows,
+    limit_rows,
+    overload_targets,
+    p50_rounds,
+    perf_targets,
+    rate,
+    targets,
+)
 
 __all__ = ["BEGIN", "END", "git_commit", "markdown", "overload_markdown", "perf_markdown", "write_report"]
 
@@ -642,7 +650,7 @@ def _limit_table(rows: list[dict[str, Any]]) -> str:
         figures = f"{row['p50_ms']:.3f} ({row['p50_bound_ms']:.3f})"
         if "p50_ratios" not in row:
             return figures
-        return f"{figures}; {row['p50_ratio']:.2f}x (" + ", ".join(f"{r:.2f}x" for r in row["p50_ratios"]) + ")"
+        return f"{figures}; {row['p50_ratio']:.2f}x ({p50_rounds(row)})"
 
     return _table(
         [

@@ -427,8 +427,9 @@ def test_a_planned_json_request_with_a_value_the_plan_cannot_read_is_refused_as_
 ) -> None:
     config = CONFIGS["tiny-cnn-bn"]
     good = ["0.5"] * 64
-    for _ in range(3):  # planned
-        assert parse_infer_request(json_request(good), None, config, MAX_BATCH_SIZE).plan is not None
+    for _ in range(3):  # planned the second time its text is seen
+        planned = parse_infer_request(json_request(good), None, config, MAX_BATCH_SIZE)
+    assert planned.plan is not None
     with pytest.raises(InvalidInput) as refused:
         parse_infer_request(json_request([*good[:63], value]), None, config, MAX_BATCH_SIZE)
     assert fragment in refused.value.message
